@@ -1,0 +1,130 @@
+"""Every patch fastpath applies to vLLM, in one place, with its register.
+
+One module per patched upstream component. Each module defines `REPLACEMENTS` (what it
+binds, with the fingerprints of the upstream functions it was checked against) and a
+header saying what it replaces, why, which versions, and when it can go. The register
+below repeats those facts for review; `tests/test_patch_register.py` keeps it in step
+with the modules.
+
+`apply()` is idempotent and all-or-nothing: every fingerprint is checked before anything
+is bound, so an unknown vLLM is refused whole with a message naming the function and the
+version, never half-patched.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+
+from fastpath.patches._base import PatchRefused, Replacement, fingerprint
+
+logger = logging.getLogger("fastpath")
+
+SUPPORTED_VLLM = ("0.32.0",)
+
+
+@dataclass(frozen=True)
+class PatchEntry:
+    """One register row: a patch module and the four facts a reviewer needs."""
+
+    module: str
+    component: str
+    why: str
+    how: str
+    upstream_pr: str
+    removal_plan: str
+
+
+REGISTER: tuple[PatchEntry, ...] = (
+    PatchEntry(
+        module="renderer",
+        component="vllm/renderers/base.py BaseRenderer",
+        why="The renderer drops prompt keys it does not know, so target_token_ids would "
+        "vanish silently; text and embedding prompts cannot carry targets.",
+        how="Wrap render_prompt(_async) to refuse targets on text/embeds prompts, and "
+        "process_for_engine(_async) to copy target_token_ids/target_start onto the engine input.",
+        upstream_pr="none: the original write-up's change was never sent upstream; "
+        "upstream chose SamplingParams.prompt_logprob_token_ids instead",
+        removal_plan="Remove when vllm.inputs.TokensPrompt declares target_token_ids "
+        "(the plugin then stands aside by itself).",
+    ),
+    PatchEntry(
+        module="input_processor",
+        component="vllm/v1/engine/input_processor.py InputProcessor",
+        why="target_token_ids must become per-request prompt_logprob_token_ids, checked at "
+        "submission; upstream refuses prompt_logprob_token_ids unless the V2 runner is used.",
+        how="Wrap process_inputs to validate and translate targets on a params copy; wrap "
+        "_validate_params to lift the V2-only refusal on V1 while keeping upstream's id checks.",
+        upstream_pr="none yet: upstream added prompt_logprob_token_ids for the V2 runner only",
+        removal_plan="Remove when upstream accepts prompt_logprob_token_ids on V1 and "
+        "TokensPrompt carries target_token_ids.",
+    ),
+    PatchEntry(
+        module="gpu_model_runner",
+        component="vllm/v1/worker/gpu_model_runner.py GPUModelRunner",
+        why="Only the V2 runner computes fixed-id prompt scores; V1 (the only runner on CPU) "
+        "offers just top-k prompt logprobs with a Python object per id and position.",
+        how="Wrap _get_prompt_logprobs_dict to gather the fixed ids from upstream's own "
+        "log-softmax of the scored rows, and sample_tokens to put them in "
+        "ModelRunnerOutput.prompt_token_id_logprobs_dict.",
+        upstream_pr="none yet: the V2 counterpart is vllm/v1/worker/gpu/sample/prompt_logprob.py",
+        removal_plan="Remove when the V1 runner answers prompt_logprob_token_ids upstream "
+        "or V1 is retired.",
+    ),
+)
+
+_applied = False
+
+
+def native_support() -> bool:
+    """True when the installed vLLM carries target_token_ids itself (patch merged upstream)."""
+    from vllm.inputs import TokensPrompt
+
+    return "target_token_ids" in getattr(TokensPrompt, "__annotations__", {})
+
+
+def replacements() -> list[Replacement]:
+    """Every replacement of every registered module, in register order."""
+    found: list[Replacement] = []
+    for entry in REGISTER:
+        module = importlib.import_module(f"{__name__}.{entry.module}")
+        found.extend(module.REPLACEMENTS)
+    return found
+
+
+def apply() -> list[str]:
+    """Check every fingerprint, then bind every replacement, once per process."""
+    global _applied
+    if _applied:
+        return applied()
+    import vllm
+
+    todo = replacements()
+    for replacement in todo:
+        replacement.check(vllm.__version__)
+    for replacement in todo:
+        replacement.bind()
+    _applied = True
+    logger.info("fastpath: patched %d vLLM functions", len(todo))
+    return applied()
+
+
+def applied() -> list[str]:
+    """Qualified names of the upstream functions currently replaced in this process."""
+    if not _applied:
+        return []
+    return [r.qualname for r in replacements() if r.is_bound()]
+
+
+__all__ = [
+    "REGISTER",
+    "SUPPORTED_VLLM",
+    "PatchEntry",
+    "PatchRefused",
+    "apply",
+    "applied",
+    "fingerprint",
+    "native_support",
+    "replacements",
+]

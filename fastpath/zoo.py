@@ -1,0 +1,270 @@
+"""Tiny local models for tests, benchmarks and the embedded default.
+
+No model hub is reachable from CI or these machines, so every checkpoint is built here:
+a `transformers` config, deterministic random weights, and a byte-level BPE tokenizer
+trained with `tokenizers` on the bundled text. Builds are cached on disk under a name
+that includes a hash of the spec, so a changed spec never reuses a stale checkpoint.
+
+Random weights at the usual init give near-uniform next-token distributions, where a
+target misaligned by one position scores almost the same as the right one. The zoo
+therefore multiplies the final norm's weight by `output_scale` (peaked outputs), and one
+model (`trained-llama`) is briefly trained on the bundled text so that its perplexity is
+far below its vocabulary size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastpath.data import bundled_text
+
+ZOO_FORMAT_VERSION = 3  # bump when the build recipe changes; part of every cache key
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to build: an architecture and its shape, and how peaked its outputs are."""
+
+    name: str
+    architecture: str  # "llama" | "opt" | "qwen2" | "gpt2"
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 2  # head_dim = hidden_size / num_heads; CPU attention needs 64
+    intermediate_size: int = 256
+    vocab_size: int = 2048  # model vocabulary (rows of lm_head)
+    tokenizer_vocab_size: int = 2048  # BPE merges learnt from the bundled text
+    max_position_embeddings: int = 4096
+    output_scale: float = 16.0  # multiplies the final norm weight -> peaked logits
+    train_steps: int = 0  # > 0: train on the bundled text for this many steps
+    seed: int = 0
+    twin_of: str | None = None  # the real model whose shape this is, for reports
+
+    def cache_key(self) -> str:
+        """Stable name of this build on disk: spec fields plus the recipe version."""
+        payload = json.dumps(
+            {**dataclasses.asdict(self), "format": ZOO_FORMAT_VERSION}, sort_keys=True
+        )
+        return f"{self.name}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
+
+
+ZOO: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec("tiny-llama", "llama"),
+        ModelSpec("tiny-opt", "opt"),
+        ModelSpec("tiny-qwen2", "qwen2"),
+        ModelSpec("tiny-gpt2", "gpt2"),
+        ModelSpec(
+            "trained-llama",
+            "llama",
+            hidden_size=128,
+            num_layers=2,
+            intermediate_size=384,
+            output_scale=1.0,
+            train_steps=300,
+        ),
+        # Shape twins: real vocabulary sizes, reduced depth/width (CPU-sized).
+        ModelSpec(
+            "opt-125m-twin",
+            "opt",
+            hidden_size=768,
+            num_layers=12,
+            num_heads=12,
+            intermediate_size=3072,
+            vocab_size=50272,
+            max_position_embeddings=2048,
+            output_scale=4.0,
+            twin_of="facebook/opt-125m",
+        ),
+        ModelSpec(
+            "llama3-8b-twin",
+            "llama",
+            hidden_size=256,
+            num_layers=2,
+            num_heads=4,
+            intermediate_size=512,
+            vocab_size=128256,
+            max_position_embeddings=8192,
+            output_scale=8.0,
+            twin_of="meta-llama/Llama-3.1-8B",
+        ),
+        ModelSpec(
+            "llama3-70b-twin",
+            "llama",
+            hidden_size=512,
+            num_layers=2,
+            num_heads=8,
+            intermediate_size=1024,
+            vocab_size=128256,
+            max_position_embeddings=8192,
+            output_scale=8.0,
+            twin_of="meta-llama/Llama-3.3-70B",
+        ),
+    ]
+}
+
+DEFAULT_MODEL = "trained-llama"
+
+
+def zoo_dir() -> Path:
+    """Where built checkpoints live: $FASTPATH_ZOO_DIR or ~/.cache/fastpath/zoo."""
+    return Path(
+        os.environ.get("FASTPATH_ZOO_DIR", Path.home() / ".cache" / "fastpath" / "zoo")
+    )
+
+
+def get_model(name: str) -> Path:
+    """Path of the checkpoint for zoo model `name`, building it on first use."""
+    if name not in ZOO:
+        raise KeyError(f"unknown zoo model {name!r}; known: {sorted(ZOO)}")
+    spec = ZOO[name]
+    path = zoo_dir() / spec.cache_key()
+    if not (path / "fastpath-zoo.json").exists():
+        _build(spec, path)
+    return path
+
+
+def _hf_config(spec: ModelSpec, bos: int, eos: int):
+    """The transformers config for `spec` (fp32, untied embeddings, head_dim 64)."""
+    import transformers
+
+    common = dict(
+        vocab_size=spec.vocab_size,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    if spec.architecture in ("llama", "qwen2"):
+        cls = (
+            transformers.LlamaConfig
+            if spec.architecture == "llama"
+            else transformers.Qwen2Config
+        )
+        return cls(
+            hidden_size=spec.hidden_size,
+            intermediate_size=spec.intermediate_size,
+            num_hidden_layers=spec.num_layers,
+            num_attention_heads=spec.num_heads,
+            num_key_value_heads=spec.num_heads,
+            max_position_embeddings=spec.max_position_embeddings,
+            **common,
+        )
+    if spec.architecture == "opt":
+        return transformers.OPTConfig(
+            hidden_size=spec.hidden_size,
+            ffn_dim=spec.intermediate_size,
+            num_hidden_layers=spec.num_layers,
+            num_attention_heads=spec.num_heads,
+            max_position_embeddings=spec.max_position_embeddings,
+            word_embed_proj_dim=spec.hidden_size,
+            pad_token_id=eos,
+            **common,
+        )
+    if spec.architecture == "gpt2":
+        return transformers.GPT2Config(
+            n_embd=spec.hidden_size,
+            n_inner=spec.intermediate_size,
+            n_layer=spec.num_layers,
+            n_head=spec.num_heads,
+            n_positions=spec.max_position_embeddings,
+            **common,
+        )
+    raise ValueError(f"unsupported architecture {spec.architecture!r}")
+
+
+def _final_norm(model):
+    """The last normalisation before lm_head, whose weight sets the logit scale."""
+    for attr in ("model.norm", "model.decoder.final_layer_norm", "transformer.ln_f"):
+        obj = model
+        try:
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        return obj
+    raise ValueError(f"no final norm found in {type(model).__name__}")
+
+
+def _train_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer trained on the bundled text, as a fast HF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(bundled_text().splitlines(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token=None
+    )
+
+
+def _train(model, tokenizer, steps: int, seed: int) -> None:
+    """Next-token training on the bundled text: enough for a PPL far below the vocabulary."""
+    import torch
+    from tqdm import tqdm
+
+    ids = torch.tensor(tokenizer(bundled_text())["input_ids"], dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed)
+    seq, batch = 128, 16
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    for _ in tqdm(range(steps), desc="training zoo model", leave=False):
+        starts = torch.randint(0, len(ids) - seq - 1, (batch,), generator=generator)
+        x = torch.stack([ids[s : s + seq] for s in starts])
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def _build(spec: ModelSpec, path: Path) -> None:
+    """Write config, safetensors weights and tokenizer for `spec` into `path` atomically."""
+    import shutil
+    import tempfile
+
+    import torch
+    import transformers
+
+    tokenizer = _train_tokenizer(min(spec.tokenizer_vocab_size, spec.vocab_size))
+    config = _hf_config(spec, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    torch.manual_seed(spec.seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        _final_norm(model).weight.mul_(spec.output_scale)
+    if spec.train_steps:
+        _train(model, tokenizer, spec.train_steps, spec.seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{spec.name}-"))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "fastpath-zoo.json").write_text(
+        json.dumps({**dataclasses.asdict(spec), "format": ZOO_FORMAT_VERSION}, indent=2)
+    )
+    try:
+        tmp.rename(path)
+    except OSError:  # another process built it first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def spec_of(model_path: str | os.PathLike) -> ModelSpec | None:
+    """The zoo spec a checkpoint was built from, or None for a model not from the zoo."""
+    meta = Path(model_path) / "fastpath-zoo.json"
+    if not meta.exists():
+        return None
+    fields = json.loads(meta.read_text())
+    fields.pop("format", None)
+    return ModelSpec(**fields)
