@@ -1,0 +1,160 @@
+"""The one module that talks to a vLLM engine: build it, submit scoring requests, read answers.
+
+Three ways to get the log-probability of each target token, all through real vLLM requests:
+- `fast`: `TokensPrompt(target_token_ids=...)`, one float32 array per request;
+- `standard`: `SamplingParams(prompt_logprobs=K)`, the dict-per-position path that
+  lm-evaluation-harness and the original script use, read back token by token;
+- `prefill`: no prompt logprobs at all (the engine's floor, for benchmarks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fastpath.targets import START_KEY, TARGET_KEY
+
+PATHS = ("fast", "standard", "prefill")
+
+# Defaults that suit the CPU backend (see shared/VLLM-NOTES.md): fp32 for exactness
+# checks, a KV cache sized in bytes (several engines may be alive at once), and
+# eager mode (start-up without torch.compile; both paths share the engine anyway).
+CPU_ENGINE_DEFAULTS: dict[str, Any] = {
+    "dtype": "float32",
+    "enforce_eager": True,
+    "kv_cache_memory_bytes": 512 << 20,
+    "max_logprobs": -1,
+    "seed": 0,
+}
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """One prompt and the rows to score: targets[i] is predicted by prompt row start + i."""
+
+    prompt_token_ids: Sequence[int]
+    target_token_ids: Sequence[int]
+    start: int = 0
+
+
+def on_cpu() -> bool:
+    """Whether vLLM runs on its CPU platform here."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def build_llm(model: str, **engine_kwargs: Any):
+    """A `vllm.LLM` with fastpath active; CPU defaults unless overridden by the caller."""
+    from vllm import LLM
+
+    from fastpath import patches, plugin
+
+    if plugin.disabled():
+        raise RuntimeError(f"fastpath is disabled ({plugin.DISABLE_ENV} is set)")
+    plugin.register()  # this process too (vLLM does it in each of its own processes)
+    if not (patches.applied() or patches.native_support()):
+        raise RuntimeError("fastpath patches are not active in this process")
+    kwargs = dict(CPU_ENGINE_DEFAULTS) if on_cpu() else {"max_logprobs": -1}
+    kwargs.update(engine_kwargs)
+    return LLM(model=model, **kwargs)
+
+
+def shutdown(llm: Any) -> None:
+    """Stop the engine-core and worker processes now, releasing their KV cache."""
+    with contextlib.suppress(Exception):
+        llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+@contextlib.contextmanager
+def engine(model: str, **engine_kwargs: Any) -> Iterator[Any]:
+    """`with engine(path) as llm:` builds an engine and always shuts it down."""
+    llm = build_llm(model, **engine_kwargs)
+    try:
+        yield llm
+    finally:
+        shutdown(llm)
+
+
+def fast_prompt(request: ScoreRequest) -> dict[str, Any]:
+    """The TokensPrompt that asks for the targets' logprobs on the fast path."""
+    prompt: dict[str, Any] = {
+        "prompt_token_ids": list(request.prompt_token_ids),
+        TARGET_KEY: list(request.target_token_ids),
+    }
+    if request.start:
+        prompt[START_KEY] = request.start
+    return prompt
+
+
+def scoring_params(path: str, k: int = 0, **extra: Any):
+    """SamplingParams for one path: one greedy output token, prompt logprobs as needed."""
+    from vllm import SamplingParams
+
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    prompt_logprobs = k if path == "standard" else None
+    return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=prompt_logprobs,
+                          **extra)
+
+
+def target_logprobs(output: Any) -> np.ndarray:
+    """The fast path's answer for one request: float32 [rows], row i = target i."""
+    scores = output.prompt_token_id_logprobs
+    if scores is None:
+        raise ValueError(
+            f"request {output.request_id} has no prompt_token_id_logprobs: it was not "
+            "submitted with target_token_ids, or fastpath is not active in the engine"
+        )
+    if scores.ndim != 2 or scores.shape[1] != 1:
+        raise ValueError(f"expected one id per row, got shape {scores.shape}")
+    return scores[:, 0]
+
+
+def standard_logprobs(output: Any, request: ScoreRequest) -> np.ndarray:
+    """The standard path's answer: each target's logprob read from the per-position dicts."""
+    dicts = output.prompt_logprobs
+    if dicts is None:
+        raise ValueError(f"request {output.request_id} has no prompt_logprobs")
+    values = np.empty(len(request.target_token_ids), dtype=np.float32)
+    for i, target in enumerate(request.target_token_ids):
+        position = request.start + i + 1
+        entry = dicts[position].get(int(target))
+        if entry is None:
+            raise KeyError(
+                f"token {target} at position {position} is not among the returned "
+                "prompt logprobs (use prompt_logprobs=-1 for arbitrary targets)"
+            )
+        values[i] = entry.logprob  # a Python float holding the float32 value exactly
+    return values
+
+
+def score(
+    llm: Any,
+    requests: Sequence[ScoreRequest],
+    path: str,
+    k: int = 0,
+    use_tqdm: bool = False,
+) -> list[np.ndarray]:
+    """Submit all requests together (vLLM batches them) and return float32 logprobs each.
+
+    `prefill` returns empty arrays: it measures the engine without any scoring.
+    """
+    params = scoring_params(path, k)
+    if path == "fast":
+        prompts = [fast_prompt(r) for r in requests]
+    else:
+        prompts = [{"prompt_token_ids": list(r.prompt_token_ids)} for r in requests]
+    outputs = llm.generate(prompts, params, use_tqdm=use_tqdm)
+    if path == "fast":
+        return [target_logprobs(o) for o in outputs]
+    if path == "standard":
+        return [standard_logprobs(o, r) for o, r in zip(outputs, requests, strict=True)]
+    return [np.empty(0, dtype=np.float32) for _ in outputs]

@@ -1,0 +1,62 @@
+"""Engine fixtures shared by the test modules: real vLLM engines on zoo models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fastpath import scoring, zoo
+
+ARCHITECTURES = ("tiny-llama", "tiny-opt", "tiny-qwen2", "tiny-gpt2")
+CHUNK = 64  # max_num_batched_tokens: prompts longer than this are prefilled in chunks
+
+
+def engine_kwargs(**overrides):
+    """Test engines: chunked prefill forced by a small token budget, prefix caching on."""
+    kwargs = dict(
+        max_model_len=512,
+        max_num_batched_tokens=CHUNK,
+        max_num_seqs=16,
+        enable_chunked_prefill=True,
+        enable_prefix_caching=True,
+        kv_cache_memory_bytes=128 << 20,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def arch_llm(request):
+    """One engine per architecture, alive for the tests of one module."""
+    with scoring.engine(str(zoo.get_model(request.param)), **engine_kwargs()) as llm:
+        llm.fastpath_name = request.param
+        yield llm
+
+
+@pytest.fixture(scope="session")
+def llama_llm():
+    """The tiny Llama engine, shared across modules for the cheaper single-model tests."""
+    with scoring.engine(str(zoo.get_model("tiny-llama")), **engine_kwargs()) as llm:
+        yield llm
+
+
+def vocab_size(llm) -> int:
+    return llm.llm_engine.model_config.get_vocab_size()
+
+
+def random_prompt(rng: np.random.Generator, length: int, vocab: int) -> list[int]:
+    return rng.integers(0, vocab, length).tolist()
+
+
+def assert_bitwise_equal(fast: np.ndarray, reference: np.ndarray, *, what: str) -> None:
+    """Equal float32 bit patterns everywhere, else one message with every mismatch."""
+    fast = np.ascontiguousarray(fast, dtype=np.float32)
+    reference = np.ascontiguousarray(reference, dtype=np.float32)
+    assert fast.shape == reference.shape, f"{what}: shape {fast.shape} != {reference.shape}"
+    mismatched = np.flatnonzero(fast.view(np.int32) != reference.view(np.int32))
+    if mismatched.size:
+        diff = np.abs(fast[mismatched].astype(np.float64) - reference[mismatched])
+        raise AssertionError(
+            f"{what}: {mismatched.size}/{fast.size} values differ in bits; positions "
+            f"{mismatched[:10].tolist()}, max |diff| {diff.max():.3e}"
+        )

@@ -1,0 +1,84 @@
+"""The patch is live where the work happens: engine-core and worker processes, TP 1 and 2."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import psutil
+import pytest
+
+from fastpath import scoring, zoo
+from fastpath.plugin import LOG_ENV
+from fastpath.scoring import ScoreRequest, score
+from tests.conftest import assert_bitwise_equal, engine_kwargs, random_prompt, vocab_size
+
+pytestmark = [pytest.mark.correctness, pytest.mark.engine]
+
+# A TP1/TP2 difference in one token's logprob: measured 5.7e-6 here (reduction order
+# across two ranks); the bound leaves an order of magnitude of margin.
+TP_MAX_ABS_DIFF = 1e-4
+_PICKLE_ENV = "VLLM_ALLOW_INSECURE_SERIALIZATION"
+
+
+def _worker_pid_and_patches(self) -> tuple[int, list[str]]:
+    """Runs inside each worker (collective_rpc): its pid and the fastpath patches bound there."""
+    import os
+
+    from fastpath import patches
+
+    return os.getpid(), patches.applied()
+
+
+@pytest.fixture(scope="module")
+def tp2(tmp_path_factory):
+    """A tensor-parallel-2 engine on the two cores, with a log of every patched process."""
+    log = tmp_path_factory.mktemp("patchlog") / "patches.jsonl"
+    saved = {k: os.environ.get(k) for k in (LOG_ENV, "VLLM_CPU_OMP_THREADS_BIND", _PICKLE_ENV)}
+    os.environ[LOG_ENV] = str(log)
+    os.environ[_PICKLE_ENV] = "1"  # lets collective_rpc send the probe function
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
+    try:
+        with scoring.engine(str(zoo.get_model("tiny-llama")),
+                            **engine_kwargs(tensor_parallel_size=2)) as llm:
+            yield llm, log
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def test_patch_active_in_engine_core_and_workers(tp2):
+    llm, log = tp2
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    by_pid = {r["pid"]: r for r in records}
+    workers = dict(llm.collective_rpc(_worker_pid_and_patches))
+    assert len(workers) == 2, workers
+    for pid, patched in workers.items():
+        assert "vllm.v1.worker.gpu_model_runner.GPUModelRunner._get_prompt_logprobs_dict" in patched
+        assert pid in by_pid, f"worker {pid} did not log applying the patch"
+    engine_core = {psutil.Process(pid).ppid() for pid in workers}
+    assert len(engine_core) == 1
+    (core_pid,) = engine_core
+    assert core_pid != os.getpid()
+    assert core_pid in by_pid, "the engine-core process did not apply the patch"
+    assert any("InputProcessor.process_inputs" in f for f in by_pid[core_pid]["patched"])
+
+
+def test_tp2_fast_equals_standard_and_tp1_within_bound(tp2, llama_llm):
+    llm, _ = tp2
+    rng = np.random.default_rng(7)
+    prompts = [random_prompt(rng, n, vocab_size(llm)) for n in (5, 64, 130, 300)]
+    requests = [ScoreRequest(p, p[1:]) for p in prompts]
+    fast2 = score(llm, requests, "fast")
+    for k in (0, 20):
+        for request, f, s in zip(requests, fast2, score(llm, requests, "standard", k=k),
+                                 strict=True):
+            assert_bitwise_equal(f, s, what=f"TP2 k={k} len={len(request.prompt_token_ids)}")
+    fast1 = score(llama_llm, requests, "fast")
+    worst = max(float(np.max(np.abs(a.astype(np.float64) - b))) for a, b in zip(fast1, fast2))
+    print(f"TP1 vs TP2 largest |logprob difference|: {worst:.3e} (bound {TP_MAX_ABS_DIFF})")
+    assert worst <= TP_MAX_ABS_DIFF

@@ -1,0 +1,158 @@
+"""The fast path returns, bit for bit, what the standard prompt-logprobs path returns.
+
+Every engine here prefills in chunks of 64 tokens (prompts cross chunk boundaries) with
+prefix caching on, on four architectures.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from vllm import SamplingParams
+
+from fastpath.scoring import ScoreRequest, fast_prompt, score, standard_logprobs, target_logprobs
+from tests.conftest import CHUNK, assert_bitwise_equal, random_prompt, vocab_size
+
+pytestmark = [pytest.mark.correctness, pytest.mark.engine]
+
+# Lengths around the chunk size, the smallest prompts, and multi-chunk prompts.
+LENGTHS = (2, 3, 17, CHUNK - 1, CHUNK, CHUNK + 1, CHUNK + 2, 200, 300)
+
+
+def perplexity_requests(llm, seed: int = 0) -> list[ScoreRequest]:
+    rng = np.random.default_rng(seed)
+    prompts = [random_prompt(rng, n, vocab_size(llm)) for n in LENGTHS]
+    return [ScoreRequest(p, p[1:]) for p in prompts]
+
+
+@pytest.mark.parametrize("k", [0, 1, 20])
+def test_fast_equals_standard_bitwise(arch_llm, k):
+    requests = perplexity_requests(arch_llm)
+    fast = score(arch_llm, requests, "fast")
+    standard = score(arch_llm, requests, "standard", k=k)
+    for request, f, s in zip(requests, fast, standard, strict=True):
+        assert_bitwise_equal(
+            f, s, what=f"{arch_llm.fastpath_name} k={k} len={len(request.prompt_token_ids)}"
+        )
+
+
+def test_arbitrary_targets_equal_full_vocabulary(arch_llm):
+    """Any in-vocabulary id, the extremes included, against prompt_logprobs=-1."""
+    rng = np.random.default_rng(1)
+    vocab = vocab_size(arch_llm)
+    requests = []
+    for n in (2, 3, 5, 9):
+        prompt = random_prompt(rng, n, vocab)
+        targets = rng.integers(0, vocab, n - 1)
+        targets[0] = 0
+        targets[-1] = vocab - 1
+        requests.append(ScoreRequest(prompt, targets.tolist()))
+    fast = score(arch_llm, requests, "fast")
+    standard = score(arch_llm, requests, "standard", k=-1)
+    for request, f, s in zip(requests, fast, standard, strict=True):
+        assert_bitwise_equal(f, s, what=f"{arch_llm.fastpath_name} k=-1 {request}")
+
+
+def test_partial_rows_equal_standard(arch_llm):
+    """target_start computes only the last rows, and they still match bit for bit."""
+    rng = np.random.default_rng(2)
+    prompt = random_prompt(rng, 200, vocab_size(arch_llm))
+    starts = (1, CHUNK - 2, CHUNK - 1, CHUNK, CHUNK + 1, 150, 197, 198)
+    requests = [ScoreRequest(prompt, prompt[s + 1 :], start=s) for s in starts]
+    (full,) = score(arch_llm, [ScoreRequest(prompt, prompt[1:])], "standard", k=0)
+    for request, got in zip(requests, score(arch_llm, requests, "fast"), strict=True):
+        assert_bitwise_equal(
+            got, full[request.start :], what=f"{arch_llm.fastpath_name} start={request.start}"
+        )
+
+
+def test_mixed_batch(arch_llm):
+    """Fast, standard, plain and sample-logprob requests in one batch do not disturb each other."""
+    rng = np.random.default_rng(3)
+    vocab = vocab_size(arch_llm)
+    prompts = [random_prompt(rng, n, vocab) for n in (150, 90, 40, 120, 70)]
+    greedy = dict(temperature=0.0, max_tokens=4)
+    batch = [
+        (fast_prompt(ScoreRequest(prompts[0], prompts[0][1:])), SamplingParams(**greedy)),
+        ({"prompt_token_ids": prompts[1]}, SamplingParams(prompt_logprobs=1, **greedy)),
+        ({"prompt_token_ids": prompts[2]}, SamplingParams(**greedy)),
+        (fast_prompt(ScoreRequest(prompts[3], prompts[3][31:], start=30)),
+         SamplingParams(logprobs=3, prompt_logprobs=0, **greedy)),
+        ({"prompt_token_ids": prompts[4]}, SamplingParams(logprobs=2, **greedy)),
+    ]
+    outputs = arch_llm.generate([p for p, _ in batch], [s for _, s in batch], use_tqdm=False)
+    solo = [arch_llm.generate([p], s, use_tqdm=False)[0] for p, s in batch]
+
+    for i, (mixed, alone) in enumerate(zip(outputs, solo, strict=True)):
+        assert mixed.outputs[0].token_ids == alone.outputs[0].token_ids, f"request {i}"
+    (reference0,) = score(arch_llm, [ScoreRequest(prompts[0], prompts[0][1:])], "standard")
+    assert_bitwise_equal(target_logprobs(outputs[0]), reference0, what="fast in mixed batch")
+    assert outputs[0].prompt_logprobs is None
+    assert outputs[1].prompt_token_id_logprobs is None
+    assert outputs[2].prompt_token_id_logprobs is None and outputs[2].prompt_logprobs is None
+    # The request that asked for both gets both, and they agree.
+    both = ScoreRequest(prompts[3], prompts[3][31:], start=30)
+    assert_bitwise_equal(target_logprobs(outputs[3]),
+                         standard_logprobs(outputs[3], both), what="fast beside standard")
+    assert outputs[3].outputs[0].logprobs is not None
+    assert len(outputs[3].outputs[0].logprobs) == 4
+
+
+def test_upstream_api_two_dimensional_with_padding(llama_llm):
+    """Upstream's prompt_logprob_token_ids works on V1: [rows, ids], -1 pads to -inf."""
+    rng = np.random.default_rng(4)
+    vocab = vocab_size(llama_llm)
+    prompt = random_prompt(rng, 9, vocab)
+    ids = [[int(t), int(u), -1] for t, u in zip(prompt[1:], rng.integers(0, vocab, 8))]
+    ids[2][2] = 7
+    params = SamplingParams(max_tokens=1, prompt_logprob_token_ids=ids, prompt_logprobs=-1)
+    (out,) = llama_llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+    scores = out.prompt_token_id_logprobs
+    assert scores.dtype == np.float32 and scores.shape == (8, 3)
+    expected = np.full((8, 3), -np.inf, dtype=np.float32)
+    for row, row_ids in enumerate(ids):
+        for col, token in enumerate(row_ids):
+            if token >= 0:
+                expected[row, col] = out.prompt_logprobs[row + 1][token].logprob
+    assert_bitwise_equal(scores, expected, what="prompt_logprob_token_ids")
+
+
+def test_upstream_api_with_start(llama_llm):
+    rng = np.random.default_rng(5)
+    prompt = random_prompt(rng, 100, vocab_size(llama_llm))
+    params = SamplingParams(max_tokens=1, prompt_logprob_token_ids=[[t] for t in prompt[41:]],
+                            prompt_logprob_start=40)
+    (out,) = llama_llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+    (reference,) = score(llama_llm, [ScoreRequest(prompt, prompt[1:])], "standard")
+    assert_bitwise_equal(out.prompt_token_id_logprobs[:, 0], reference[40:],
+                         what="prompt_logprob_start=40")
+
+
+def test_shared_params_object_is_not_mutated(llama_llm):
+    """One SamplingParams for many prompts: each request gets its own targets."""
+    rng = np.random.default_rng(6)
+    prompts = [random_prompt(rng, n, vocab_size(llama_llm)) for n in (30, 80)]
+    params = SamplingParams(max_tokens=1)
+    outputs = llama_llm.generate(
+        [fast_prompt(ScoreRequest(p, p[1:])) for p in prompts], params, use_tqdm=False
+    )
+    assert params.prompt_logprob_token_ids is None
+    assert [len(target_logprobs(o)) for o in outputs] == [29, 79]
+
+
+@given(data=st.data())
+def test_property_fast_equals_full_vocabulary(llama_llm, data):
+    """Random lengths, starts and targets (extremes included) against prompt_logprobs=-1."""
+    vocab = vocab_size(llama_llm)
+    length = data.draw(st.integers(2, 2 * CHUNK + 3), label="length")
+    prompt = data.draw(st.lists(st.integers(0, vocab - 1), min_size=length, max_size=length))
+    start = data.draw(st.integers(0, length - 2), label="start")
+    token = st.one_of(st.sampled_from([0, vocab - 1]), st.integers(0, vocab - 1))
+    targets = data.draw(st.lists(token, min_size=length - 1 - start,
+                                 max_size=length - 1 - start), label="targets")
+    request = ScoreRequest(prompt, targets, start=start)
+    (fast,) = score(llama_llm, [request], "fast")
+    (standard,) = score(llama_llm, [request], "standard", k=-1)
+    assert_bitwise_equal(fast, standard, what=f"len={length} start={start}")
