@@ -7,8 +7,6 @@ import os
 import pytest
 from hypothesis import HealthCheck, settings
 
-# Each engine reserves its KV cache for its lifetime; keep the CPU backend's share explicit.
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow,

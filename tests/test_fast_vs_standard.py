@@ -156,3 +156,18 @@ def test_property_fast_equals_full_vocabulary(llama_llm, data):
     (fast,) = score(llama_llm, [request], "fast")
     (standard,) = score(llama_llm, [request], "standard", k=-1)
     assert_bitwise_equal(fast, standard, what=f"len={length} start={start}")
+
+
+def test_negative_control_check_fails_when_exactness_breaks(llama_llm):
+    """The bitwise check catches a one-position misalignment and a one-ulp change."""
+    rng = np.random.default_rng(10)
+    prompt = random_prompt(rng, 120, vocab_size(llama_llm))
+    (standard,) = score(llama_llm, [ScoreRequest(prompt, prompt[1:])], "standard")
+    (shifted,) = score(llama_llm, [ScoreRequest(prompt, prompt[2:] + prompt[:1])], "fast")
+    with pytest.raises(AssertionError, match="values differ in bits"):
+        assert_bitwise_equal(shifted, standard, what="misaligned targets")
+    one_ulp = standard.copy()
+    one_ulp[57] = np.nextafter(one_ulp[57], np.float32(0))
+    assert np.allclose(one_ulp, standard)  # what an isclose test would have accepted
+    with pytest.raises(AssertionError, match="1/119 values differ"):
+        assert_bitwise_equal(one_ulp, standard, what="one ulp")
