@@ -22,8 +22,9 @@ from fastpath.targets import START_KEY, TARGET_KEY
 PATHS = ("fast", "standard", "prefill")
 
 # Defaults that suit the CPU backend (see shared/VLLM-NOTES.md): fp32 for exactness
-# checks, a KV cache sized in bytes (several engines may be alive at once), and
-# eager mode (start-up without torch.compile; both paths share the engine anyway).
+# checks, a KV cache sized in bytes (several engines may be alive at once; note that
+# VLLM_CPU_KVCACHE_SPACE, where set, overrides it), and eager mode (start-up without
+# torch.compile; the paths compared share one engine anyway).
 CPU_ENGINE_DEFAULTS: dict[str, Any] = {
     "dtype": "float32",
     "enforce_eager": True,
@@ -49,10 +50,8 @@ def on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
-def build_llm(model: str, **engine_kwargs: Any):
-    """A `vllm.LLM` with fastpath active; CPU defaults unless overridden by the caller."""
-    from vllm import LLM
-
+def ensure_active() -> None:
+    """Apply fastpath in this process and fail loudly where it cannot be active."""
     from fastpath import patches, plugin
 
     if plugin.disabled():
@@ -60,9 +59,28 @@ def build_llm(model: str, **engine_kwargs: Any):
     plugin.register()  # this process too (vLLM does it in each of its own processes)
     if not (patches.applied() or patches.native_support()):
         raise RuntimeError("fastpath patches are not active in this process")
-    kwargs = dict(CPU_ENGINE_DEFAULTS) if on_cpu() else {"max_logprobs": -1}
+
+
+def default_engine_kwargs() -> dict[str, Any]:
+    """Engine settings fastpath uses unless told otherwise (CPU: see CPU_ENGINE_DEFAULTS)."""
+    return dict(CPU_ENGINE_DEFAULTS) if on_cpu() else {"max_logprobs": -1}
+
+
+def build_llm_from_engine_args(engine_args: Any):
+    """A `vllm.LLM` from vLLM's own EngineArgs (what `fastpath ppl` parses), fastpath active."""
+    from vllm import LLM
+
+    ensure_active()
+    return LLM.from_engine_args(engine_args)
+
+
+def build_llm(model: str, **engine_kwargs: Any):
+    """A `vllm.LLM` for `model` with fastpath active; defaults unless overridden."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    kwargs = default_engine_kwargs()
     kwargs.update(engine_kwargs)
-    return LLM(model=model, **kwargs)
+    return build_llm_from_engine_args(EngineArgs(model=model, **kwargs))
 
 
 def shutdown(llm: Any) -> None:

@@ -1,0 +1,210 @@
+"""`fastpath` command line: `fastpath ppl` (sliding-window perplexity), `fastpath report`.
+
+`fastpath ppl` takes every vLLM engine flag through vLLM's own `EngineArgs` parser, plus
+the original script's flags. With no model and no data it runs offline on the embedded
+default: a zoo model trained on the bundled text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+EXIT_USAGE = 2
+EXIT_NOT_EQUAL = 3
+
+
+class UsageError(ValueError):
+    """Bad flags or input: printed as one line, exit code 2, no traceback."""
+
+
+def _add_ppl_flags(parser: argparse.ArgumentParser) -> None:
+    """The original script's flags and fastpath's own (engine flags come from EngineArgs)."""
+    group = parser.add_argument_group("perplexity (fastpath)")
+    group.add_argument("--dataset", help="a `datasets` dataset name, e.g. wikitext")
+    group.add_argument("--dataset-config", help="its configuration, e.g. wikitext-2-raw-v1")
+    group.add_argument("--dataset-split", default="test", help="split to score (default test)")
+    group.add_argument("--text-file", help="local text, JSONL or parquet file (column 'text')")
+    group.add_argument("--num-samples", type=int, help="keep only the first N rows/lines")
+    group.add_argument("--context-length", type=int, default=2048, help="tokens per window")
+    group.add_argument("--stride", type=int, default=512,
+                       help="new tokens scored per window after the first (<= context length)")
+    group.add_argument("--path", choices=("fast", "standard", "both"), default="fast",
+                       help="fast: target_token_ids; standard: prompt_logprobs=K dicts; "
+                       "both: run both and check every logprob is bitwise equal")
+    group.add_argument("--standard-k", type=int, default=0,
+                       help="K of prompt_logprobs on the standard path (default 0)")
+    group.add_argument("--max-batch-windows", type=int, default=64,
+                       help="windows submitted together (bounds front-end memory)")
+    group.add_argument("--json", dest="json_path", help="write every figure to this JSON file")
+    group.add_argument("--save-logprobs", help="write per-token logprobs (float32 .npy)")
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The `fastpath` parser and its `ppl` subparser (whose defaults tell given flags apart)."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from fastpath.report import add_report_flags
+
+    parser = FlexibleArgumentParser(prog="fastpath", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    ppl = commands.add_parser("ppl", help="sliding-window perplexity through vLLM")
+    EngineArgs.add_cli_args(ppl)
+    ppl.set_defaults(model=None)  # None = the embedded default model
+    _add_ppl_flags(ppl)
+    add_report_flags(commands.add_parser("report", help="benchmark JSON -> CSVs and plots"))
+    return parser, ppl
+
+
+def _engine_args(args: argparse.Namespace, parser_defaults: dict[str, Any]):
+    """vLLM EngineArgs from the parsed flags; fastpath's defaults where a flag was not given."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from fastpath import scoring
+
+    for key, value in {**scoring.default_engine_kwargs(), "disable_log_stats": True}.items():
+        if getattr(args, key, None) == parser_defaults.get(key):
+            setattr(args, key, value)
+    return EngineArgs.from_cli_args(args)
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    if args.context_length < 2:
+        raise UsageError(f"--context-length must be at least 2, got {args.context_length}")
+    if not 1 <= args.stride <= args.context_length:
+        raise UsageError(f"--stride must be in [1, --context-length={args.context_length}], "
+                         f"got {args.stride}")
+    if args.max_batch_windows < 1:
+        raise UsageError(f"--max-batch-windows must be positive, got {args.max_batch_windows}")
+    if args.standard_k < -1:
+        raise UsageError(f"--standard-k must be -1 (full vocabulary) or >= 0, got {args.standard_k}")
+
+
+def _device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return platform.processor() or platform.machine()
+
+
+def run_ppl(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> int:
+    import vllm
+    from tqdm import tqdm
+
+    from fastpath import data, perplexity, scoring, zoo
+    from fastpath.windows import WindowError, count_windows
+
+    _check_flags(args)
+    try:
+        text, source = data.load_text(args.dataset, args.dataset_config, args.text_file,
+                                      args.num_samples, split=args.dataset_split)
+    except data.DataError as error:
+        raise UsageError(str(error)) from None
+    if not text.strip():
+        raise UsageError(f"the text from {source} is empty")
+    if args.model is None:
+        args.model = str(zoo.get_model(zoo.DEFAULT_MODEL))
+        model_name = f"{zoo.DEFAULT_MODEL} (embedded default)"
+    else:
+        model_name = args.model
+    engine_args = _engine_args(args, parser_defaults)
+    llm = scoring.build_llm_from_engine_args(engine_args)
+    try:
+        max_len = llm.llm_engine.model_config.max_model_len
+        if args.context_length > max_len - 1:
+            raise UsageError(
+                f"--context-length {args.context_length} exceeds what this engine can score: "
+                f"max_model_len is {max_len} and one output token is always scheduled, so "
+                f"the context length can be at most {max_len - 1}")
+        tokens = llm.get_tokenizer().encode(text)
+        try:
+            total = count_windows(len(tokens), args.context_length, args.stride)
+        except WindowError as error:
+            raise UsageError(f"{source}: {error}") from None
+        paths = ("fast", "standard") if args.path == "both" else (args.path,)
+        results = {}
+        for path in paths:
+            with tqdm(total=total, desc=f"windows ({path})", unit="window") as bar:
+                results[path] = perplexity.score_stream(
+                    llm, tokens, args.context_length, args.stride, path=path,
+                    standard_k=args.standard_k, max_batch_windows=args.max_batch_windows,
+                    progress=bar.update)
+        runner = "V2" if llm.llm_engine.vllm_config.use_v2_model_runner else "V1"
+    finally:
+        scoring.shutdown(llm)
+
+    main = results[paths[0]]
+    report: dict[str, Any] = {
+        "model": model_name, "model_path": args.model, "source": source,
+        "vllm_version": vllm.__version__, "runner": runner, "device": _device_name(),
+        "tensor_parallel_size": engine_args.tensor_parallel_size,
+        "context_length": args.context_length, "stride": args.stride,
+        "stream_tokens": len(tokens), **main.summary(),
+        "paths": {path: r.summary() for path, r in results.items()},
+    }
+    exit_code = 0
+    if args.path == "both":
+        mismatches = perplexity.bitwise_mismatches(results["fast"].logprobs,
+                                                   results["standard"].logprobs)
+        report["bitwise_equal"] = mismatches.size == 0
+        report["bitwise_mismatches"] = int(mismatches.size)
+        exit_code = 0 if mismatches.size == 0 else EXIT_NOT_EQUAL
+    report["flags"] = {k: v for k, v in vars(args).items() if _jsonable(v)}
+    _print_summary(report, results)
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if args.save_logprobs:
+        np.save(args.save_logprobs, main.logprobs)
+    return exit_code
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _print_summary(report: dict[str, Any], results: dict[str, Any]) -> None:
+    print(f"model   {report['model']}  (vLLM {report['vllm_version']}, {report['runner']} "
+          f"runner, {report['device']}, TP {report['tensor_parallel_size']})")
+    print(f"text    {report['source']}: {report['stream_tokens']} tokens; context "
+          f"{report['context_length']}, stride {report['stride']}, {report['windows']} windows")
+    for path, result in results.items():
+        s = result.summary()
+        print(f"{path:<9} PPL {s['perplexity']:.4f} ± {s['perplexity_stderr']:.4f}  "
+              f"({s['scored_tokens']} tokens, {s['seconds_per_window']:.3f} s/window, "
+              f"{s['tokens_per_second']:.0f} tokens/s)")
+    if "bitwise_equal" in report:
+        verdict = "EQUAL" if report["bitwise_equal"] else "DIFFERENT"
+        print(f"bitwise fast vs standard: {verdict} "
+              f"({report['bitwise_mismatches']} of {report['scored_tokens']} differ)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser, ppl_parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "ppl":
+            defaults = {key: ppl_parser.get_default(key) for key in vars(args)}
+            return run_ppl(args, defaults)
+        from fastpath.report import run_report
+
+        return run_report(args)
+    except UsageError as error:
+        print(f"fastpath {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Sliding-window perplexity through vLLM: windows -> requests -> one logprob per token.
+
+The engine is reached only through `fastpath.scoring`; the window arithmetic is in
+`fastpath.windows`. Results are exact sums (`math.fsum`), independent of order.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fastpath import scoring
+from fastpath.windows import Window, make_windows
+
+
+@dataclass
+class PerplexityResult:
+    """Per-token logprobs of stream tokens 1..N-1 and the statistics derived from them."""
+
+    logprobs: np.ndarray  # float32 [N - 1]; logprobs[i] scores stream token i + 1
+    num_windows: int
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.logprobs.size)
+
+    @property
+    def nll_sum(self) -> float:
+        return -math.fsum(self.logprobs.astype(np.float64).tolist())
+
+    @property
+    def mean_nll(self) -> float:
+        return self.nll_sum / self.num_tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.mean_nll)
+
+    @property
+    def perplexity_stderr(self) -> float:
+        """Standard error of the PPL by the delta method (as llama-perplexity reports it)."""
+        if self.num_tokens < 2:
+            return float("nan")
+        nll = -self.logprobs.astype(np.float64)
+        return self.perplexity * float(nll.std(ddof=1)) / math.sqrt(self.num_tokens)
+
+    def summary(self) -> dict[str, Any]:
+        per_window = self.seconds / self.num_windows if self.num_windows else float("nan")
+        return {
+            "perplexity": self.perplexity,
+            "perplexity_stderr": self.perplexity_stderr,
+            "nll_sum": self.nll_sum,
+            "mean_nll": self.mean_nll,
+            "scored_tokens": self.num_tokens,
+            "windows": self.num_windows,
+            "seconds": self.seconds,
+            "seconds_per_window": per_window,
+            "tokens_per_second": self.num_tokens / self.seconds if self.seconds else float("nan"),
+            **self.extra,
+        }
+
+
+def window_requests(tokens: Sequence[int], windows: Sequence[Window]) -> list[scoring.ScoreRequest]:
+    """One scoring request per window: its tokens, targets = the tokens it scores."""
+    return [
+        scoring.ScoreRequest(
+            prompt_token_ids=list(tokens[w.begin : w.end]),
+            target_token_ids=list(tokens[w.score_from : w.end]),
+            start=w.first_scored_row,
+        )
+        for w in windows
+    ]
+
+
+def assemble(num_tokens: int, windows: Sequence[Window], per_window: Sequence[np.ndarray]) -> np.ndarray:
+    """Place each window's scores at its stream positions; check every token is scored once."""
+    logprobs = np.full(num_tokens - 1, np.nan, dtype=np.float32)
+    filled = np.zeros(num_tokens - 1, dtype=np.int32)
+    for window, values in zip(windows, per_window, strict=True):
+        if values.shape != (window.num_scored,):
+            raise AssertionError(f"{window}: got {values.shape[0]} scores for "
+                                 f"{window.num_scored} tokens")
+        logprobs[window.score_from - 1 : window.end - 1] = values
+        filled[window.score_from - 1 : window.end - 1] += 1
+    if not np.all(filled == 1):
+        raise AssertionError(f"tokens scored other than once: {np.flatnonzero(filled != 1)[:10]}")
+    return logprobs
+
+
+def score_stream(
+    llm: Any,
+    tokens: Sequence[int],
+    context_length: int,
+    stride: int,
+    path: str = "fast",
+    standard_k: int = 0,
+    max_batch_windows: int = 64,
+    progress: Callable[[int], None] | None = None,
+) -> PerplexityResult:
+    """Score a token stream with sliding windows on one path; all windows of a batch at once.
+
+    `progress(n)` is called as each batch of n windows completes (a tqdm bar's update).
+    """
+    if path not in ("fast", "standard"):
+        raise ValueError(f"perplexity needs path 'fast' or 'standard', got {path!r}")
+    windows = make_windows(len(tokens), context_length, stride)
+    requests = window_requests(tokens, windows)
+    per_window: list[np.ndarray] = []
+    started = time.perf_counter()
+    for first in range(0, len(requests), max_batch_windows):
+        batch = requests[first : first + max_batch_windows]
+        per_window.extend(scoring.score(llm, batch, path, k=standard_k))
+        if progress is not None:
+            progress(len(batch))
+    seconds = time.perf_counter() - started
+    logprobs = assemble(len(tokens), windows, per_window)
+    return PerplexityResult(logprobs=logprobs, num_windows=len(windows), seconds=seconds,
+                            extra={"path": path})
+
+
+def bitwise_mismatches(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Positions where two float32 arrays differ in bit pattern."""
+    a32 = np.ascontiguousarray(a, dtype=np.float32).view(np.int32)
+    b32 = np.ascontiguousarray(b, dtype=np.float32).view(np.int32)
+    return np.flatnonzero(a32 != b32)

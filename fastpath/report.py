@@ -1,0 +1,139 @@
+"""Benchmark JSON (pytest-benchmark's own files) -> CSVs and plots, with pandas and matplotlib.
+
+- `results.csv`: one row per (run, model, path, context, stride, TP, device) with the
+  figures each benchmark stored in `extra_info`, and the speed-up over each standard path
+  measured in the same run.
+- `compare.csv` (with `--baseline`): the same rows of two runs side by side, flagging a
+  regression where time, objects or bytes grew by more than `--threshold`.
+- `seconds_per_window.png`, `objects_per_window.png`: log-scale bars by path and model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+KEY = ["run", "model", "path", "context_length", "stride", "tensor_parallel_size", "device"]
+FIGURES = ["seconds_per_window", "objects_per_window", "bytes_per_window",
+           "peak_rss_bytes", "scored_tokens", "perplexity"]
+INFO = ["vllm_version", "runner", "model_shape", "extrapolated", "windows", "benchmark"]
+REGRESSION_FIGURES = ["seconds_per_window", "objects_per_window", "bytes_per_window"]
+
+
+def add_report_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", type=Path,
+                        help="pytest-benchmark JSON files (e.g. .benchmarks/*/0001_NAME.json)")
+    parser.add_argument("--out", type=Path, default=Path("reports"), help="output folder")
+    parser.add_argument("--baseline", type=Path,
+                        help="a run to compare against: writes compare.csv")
+    parser.add_argument("--threshold", type=float, default=0.10,
+                        help="relative growth that counts as a regression (default 0.10)")
+
+
+def run_name(path: Path) -> str:
+    """pytest-benchmark saves NNNN_NAME.json: the run is NAME."""
+    stem = path.stem
+    head, _, tail = stem.partition("_")
+    return tail if head.isdigit() and tail else stem
+
+
+def load_run(path: Path) -> pd.DataFrame:
+    """One row per benchmark of a saved run; figures from extra_info, time from stats."""
+    document = json.loads(path.read_text())
+    rows = []
+    for bench in document.get("benchmarks", []):
+        info = dict(bench.get("extra_info", {}))
+        if "path" not in info:
+            continue  # not a fastpath scoring benchmark
+        info.setdefault("seconds_per_window", bench["stats"]["median"])
+        rows.append({"run": run_name(path), "benchmark": bench["name"], **info})
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        raise ValueError(f"{path}: no fastpath benchmarks (extra_info with 'path') found")
+    return frame
+
+
+def results_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows keyed by KEY, with the speed-up of each row over every standard path of its run."""
+    columns = [c for c in KEY + FIGURES + INFO if c in frame.columns]
+    table = frame[columns].copy()
+    group = [c for c in KEY if c != "path"]
+    standard_paths = sorted(p for p in table["path"].unique() if str(p).startswith("standard"))
+    for standard in standard_paths:
+        reference = table[table["path"] == standard][group + ["seconds_per_window"]]
+        reference = reference.rename(columns={"seconds_per_window": "_ref"})
+        merged = table.merge(reference, on=group, how="left")
+        table[f"speedup_vs_{standard}"] = (merged["_ref"] / merged["seconds_per_window"]).values
+    return table.sort_values(KEY).reset_index(drop=True)
+
+
+def compare_runs(base: pd.DataFrame, new: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """Matching rows of two runs; `regression` where a figure grew beyond the threshold."""
+    join = [c for c in KEY if c != "run"]
+    merged = base.merge(new, on=join, suffixes=("_base", "_new"))
+    merged["regressions"] = ""
+    for figure in REGRESSION_FIGURES:
+        if f"{figure}_base" not in merged:
+            continue
+        ratio = merged[f"{figure}_new"] / merged[f"{figure}_base"]
+        merged[f"{figure}_ratio"] = ratio
+        worse = ratio > 1 + threshold
+        merged.loc[worse, "regressions"] += figure + " "
+    merged["regression"] = merged["regressions"].str.len() > 0
+    merged["regressions"] = merged["regressions"].str.strip()
+    keep = join + ["run_base", "run_new", "regression", "regressions"] + [
+        c for c in merged.columns if c.endswith(("_ratio", "_base", "_new"))
+        and c.split("_base")[0].split("_new")[0].split("_ratio")[0] in REGRESSION_FIGURES
+    ]
+    return merged[list(dict.fromkeys(keep))]
+
+
+def plot(table: pd.DataFrame, figure: str, out: Path, ylabel: str) -> Path:
+    """Log-scale grouped bars: one group per model (and context/stride), one bar per path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = table.assign(label=table["model"] + "\nctx " + table["context_length"].astype(str)
+                        + " stride " + table["stride"].astype(str)
+                        + " TP " + table["tensor_parallel_size"].astype(str))
+    if data["run"].nunique() > 1:
+        data["label"] = data["run"] + ": " + data["label"]
+    pivot = data.pivot_table(index="label", columns="path", values=figure, aggfunc="median")
+    axes = pivot.plot.bar(logy=True, figsize=(max(6, 2.2 * len(pivot)), 5), rot=0)
+    axes.set_ylabel(ylabel + " (log scale)")
+    axes.set_xlabel("")
+    axes.set_title(f"{ylabel} by path and model")
+    if "extrapolated" in data and data["extrapolated"].fillna(False).astype(bool).any():
+        axes.annotate("standard-k-1: extrapolated from short windows", xy=(0.01, 0.97),
+                      xycoords="axes fraction", va="top", fontsize=8)
+    axes.figure.tight_layout()
+    path = out / f"{figure}.png"
+    axes.figure.savefig(path, dpi=120)
+    plt.close(axes.figure)
+    return path
+
+
+def run_report(args: argparse.Namespace) -> int:
+    frames = [load_run(path) for path in args.runs]
+    table = results_table(pd.concat(frames, ignore_index=True))
+    args.out.mkdir(parents=True, exist_ok=True)
+    written = [args.out / "results.csv"]
+    table.to_csv(written[0], index=False)
+    if args.baseline is not None:
+        base = results_table(load_run(args.baseline))
+        comparison = compare_runs(base, table, args.threshold)
+        written.append(args.out / "compare.csv")
+        comparison.to_csv(written[-1], index=False)
+        flagged = int(comparison["regression"].sum())
+        print(f"{flagged} regression(s) beyond {args.threshold:.0%} against {args.baseline}")
+    written.append(plot(table, "seconds_per_window", args.out, "seconds per window"))
+    if "objects_per_window" in table:
+        written.append(plot(table, "objects_per_window", args.out, "Python objects per window"))
+    for path in written:
+        print(f"wrote {path}")
+    return 0
