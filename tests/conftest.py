@@ -25,9 +25,9 @@ def engine_kwargs(**overrides):
     return kwargs
 
 
-@pytest.fixture(scope="module", params=ARCHITECTURES)
+@pytest.fixture(scope="session", params=ARCHITECTURES)
 def arch_llm(request):
-    """One engine per architecture, alive for the tests of one module."""
+    """One engine per architecture; pytest groups the tests so one is alive at a time."""
     with scoring.engine(str(zoo.get_model(request.param)), **engine_kwargs()) as llm:
         llm.fastpath_name = request.param
         yield llm

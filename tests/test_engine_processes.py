@@ -9,7 +9,8 @@ import numpy as np
 import psutil
 import pytest
 
-from fastpath import scoring, zoo
+from fastpath import perplexity, scoring, zoo
+from fastpath.data import bundled_text
 from fastpath.plugin import LOG_ENV
 from fastpath.scoring import ScoreRequest, score
 from tests.conftest import assert_bitwise_equal, engine_kwargs, random_prompt, vocab_size
@@ -19,6 +20,8 @@ pytestmark = [pytest.mark.correctness, pytest.mark.engine]
 # A TP1/TP2 difference in one token's logprob: measured 5.7e-6 here (reduction order
 # across two ranks); the bound leaves an order of magnitude of margin.
 TP_MAX_ABS_DIFF = 1e-4
+# Perplexity over 2,000 bundled-text tokens, TP2 against TP1: measured 6.2e-8 relative.
+TP_PPL_RTOL = 1e-6
 _PICKLE_ENV = "VLLM_ALLOW_INSECURE_SERIALIZATION"
 
 
@@ -82,3 +85,13 @@ def test_tp2_fast_equals_standard_and_tp1_within_bound(tp2, llama_llm):
     worst = max(float(np.max(np.abs(a.astype(np.float64) - b))) for a, b in zip(fast1, fast2))
     print(f"TP1 vs TP2 largest |logprob difference|: {worst:.3e} (bound {TP_MAX_ABS_DIFF})")
     assert worst <= TP_MAX_ABS_DIFF
+
+
+def test_tp2_perplexity_difference_is_bounded(tp2, llama_llm):
+    llm, _ = tp2
+    tokens = llm.get_tokenizer().encode(bundled_text()[:12000])[:2000]
+    one = perplexity.score_stream(llama_llm, tokens, 256, 128, path="fast")
+    two = perplexity.score_stream(llm, tokens, 256, 128, path="fast")
+    rel = abs(two.perplexity - one.perplexity) / one.perplexity
+    print(f"PPL TP1 {one.perplexity:.9g} TP2 {two.perplexity:.9g} rel diff {rel:.2e}")
+    assert rel <= TP_PPL_RTOL

@@ -63,6 +63,8 @@ def load_text(
         if builder is None:
             raise DataError(f"--text-file {text_file}: expected one of "
                             f"{sorted(_LOCAL_BUILDERS)} (text, JSONL or parquet)")
+        if builder == "text" and not path.read_text(errors="replace").strip():
+            raise DataError(f"--text-file {text_file} is empty")
         load_args: tuple = (builder,)
         load_kwargs = {"data_files": str(path), "split": "train"}
         source = str(path)
