@@ -14,6 +14,7 @@ CHUNK = 64  # max_num_batched_tokens: prompts longer than this are prefilled in 
 def engine_kwargs(**overrides):
     """Test engines: chunked prefill forced by a small token budget, prefix caching on."""
     kwargs = dict(
+        dtype="float32",  # also on GPU runners: the transformers bounds are fp32 bounds
         max_model_len=512,
         max_num_batched_tokens=CHUNK,
         max_num_seqs=16,

@@ -1,0 +1,154 @@
+"""Seconds, objects and bytes per window for each way of scoring, side by side.
+
+Paths: `prefill` (no prompt logprobs: the engine's floor), `fast` (target_token_ids,
+only the scored rows), `standard-kK` (prompt_logprobs=K, K in 0, 1, 20), `standard-k-1`
+(full vocabulary; short windows only, its 2048-token cost extrapolated and labelled), and
+`floor` (bare torch: lm_head + log-softmax + gather over the scored rows, plus prefill).
+Every figure that is not a time goes into `benchmark.extra_info`; `fastpath report`
+turns the saved runs into CSVs and plots.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import vllm
+
+from benchmarks.conftest import device_name, steady_windows, stream_tokens
+from fastpath import perplexity, scoring
+from fastpath.measure import LogprobBytes, PeakRSS, result_objects
+
+CONTEXT, STRIDE = 2048, 512
+PATHS = [("prefill", None), ("fast", None), ("standard", 0), ("standard", 1), ("standard", 20)]
+FULL_VOCAB_CONTEXT, FULL_VOCAB_STRIDE = 8, 4  # k=-1 builds vocab-size dicts per position
+
+_prefill_seconds: dict[str, float] = {}  # model -> prefill s/window, for the floor
+
+
+def _path_name(path: str, k: int | None) -> str:
+    return path if k is None else f"{path}-k{k}"
+
+
+def _common_info(llm, path_name: str, context: int, stride: int) -> dict:
+    return {
+        "model": llm.fastpath_name, "model_shape": llm.fastpath_shape, "path": path_name,
+        "context_length": context, "stride": stride,
+        "tensor_parallel_size": llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size,
+        "device": device_name(), "vllm_version": vllm.__version__,
+        "runner": "V2" if llm.llm_engine.vllm_config.use_v2_model_runner else "V1",
+    }
+
+
+def _measure_once(llm, requests, path: str, k: int) -> dict:
+    """One untimed pass with every counter on: objects, bytes, peak RSS, perplexity."""
+    params = scoring.scoring_params(path, k)
+    prompts = ([scoring.fast_prompt(r) for r in requests] if path == "fast"
+               else [{"prompt_token_ids": list(r.prompt_token_ids)} for r in requests])
+    with PeakRSS() as rss, LogprobBytes(llm) as moved:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    figures = {
+        "objects_per_window": float(np.mean([result_objects(o) for o in outputs])),
+        "bytes_per_window": moved.total / len(requests),
+        "peak_rss_bytes": rss.peak,
+        "scored_tokens": sum(len(r.target_token_ids) for r in requests),
+        "windows": len(requests),
+    }
+    if path == "fast":
+        values = np.concatenate([scoring.target_logprobs(o) for o in outputs])
+    elif path == "standard":
+        values = np.concatenate([scoring.standard_logprobs(o, r)
+                                 for o, r in zip(outputs, requests, strict=True)])
+    else:
+        values = None
+    figures["perplexity"] = (perplexity.PerplexityResult(values, 1).perplexity
+                             if values is not None else float("nan"))
+    return figures
+
+
+@pytest.mark.parametrize("path, k", PATHS, ids=[_path_name(p, k) for p, k in PATHS])
+def test_window(benchmark, bench_engine, request, path, k):
+    """Seconds per steady-state window (context 2048, stride 512) on one path."""
+    llm = bench_engine
+    count = request.config.getoption("--bench-windows")
+    tokens = stream_tokens(llm.llm_engine.model_config.model)
+    windows = steady_windows(tokens, CONTEXT, STRIDE, count)
+    requests = perplexity.window_requests(tokens, windows)
+    rounds = 3 if path in ("prefill", "fast") else 2
+
+    benchmark.pedantic(scoring.score, args=(llm, requests, path, k or 0), rounds=rounds,
+                       warmup_rounds=1, iterations=1)
+    seconds = benchmark.stats.stats.median / len(requests)
+    info = _common_info(llm, _path_name(path, k), CONTEXT, STRIDE)
+    info.update(_measure_once(llm, requests, path, k or 0), seconds_per_window=seconds,
+                extrapolated=False)
+    benchmark.extra_info.update(info)
+    if path == "prefill":
+        _prefill_seconds[llm.fastpath_name] = seconds
+
+
+def test_standard_full_vocabulary_extrapolated(benchmark, bench_engine):
+    """prompt_logprobs=-1 on 8-token windows; the 2048-token cost is extrapolated per row."""
+    llm = bench_engine
+    tokens = stream_tokens(llm.llm_engine.model_config.model)
+    windows = steady_windows(tokens, FULL_VOCAB_CONTEXT, FULL_VOCAB_STRIDE, 1)
+    requests = perplexity.window_requests(tokens, windows)
+    benchmark.pedantic(scoring.score, args=(llm, requests, "standard", -1), rounds=1,
+                       warmup_rounds=0, iterations=1)
+    # The standard path computes and returns every prompt row, scored or not.
+    rows_computed = FULL_VOCAB_CONTEXT - 1
+    per_row = benchmark.stats.stats.median / rows_computed
+    measured = _measure_once(llm, requests, "standard", -1)
+    info = _common_info(llm, "standard-k-1", CONTEXT, STRIDE)
+    info.update(
+        seconds_per_window=per_row * (CONTEXT - 1),
+        objects_per_window=measured["objects_per_window"] / rows_computed * (CONTEXT - 1),
+        bytes_per_window=measured["bytes_per_window"] / rows_computed * (CONTEXT - 1),
+        peak_rss_bytes=measured["peak_rss_bytes"], scored_tokens=STRIDE,
+        perplexity=float("nan"), windows=1, extrapolated=True,
+        measured_context_length=FULL_VOCAB_CONTEXT, measured_seconds_per_row=per_row,
+    )
+    benchmark.extra_info.update(info)
+
+
+def test_floor(benchmark, bench_engine):
+    """The least any exact method does: lm_head + log-softmax + gather on the scored rows.
+
+    Bare torch at the model's shape (hidden states of the same size, the real vocabulary),
+    plus the prefill time measured by the `prefill` benchmark of this run.
+    """
+    import torch
+    from transformers import AutoConfig
+
+    llm = bench_engine
+    config = AutoConfig.from_pretrained(llm.llm_engine.model_config.model)
+    generator = torch.Generator().manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    hidden = torch.randn(STRIDE, config.hidden_size, generator=generator).to(device, dtype)
+    weight = (torch.randn(config.vocab_size, config.hidden_size, generator=generator) * 0.02
+              ).to(device, dtype)
+    targets = torch.randint(0, config.vocab_size, (STRIDE, 1), generator=generator).to(device)
+
+    def floor_once() -> torch.Tensor:
+        logits = torch.nn.functional.linear(hidden, weight)
+        values = logits.log_softmax(-1, dtype=torch.float32).gather(-1, targets).cpu()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return values
+
+    benchmark.pedantic(floor_once, rounds=5, warmup_rounds=1, iterations=1)
+    prefill = _prefill_seconds.get(llm.fastpath_name)
+    if prefill is None:  # the prefill benchmark did not run in this session: measure it
+        tokens = stream_tokens(llm.llm_engine.model_config.model)
+        requests = perplexity.window_requests(tokens, steady_windows(tokens, CONTEXT, STRIDE, 2))
+        started = time.perf_counter()
+        scoring.score(llm, requests, "prefill")
+        prefill = (time.perf_counter() - started) / len(requests)
+    info = _common_info(llm, "floor", CONTEXT, STRIDE)
+    info.update(seconds_per_window=benchmark.stats.stats.median + prefill,
+                torch_seconds=benchmark.stats.stats.median, prefill_seconds=prefill,
+                objects_per_window=0.0, bytes_per_window=4.0 * STRIDE, scored_tokens=STRIDE,
+                perplexity=float("nan"), windows=1, extrapolated=False)
+    benchmark.extra_info.update(info)
