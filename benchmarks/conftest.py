@@ -82,7 +82,8 @@ def bench_engine(request, bench_model):
     name, path = resolve(request.config, bench_model)
     tp = bench_model.tensor_parallel_size
     saved = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
-    kwargs = dict(tensor_parallel_size=tp, max_model_len=4096, max_num_batched_tokens=8192,
+    # max_model_len is the model's own (OPT-125M: 2048, so its windows are 2047 tokens).
+    kwargs = dict(tensor_parallel_size=tp, max_num_batched_tokens=8192,
                   enable_prefix_caching=False)
     if scoring.on_cpu():
         kwargs["kv_cache_memory_bytes"] = 1 << 30

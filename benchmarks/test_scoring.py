@@ -10,6 +10,7 @@ turns the saved runs into CSVs and plots.
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -21,10 +22,27 @@ from fastpath import perplexity, scoring
 from fastpath.measure import LogprobBytes, PeakRSS, result_objects
 
 CONTEXT, STRIDE = 2048, 512
-PATHS = [("prefill", None), ("fast", None), ("standard", 0), ("standard", 1), ("standard", 20)]
+# (path, K, context, stride). The main shape for every path; context 1024 shows the fast
+# path's objects do not depend on the context; stride 2048 scores whole windows (2047 rows).
+CASES = [
+    ("prefill", None, CONTEXT, STRIDE),
+    ("fast", None, CONTEXT, STRIDE),
+    ("standard", 0, CONTEXT, STRIDE),
+    ("standard", 1, CONTEXT, STRIDE),
+    ("standard", 20, CONTEXT, STRIDE),
+    ("prefill", None, 1024, STRIDE),
+    ("fast", None, 1024, STRIDE),
+    ("fast", None, CONTEXT, CONTEXT),
+    ("standard", 0, CONTEXT, CONTEXT),
+]
 FULL_VOCAB_CONTEXT, FULL_VOCAB_STRIDE = 8, 4  # k=-1 builds vocab-size dicts per position
 
 _prefill_seconds: dict[str, float] = {}  # model -> prefill s/window, for the floor
+
+
+def fit_context(llm, context: int) -> int:
+    """The context a model can take: vLLM schedules one output token beyond the prompt."""
+    return min(context, llm.llm_engine.model_config.max_model_len - 1)
 
 
 def _path_name(path: str, k: int | None) -> str:
@@ -67,24 +85,26 @@ def _measure_once(llm, requests, path: str, k: int) -> dict:
     return figures
 
 
-@pytest.mark.parametrize("path, k", PATHS, ids=[_path_name(p, k) for p, k in PATHS])
-def test_window(benchmark, bench_engine, request, path, k):
-    """Seconds per steady-state window (context 2048, stride 512) on one path."""
+@pytest.mark.parametrize("path, k, context, stride", CASES,
+                         ids=[f"{_path_name(p, k)}-{c}-{s}" for p, k, c, s in CASES])
+def test_window(benchmark, bench_engine, request, path, k, context, stride):
+    """Seconds per steady-state window (full context, `stride` scored tokens) on one path."""
     llm = bench_engine
     count = request.config.getoption("--bench-windows")
+    context, stride = fit_context(llm, context), min(stride, fit_context(llm, context))
     tokens = stream_tokens(llm.llm_engine.model_config.model)
-    windows = steady_windows(tokens, CONTEXT, STRIDE, count)
+    windows = steady_windows(tokens, context, stride, count)
     requests = perplexity.window_requests(tokens, windows)
     rounds = 3 if path in ("prefill", "fast") else 2
 
     benchmark.pedantic(scoring.score, args=(llm, requests, path, k or 0), rounds=rounds,
                        warmup_rounds=1, iterations=1)
     seconds = benchmark.stats.stats.median / len(requests)
-    info = _common_info(llm, _path_name(path, k), CONTEXT, STRIDE)
+    info = _common_info(llm, _path_name(path, k), context, stride)
     info.update(_measure_once(llm, requests, path, k or 0), seconds_per_window=seconds,
                 extrapolated=False)
     benchmark.extra_info.update(info)
-    if path == "prefill":
+    if path == "prefill" and (context, stride) == (fit_context(llm, CONTEXT), STRIDE):
         _prefill_seconds[llm.fastpath_name] = seconds
 
 
@@ -100,11 +120,12 @@ def test_standard_full_vocabulary_extrapolated(benchmark, bench_engine):
     rows_computed = FULL_VOCAB_CONTEXT - 1
     per_row = benchmark.stats.stats.median / rows_computed
     measured = _measure_once(llm, requests, "standard", -1)
-    info = _common_info(llm, "standard-k-1", CONTEXT, STRIDE)
+    context = fit_context(llm, CONTEXT)
+    info = _common_info(llm, "standard-k-1", context, STRIDE)
     info.update(
-        seconds_per_window=per_row * (CONTEXT - 1),
-        objects_per_window=measured["objects_per_window"] / rows_computed * (CONTEXT - 1),
-        bytes_per_window=measured["bytes_per_window"] / rows_computed * (CONTEXT - 1),
+        seconds_per_window=per_row * (context - 1),
+        objects_per_window=measured["objects_per_window"] / rows_computed * (context - 1),
+        bytes_per_window=measured["bytes_per_window"] / rows_computed * (context - 1),
         peak_rss_bytes=measured["peak_rss_bytes"], scored_tokens=STRIDE,
         perplexity=float("nan"), windows=1, extrapolated=True,
         measured_context_length=FULL_VOCAB_CONTEXT, measured_seconds_per_row=per_row,
@@ -112,16 +133,32 @@ def test_standard_full_vocabulary_extrapolated(benchmark, bench_engine):
     benchmark.extra_info.update(info)
 
 
+def floor_threads(tensor_parallel_size: int) -> int:
+    """CPU threads the engine's workers compute with, so the floor gets the same budget.
+
+    vLLM's CPU backend binds one core per worker and, when it picks the cores itself
+    (TP 1), keeps one core for the front end ("reserved_cpus" in its start-up log).
+    FASTPATH_FLOOR_THREADS overrides.
+    """
+    if os.environ.get("FASTPATH_FLOOR_THREADS"):
+        return int(os.environ["FASTPATH_FLOOR_THREADS"])
+    cores = os.cpu_count() or 1
+    return max(1, cores - 1) if tensor_parallel_size == 1 else min(cores, tensor_parallel_size)
+
+
 def test_floor(benchmark, bench_engine):
     """The least any exact method does: lm_head + log-softmax + gather on the scored rows.
 
     Bare torch at the model's shape (hidden states of the same size, the real vocabulary),
-    plus the prefill time measured by the `prefill` benchmark of this run.
+    with the workers' thread budget on CPU, plus the prefill time measured by the
+    `prefill` benchmark of this run.
     """
     import torch
     from transformers import AutoConfig
 
     llm = bench_engine
+    tp = llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size
+    threads = torch.get_num_threads()
     config = AutoConfig.from_pretrained(llm.llm_engine.model_config.model)
     generator = torch.Generator().manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -138,17 +175,24 @@ def test_floor(benchmark, bench_engine):
             torch.cuda.synchronize()
         return values
 
-    benchmark.pedantic(floor_once, rounds=5, warmup_rounds=1, iterations=1)
+    if device == "cpu":
+        torch.set_num_threads(floor_threads(tp))
+    try:
+        benchmark.pedantic(floor_once, rounds=5, warmup_rounds=1, iterations=1)
+    finally:
+        torch.set_num_threads(threads)
     prefill = _prefill_seconds.get(llm.fastpath_name)
     if prefill is None:  # the prefill benchmark did not run in this session: measure it
         tokens = stream_tokens(llm.llm_engine.model_config.model)
-        requests = perplexity.window_requests(tokens, steady_windows(tokens, CONTEXT, STRIDE, 2))
+        windows = steady_windows(tokens, fit_context(llm, CONTEXT), STRIDE, 2)
+        requests = perplexity.window_requests(tokens, windows)
         started = time.perf_counter()
         scoring.score(llm, requests, "prefill")
         prefill = (time.perf_counter() - started) / len(requests)
-    info = _common_info(llm, "floor", CONTEXT, STRIDE)
+    info = _common_info(llm, "floor", fit_context(llm, CONTEXT), STRIDE)
     info.update(seconds_per_window=benchmark.stats.stats.median + prefill,
                 torch_seconds=benchmark.stats.stats.median, prefill_seconds=prefill,
+                floor_threads=floor_threads(tp) if device == "cpu" else None,
                 objects_per_window=0.0, bytes_per_window=4.0 * STRIDE, scored_tokens=STRIDE,
                 perplexity=float("nan"), windows=1, extrapolated=False)
     benchmark.extra_info.update(info)
