@@ -97,12 +97,12 @@ def test_window(benchmark, bench_engine, request, path, k, context, stride):
     requests = perplexity.window_requests(tokens, windows)
     rounds = 3 if path in ("prefill", "fast") else 2
 
+    measured = _measure_once(llm, requests, path, k or 0)  # also the warm-up round
     benchmark.pedantic(scoring.score, args=(llm, requests, path, k or 0), rounds=rounds,
-                       warmup_rounds=1, iterations=1)
+                       warmup_rounds=0, iterations=1)
     seconds = benchmark.stats.stats.median / len(requests)
     info = _common_info(llm, _path_name(path, k), context, stride)
-    info.update(_measure_once(llm, requests, path, k or 0), seconds_per_window=seconds,
-                extrapolated=False)
+    info.update(measured, seconds_per_window=seconds, extrapolated=False)
     benchmark.extra_info.update(info)
     if path == "prefill" and (context, stride) == (fit_context(llm, CONTEXT), STRIDE):
         _prefill_seconds[llm.fastpath_name] = seconds

@@ -1,4 +1,4 @@
-"""Counters used by tests and benchmarks: objects held, objects created, bytes, memory."""
+"""Counters used by tests and benchmarks: objects a result holds, logprob bytes moved, memory."""
 
 from __future__ import annotations
 

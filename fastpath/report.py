@@ -98,13 +98,15 @@ def plot(table: pd.DataFrame, figure: str, out: Path, ylabel: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = table.assign(label=table["model"] + "\nctx " + table["context_length"].astype(str)
+    data = table.assign(label=table["model"].str.split(" (", regex=False).str[0]
+                        + "\nctx " + table["context_length"].astype(str)
                         + " stride " + table["stride"].astype(str)
-                        + " TP " + table["tensor_parallel_size"].astype(str))
+                        + "\nTP " + table["tensor_parallel_size"].astype(str))
     if data["run"].nunique() > 1:
         data["label"] = data["run"] + ": " + data["label"]
     pivot = data.pivot_table(index="label", columns="path", values=figure, aggfunc="median")
-    axes = pivot.plot.bar(logy=True, figsize=(max(6, 2.2 * len(pivot)), 5), rot=0)
+    axes = pivot.plot.bar(logy=True, figsize=(max(6, 1.6 * len(pivot) + 2), 5), rot=0)
+    axes.legend(title="path", bbox_to_anchor=(1.0, 1.0), loc="upper left")
     axes.set_ylabel(ylabel + " (log scale)")
     axes.set_xlabel("")
     axes.set_title(f"{ylabel} by path and model")
