@@ -9,7 +9,6 @@ reports; the zoo's CPU twins are always named as twins.
 from __future__ import annotations
 
 import os
-import platform
 from dataclasses import dataclass
 from functools import cache
 
@@ -17,6 +16,7 @@ import pytest
 
 from fastpath import scoring, zoo
 from fastpath.data import bundled_text
+from fastpath.measure import device_name
 from fastpath.windows import make_windows
 
 
@@ -116,20 +116,6 @@ def stream_tokens(path: str) -> list[int]:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path).encode(bundled_text())
-
-
-def device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import vllm
 
-from benchmarks.conftest import device_name, steady_windows, stream_tokens
+from benchmarks.conftest import steady_windows, stream_tokens
 from fastpath import perplexity, scoring
-from fastpath.measure import LogprobBytes, PeakRSS, result_objects
+from fastpath.measure import LogprobBytes, PeakRSS, device_name, result_objects
 
 CONTEXT, STRIDE = 2048, 512
 # (path, K, context, stride). The main shape for every path; context 1024 shows the fast

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,8 +39,9 @@ def _add_ppl_flags(parser: argparse.ArgumentParser) -> None:
                        "both: run both and check every logprob is bitwise equal")
     group.add_argument("--standard-k", type=int, default=0,
                        help="K of prompt_logprobs on the standard path (default 0)")
-    group.add_argument("--max-batch-windows", type=int, default=64,
-                       help="windows submitted together (bounds front-end memory)")
+    group.add_argument("--max-batch-windows", type=int, default=16,
+                       help="windows submitted together: bounds front-end memory and sets "
+                       "how often the progress bar moves (default 16)")
     group.add_argument("--json", dest="json_path", help="write every figure to this JSON file")
     group.add_argument("--save-logprobs", help="write per-token logprobs (float32 .npy)")
 
@@ -69,7 +69,7 @@ def _engine_args(args: argparse.Namespace, parser_defaults: dict[str, Any]):
 
     from fastpath import scoring
 
-    for key, value in {**scoring.default_engine_kwargs(), "disable_log_stats": True}.items():
+    for key, value in scoring.default_engine_kwargs().items():
         if getattr(args, key, None) == parser_defaults.get(key):
             setattr(args, key, value)
     return EngineArgs.from_cli_args(args)
@@ -87,19 +87,12 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"--standard-k must be -1 (full vocabulary) or >= 0, got {args.standard_k}")
 
 
-def _device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return platform.processor() or platform.machine()
-
-
 def run_ppl(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> int:
     import vllm
     from tqdm import tqdm
 
     from fastpath import data, perplexity, scoring, zoo
+    from fastpath.measure import device_name
     from fastpath.windows import WindowError, count_windows
 
     _check_flags(args)
@@ -130,6 +123,7 @@ def run_ppl(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> int:
         except WindowError as error:
             raise UsageError(f"{source}: {error}") from None
         paths = ("fast", "standard") if args.path == "both" else (args.path,)
+        scoring.warm_up(llm)  # seconds per window then exclude the engine's first-call cost
         results = {}
         for path in paths:
             with tqdm(total=total, desc=f"windows ({path})", unit="window") as bar:
@@ -144,7 +138,7 @@ def run_ppl(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> int:
     main = results[paths[0]]
     report: dict[str, Any] = {
         "model": model_name, "model_path": args.model, "source": source,
-        "vllm_version": vllm.__version__, "runner": runner, "device": _device_name(),
+        "vllm_version": vllm.__version__, "runner": runner, "device": device_name(),
         "tensor_parallel_size": engine_args.tensor_parallel_size,
         "context_length": args.context_length, "stride": args.stride,
         "stream_tokens": len(tokens), **main.summary(),

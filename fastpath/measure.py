@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import sys
 from typing import Any
 
 
@@ -32,12 +31,22 @@ def result_objects(output: Any) -> int:
     return reachable_objects(output.prompt_logprobs, output.prompt_token_id_logprobs)
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far."""
-    import resource
+def device_name() -> str:
+    """The CUDA device's name, else the CPU model (from /proc/cpuinfo where there is one)."""
+    import platform
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 class PeakRSS:

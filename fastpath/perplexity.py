@@ -101,7 +101,7 @@ def score_stream(
     stride: int,
     path: str = "fast",
     standard_k: int = 0,
-    max_batch_windows: int = 64,
+    max_batch_windows: int = 16,
     progress: Callable[[int], None] | None = None,
 ) -> PerplexityResult:
     """Score a token stream with sliding windows on one path; all windows of a batch at once.
