@@ -84,11 +84,10 @@ def compare_runs(base: pd.DataFrame, new: pd.DataFrame, threshold: float) -> pd.
         merged.loc[worse, "regressions"] += figure + " "
     merged["regression"] = merged["regressions"].str.len() > 0
     merged["regressions"] = merged["regressions"].str.strip()
-    keep = join + ["run_base", "run_new", "regression", "regressions"] + [
-        c for c in merged.columns if c.endswith(("_ratio", "_base", "_new"))
-        and c.split("_base")[0].split("_new")[0].split("_ratio")[0] in REGRESSION_FIGURES
-    ]
-    return merged[list(dict.fromkeys(keep))]
+    figures = [f"{figure}_{side}" for figure in REGRESSION_FIGURES
+               for side in ("base", "new", "ratio")]
+    keep = join + ["run_base", "run_new", "regression", "regressions"] + figures
+    return merged[[c for c in keep if c in merged.columns]]
 
 
 def plot(table: pd.DataFrame, figure: str, out: Path, ylabel: str) -> Path:
