@@ -123,7 +123,7 @@ def run_ppl(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> int:
         except WindowError as error:
             raise UsageError(f"{source}: {error}") from None
         paths = ("fast", "standard") if args.path == "both" else (args.path,)
-        scoring.warm_up(llm)  # seconds per window then exclude the engine's first-call cost
+        perplexity.warm_up(llm, tokens, args.context_length, args.stride)
         results = {}
         for path in paths:
             with tqdm(total=total, desc=f"windows ({path})", unit="window") as bar:

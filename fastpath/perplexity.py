@@ -94,6 +94,13 @@ def assemble(num_tokens: int, windows: Sequence[Window], per_window: Sequence[np
     return logprobs
 
 
+def warm_up(llm: Any, tokens: Sequence[int], context_length: int, stride: int) -> None:
+    """Score the first two windows once, untimed: the kernels for both window shapes (all
+    rows; the strided rows) are built on first use (oneDNN on CPU: seconds per new shape)."""
+    windows = make_windows(len(tokens), context_length, stride)[:2]
+    scoring.score(llm, window_requests(tokens, windows), "fast")
+
+
 def score_stream(
     llm: Any,
     tokens: Sequence[int],

@@ -103,13 +103,6 @@ def engine(model: str, **engine_kwargs: Any) -> Iterator[Any]:
         shutdown(llm)
 
 
-def warm_up(llm: Any) -> None:
-    """One small request on each scoring path, so timings exclude the engine's first-call cost."""
-    request = ScoreRequest(list(range(1, 17)), list(range(2, 17)))
-    for path in ("fast", "standard"):
-        score(llm, [request], path)
-
-
 def fast_prompt(request: ScoreRequest) -> dict[str, Any]:
     """The TokensPrompt that asks for the targets' logprobs on the fast path."""
     prompt: dict[str, Any] = {
