@@ -61,11 +61,8 @@ def _common_info(llm, path_name: str, context: int, stride: int) -> dict:
 
 def _measure_once(llm, requests, path: str, k: int) -> dict:
     """One untimed pass with every counter on: objects, bytes, peak RSS, perplexity."""
-    params = scoring.scoring_params(path, k)
-    prompts = ([scoring.fast_prompt(r) for r in requests] if path == "fast"
-               else [{"prompt_token_ids": list(r.prompt_token_ids)} for r in requests])
     with PeakRSS() as rss, LogprobBytes(llm) as moved:
-        outputs = llm.generate(prompts, params, use_tqdm=False)
+        outputs = scoring.generate(llm, requests, path, k)
     figures = {
         "objects_per_window": float(np.mean([result_objects(o) for o in outputs])),
         "bytes_per_window": moved.total / len(requests),
@@ -73,15 +70,11 @@ def _measure_once(llm, requests, path: str, k: int) -> dict:
         "scored_tokens": sum(len(r.target_token_ids) for r in requests),
         "windows": len(requests),
     }
-    if path == "fast":
-        values = np.concatenate([scoring.target_logprobs(o) for o in outputs])
-    elif path == "standard":
-        values = np.concatenate([scoring.standard_logprobs(o, r)
-                                 for o, r in zip(outputs, requests, strict=True)])
+    if path == "prefill":
+        figures["perplexity"] = float("nan")
     else:
-        values = None
-    figures["perplexity"] = (perplexity.PerplexityResult(values, 1).perplexity
-                             if values is not None else float("nan"))
+        values = np.concatenate(scoring.read_logprobs(outputs, requests, path))
+        figures["perplexity"] = perplexity.PerplexityResult(values, 1).perplexity
     return figures
 
 

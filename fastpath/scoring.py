@@ -156,25 +156,27 @@ def standard_logprobs(output: Any, request: ScoreRequest) -> np.ndarray:
     return values
 
 
-def score(
-    llm: Any,
-    requests: Sequence[ScoreRequest],
-    path: str,
-    k: int = 0,
-    use_tqdm: bool = False,
-) -> list[np.ndarray]:
-    """Submit all requests together (vLLM batches them) and return float32 logprobs each.
-
-    `prefill` returns empty arrays: it measures the engine without any scoring.
-    """
-    params = scoring_params(path, k)
+def generate(llm: Any, requests: Sequence[ScoreRequest], path: str, k: int = 0,
+             use_tqdm: bool = False) -> list[Any]:
+    """Submit all requests together on one path (vLLM batches them); the RequestOutputs."""
     if path == "fast":
         prompts = [fast_prompt(r) for r in requests]
     else:
         prompts = [{"prompt_token_ids": list(r.prompt_token_ids)} for r in requests]
-    outputs = llm.generate(prompts, params, use_tqdm=use_tqdm)
+    return llm.generate(prompts, scoring_params(path, k), use_tqdm=use_tqdm)
+
+
+def read_logprobs(outputs: Sequence[Any], requests: Sequence[ScoreRequest],
+                  path: str) -> list[np.ndarray]:
+    """Each request's target logprobs (float32) from its output; empty for `prefill`."""
     if path == "fast":
         return [target_logprobs(o) for o in outputs]
     if path == "standard":
         return [standard_logprobs(o, r) for o, r in zip(outputs, requests, strict=True)]
     return [np.empty(0, dtype=np.float32) for _ in outputs]
+
+
+def score(llm: Any, requests: Sequence[ScoreRequest], path: str, k: int = 0,
+          use_tqdm: bool = False) -> list[np.ndarray]:
+    """Submit all requests together and return float32 logprobs each (empty for prefill)."""
+    return read_logprobs(generate(llm, requests, path, k, use_tqdm), requests, path)

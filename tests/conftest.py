@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fastpath import scoring, zoo
+from fastpath.perplexity import bitwise_mismatches
 
 ARCHITECTURES = ("tiny-llama", "tiny-opt", "tiny-qwen2", "tiny-gpt2")
 CHUNK = 64  # max_num_batched_tokens: prompts longer than this are prefilled in chunks
@@ -54,9 +55,10 @@ def assert_bitwise_equal(fast: np.ndarray, reference: np.ndarray, *, what: str) 
     fast = np.ascontiguousarray(fast, dtype=np.float32)
     reference = np.ascontiguousarray(reference, dtype=np.float32)
     assert fast.shape == reference.shape, f"{what}: shape {fast.shape} != {reference.shape}"
-    mismatched = np.flatnonzero(fast.view(np.int32) != reference.view(np.int32))
+    flat_fast, flat_reference = fast.ravel(), reference.ravel()
+    mismatched = bitwise_mismatches(flat_fast, flat_reference)
     if mismatched.size:
-        diff = np.abs(fast[mismatched].astype(np.float64) - reference[mismatched])
+        diff = np.abs(flat_fast[mismatched].astype(np.float64) - flat_reference[mismatched])
         raise AssertionError(
             f"{what}: {mismatched.size}/{fast.size} values differ in bits; positions "
             f"{mismatched[:10].tolist()}, max |diff| {diff.max():.3e}"

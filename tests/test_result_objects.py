@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fastpath.measure import result_objects
-from fastpath.scoring import ScoreRequest, fast_prompt, scoring_params
+from fastpath.scoring import ScoreRequest, generate
 from tests.conftest import random_prompt, vocab_size
 
 pytestmark = [pytest.mark.engine]
@@ -17,11 +17,7 @@ LENGTHS = (8, 64, 256, 500)
 def _outputs(llm, path: str):
     rng = np.random.default_rng(8)
     prompts = [random_prompt(rng, n, vocab_size(llm)) for n in LENGTHS]
-    if path == "fast":
-        batch = [fast_prompt(ScoreRequest(p, p[1:])) for p in prompts]
-    else:
-        batch = [{"prompt_token_ids": p} for p in prompts]
-    return llm.generate(batch, scoring_params(path, k=0), use_tqdm=False)
+    return generate(llm, [ScoreRequest(p, p[1:]) for p in prompts], path, k=0)
 
 
 def test_fast_result_objects_constant_in_prompt_length(llama_llm):
