@@ -76,11 +76,13 @@ def _engine_args(args: argparse.Namespace, parser_defaults: dict[str, Any]):
 
 
 def _check_flags(args: argparse.Namespace) -> None:
-    if args.context_length < 2:
-        raise UsageError(f"--context-length must be at least 2, got {args.context_length}")
-    if not 1 <= args.stride <= args.context_length:
-        raise UsageError(f"--stride must be in [1, --context-length={args.context_length}], "
-                         f"got {args.stride}")
+    """Refuse bad fastpath flags before any engine starts."""
+    from fastpath.windows import WindowError, check_shape
+
+    try:
+        check_shape(args.context_length, args.stride)
+    except WindowError as error:
+        raise UsageError(str(error)) from None
     if args.max_batch_windows < 1:
         raise UsageError(f"--max-batch-windows must be positive, got {args.max_batch_windows}")
     if args.standard_k < -1:

@@ -21,7 +21,7 @@ def reachable_objects(*roots: Any) -> int:
             continue
         seen.add(id(obj))
         stack.extend(gc.get_referents(obj))
-        if hasattr(obj, "__dict__") and not isinstance(obj, type):
+        if hasattr(obj, "__dict__"):  # instance attributes, however the object stores them
             stack.append(vars(obj))
     return len(seen)
 

@@ -40,14 +40,19 @@ class Window:
         return self.end - self.score_from
 
 
-def check_parameters(num_tokens: int, context_length: int, stride: int) -> None:
-    """Raise WindowError naming the parameter when windows cannot be built."""
+def check_shape(context_length: int, stride: int) -> None:
+    """Raise WindowError naming the flag when the window shape itself is invalid."""
     if context_length < 2:
         raise WindowError(f"--context-length must be at least 2, got {context_length}")
     if not 1 <= stride <= context_length:
         raise WindowError(
-            f"--stride must be in [1, context_length={context_length}], got {stride}"
+            f"--stride must be in [1, --context-length={context_length}], got {stride}"
         )
+
+
+def check_parameters(num_tokens: int, context_length: int, stride: int) -> None:
+    """Raise WindowError naming the parameter when windows cannot be built."""
+    check_shape(context_length, stride)
     if num_tokens < 2:
         raise WindowError(
             f"the text has {num_tokens} token(s); perplexity needs at least 2 "
