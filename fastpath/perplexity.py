@@ -6,6 +6,7 @@ The engine is reached only through `fastpath.scoring`; the window arithmetic is 
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from fastpath import scoring
-from fastpath.windows import Window, make_windows
+from fastpath.windows import Window, iter_windows, make_windows
 
 
 @dataclass
@@ -97,7 +98,7 @@ def assemble(num_tokens: int, windows: Sequence[Window], per_window: Sequence[np
 def warm_up(llm: Any, tokens: Sequence[int], context_length: int, stride: int) -> None:
     """Score the first two windows once, untimed: the kernels for both window shapes (all
     rows; the strided rows) are built on first use (oneDNN on CPU: seconds per new shape)."""
-    windows = make_windows(len(tokens), context_length, stride)[:2]
+    windows = list(itertools.islice(iter_windows(len(tokens), context_length, stride), 2))
     scoring.score(llm, window_requests(tokens, windows), "fast")
 
 

@@ -259,12 +259,3 @@ def _build(spec: ModelSpec, path: Path) -> None:
     except OSError:  # another process built it first
         shutil.rmtree(tmp, ignore_errors=True)
 
-
-def spec_of(model_path: str | os.PathLike) -> ModelSpec | None:
-    """The zoo spec a checkpoint was built from, or None for a model not from the zoo."""
-    meta = Path(model_path) / "fastpath-zoo.json"
-    if not meta.exists():
-        return None
-    fields = json.loads(meta.read_text())
-    fields.pop("format", None)
-    return ModelSpec(**fields)
