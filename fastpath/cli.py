@@ -1,4 +1,5 @@
-"""`fastpath` command line: `fastpath ppl` (sliding-window perplexity), `fastpath report`.
+"""`fastpath` command line: `fastpath ppl` (sliding-window perplexity), `fastpath report`,
+`fastpath lm-eval` (lm-evaluation-harness with the `fastpath-vllm` model).
 
 `fastpath ppl` takes every vLLM engine flag through vLLM's own `EngineArgs` parser, plus
 the original script's flags. With no model and no data it runs offline on the embedded
@@ -60,6 +61,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     ppl.set_defaults(model=None)  # None = the embedded default model
     _add_ppl_flags(ppl)
     add_report_flags(commands.add_parser("report", help="benchmark JSON -> CSVs and plots"))
+    commands.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness's command line "
+                        "with the fastpath-vllm model (fastpath/lm_eval_model.py)")
     return parser, ppl
 
 
@@ -188,6 +191,10 @@ def _print_summary(report: dict[str, Any], results: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lm-eval"]:  # the rest is lm-eval's own command line
+        from fastpath.lm_eval_model import cli_main
+
+        return cli_main(argv[1:])
     parser, ppl_parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,133 @@
+"""lm-eval wall time on the local tasks: `fastpath-vllm` against lm-eval's own `vllm` backend.
+
+Both backends run in the same session on engines with the same model_args (the 8B shape
+twin on CPU: vocabulary 128,256, so the log-softmax and the dicts are a real model's
+size; `--model-8b PATH` or FASTPATH_BENCH_8B for the real model on a GPU runner). Each
+backend first runs every task once untimed (kernel warm-up), counting the objects each
+request's RequestOutput holds for its scores; then the three tasks together are timed.
+The answers of the two backends are checked bitwise equal. Figures go to `extra_info`
+(key `backend`, so `fastpath report`, which reads `path`, leaves these rows alone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'fastpath[lm-eval]')")
+
+from benchmarks.conftest import MODELS, resolve  # noqa: E402
+from fastpath import scoring  # noqa: E402
+from fastpath.measure import device_name, result_objects  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS_DIR = "tests/data/lm_eval_tasks"
+TASKS = ["fastpath_wikitext", "fastpath_lambada", "fastpath_mc"]
+BACKENDS = ("vllm", "fastpath-vllm")  # vllm first: fastpath-vllm's row reports the ratio
+MAX_MODEL_LEN = 2048
+ROUNDS = 2
+
+_seconds: dict[str, float] = {}
+_answers: dict[str, list] = {}
+
+
+def evaluate(lm, tasks=TASKS) -> dict:
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    return simple_evaluate(model=lm, tasks=tasks, log_samples=True,
+                           task_manager=TaskManager(include_path=TASKS_DIR))
+
+
+@contextlib.contextmanager
+def counting_objects(lm):
+    """Objects each RequestOutput holds for its prompt scores, for every request submitted."""
+    counts: list[int] = []
+    original = lm.model.generate
+
+    def generate(*args, **kwargs):
+        outputs = original(*args, **kwargs)
+        counts.extend(result_objects(o) for o in outputs)
+        return outputs
+
+    lm.model.generate = generate
+    try:
+        yield counts
+    finally:
+        del lm.model.generate  # the bound method again
+
+
+def flat_answers(results: dict) -> list:
+    """Every request's answer, by task, doc and choice: (log-likelihood, is_greedy) or ll."""
+    return [resp[0] for task in TASKS
+            for sample in sorted(results["samples"][task], key=lambda s: s["doc_id"])
+            for resp in sample["resps"]]
+
+
+@pytest.fixture(scope="module")
+def lm_eval_models(request):
+    """Both backends on the 8B shape (twin on CPU), alive together for one session."""
+    from fastpath import lm_eval_model
+
+    model = next(m for m in MODELS if m.label == "8B")
+    wanted = request.config.getoption("--bench-models").split(",")
+    if model.label not in wanted:
+        pytest.skip("the 8B model is not among --bench-models")
+    name, path = resolve(request.config, model)
+    args = dict(pretrained=path, max_model_len=MAX_MODEL_LEN, seed=0)
+    if scoring.on_cpu():
+        args.update(dtype="float32", kv_cache_memory_bytes=256 << 20, enforce_eager=True)
+    classes = {"vllm": lm_eval_model.VLLM, "fastpath-vllm": lm_eval_model.FastpathVLLM}
+    models = {}
+    saved = Path.cwd()
+    os.chdir(ROOT)  # the task YAMLs name their data relative to the repository root
+    try:
+        for backend in BACKENDS:
+            models[backend] = classes[backend](**args)
+            models[backend].bench_name = name
+        yield models
+    finally:
+        os.chdir(saved)
+        for lm in models.values():
+            scoring.shutdown(lm.model)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lm_eval_wall_time(benchmark, lm_eval_models, backend):
+    import vllm
+    import lm_eval
+
+    lm = lm_eval_models[backend]
+    objects: dict[str, float] = {}
+    requests: dict[str, int] = {}
+    for task in TASKS:  # untimed: warm-up and object counts
+        with counting_objects(lm) as counts:
+            evaluate(lm, [task])
+        objects[task] = float(np.mean(counts))
+        requests[task] = len(counts)
+
+    results = benchmark.pedantic(evaluate, args=(lm,), rounds=ROUNDS, iterations=1)
+    _seconds[backend] = benchmark.stats.stats.median
+    _answers[backend] = flat_answers(results)
+
+    info = {
+        "backend": backend, "model": lm.bench_name, "tasks": ",".join(TASKS),
+        "max_model_len": MAX_MODEL_LEN, "requests": sum(requests.values()),
+        "objects_per_request": sum(objects[t] * requests[t] for t in TASKS)
+        / sum(requests.values()),
+        **{f"objects_per_request_{t}": objects[t] for t in TASKS},
+        **{f"requests_{t}": requests[t] for t in TASKS},
+        **{f"{t}_{k}": v for t in TASKS for k, v in results["results"][t].items()
+           if isinstance(v, float)},
+        "device": device_name(), "vllm_version": vllm.__version__,
+        "lm_eval_version": lm_eval.__version__,
+    }
+    if backend == "fastpath-vllm" and "vllm" in _seconds:
+        info["speedup_vs_vllm"] = _seconds["vllm"] / _seconds[backend]
+        info["answers_equal_to_vllm"] = repr(_answers[backend]) == repr(_answers["vllm"])
+        assert info["answers_equal_to_vllm"], "fastpath-vllm answers differ from lm-eval vllm's"
+    benchmark.extra_info.update(info)

