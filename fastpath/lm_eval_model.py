@@ -40,9 +40,10 @@ import vllm  # noqa: F401  (vLLM's own imports run before the version answer bel
 from tqdm import tqdm
 
 from fastpath import scoring
+from fastpath.patches._base import TOP_K_KEY
 
 MODEL_NAME = "fastpath-vllm"
-TOP_K_ARG = "fastpath_top_k"  # SamplingParams.extra_args key of the runner's top-K extension
+TOP_K_ARG = TOP_K_KEY  # SamplingParams.extra_args key of the runner's top-K extension
 GREEDY_K = 1  # is_greedy needs each row's top-1 log-prob only
 TESTED_LM_EVAL = "0.4.13"
 
@@ -236,11 +237,7 @@ class FastpathVLLM(VLLM):
                 answers.append((sum([]), True))
                 continue
             output = next(outputs)
-            scores = output.prompt_token_id_logprobs
-            if scores is None:
-                raise RuntimeError(
-                    f"fastpath-vllm: request {output.request_id} came back without "
-                    "prompt_token_id_logprobs: fastpath is not active in the engine")
+            scores = scoring.fixed_id_scores(output)  # raises where the engine gave none
             if scores.shape != (len(inp) - ctxlen, 1 + 2 * GREEDY_K):
                 raise RuntimeError(
                     f"fastpath-vllm: expected {len(inp) - ctxlen} rows of [target, top-1 "

@@ -7,6 +7,7 @@ float64 bit patterns lm-eval sums to), is_greedy identical, every metric identic
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.metadata
 import json
@@ -63,8 +64,9 @@ def evaluate(lm, tasks=TASKS) -> dict:
 
 
 @pytest.fixture(scope="module")
-def fast_lm():
-    lm = fl.FastpathVLLM(**model_args())
+def vllm_lm():
+    """lm-eval's own `vllm` backend (the engine every in-process test shares)."""
+    lm = fl.VLLM(**model_args())
     try:
         yield lm
     finally:
@@ -72,18 +74,41 @@ def fast_lm():
 
 
 @pytest.fixture(scope="module")
-def fast_eval(fast_lm):
-    return evaluate(fast_lm)
+def fast_lm(vllm_lm):
+    """fastpath-vllm's scoring on that same engine (FastpathVLLM.__init__ only adds checks,
+    tested below); the CLI test runs fastpath-vllm on an engine of its own."""
+    lm = copy.copy(vllm_lm)
+    lm.__class__ = fl.FastpathVLLM
+    return lm
 
 
 @pytest.fixture(scope="module")
-def vllm_eval():
-    """lm-eval's own `vllm` backend, its own engine with the same model_args."""
-    lm = fl.VLLM(**model_args())
-    try:
-        return evaluate(lm)
-    finally:
-        scoring.shutdown(lm.model)
+def vllm_eval(vllm_lm):
+    return evaluate(vllm_lm)
+
+
+@pytest.fixture(scope="module")
+def fast_eval(fast_lm, vllm_eval):
+    return evaluate(fast_lm)  # simple_evaluate(model=instance): the Python API
+
+
+@pytest.fixture(scope="module")
+def cli_eval(vllm_eval, tmp_path_factory):
+    """`fastpath lm-eval --model fastpath-vllm ...` in a subprocess: its own engine, built
+    from the same model_args; the samples and results it saves, as lm-eval wrote them."""
+    out = tmp_path_factory.mktemp("lm_eval_cli")
+    result = subprocess.run(
+        [sys.executable, "-m", "fastpath.cli", "lm-eval", "--model", "fastpath-vllm",
+         "--model_args", model_args_string(), "--tasks", ",".join(TASKS),
+         "--include_path", TASKS_DIR, "--output_path", str(out), "--log_samples"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    samples = {}
+    for task in TASKS:
+        (path,) = out.rglob(f"samples_{task}_*.jsonl")
+        samples[task] = [json.loads(line) for line in path.read_text().splitlines()]
+    (results,) = out.rglob("results_*.json")
+    return {"samples": samples, "results": json.loads(results.read_text())["results"]}
 
 
 def answers(samples: list[dict]) -> tuple[np.ndarray, list]:
@@ -115,21 +140,26 @@ def assert_same_float64(a: np.ndarray, b: np.ndarray, what: str) -> None:
 
 
 @engine
+@pytest.mark.parametrize("way", ["python-api", "cli"])
 @pytest.mark.parametrize("task", TASKS)
-def test_per_request_answers_bitwise_equal(fast_eval, vllm_eval, task):
+def test_per_request_answers_bitwise_equal(request, vllm_eval, task, way):
+    fast_eval = request.getfixturevalue("fast_eval" if way == "python-api" else "cli_eval")
     fast_ll, fast_greedy = answers(fast_eval["samples"][task])
     ref_ll, ref_greedy = answers(vllm_eval["samples"][task])
-    assert_same_float64(fast_ll, ref_ll, task)
+    assert_same_float64(fast_ll, ref_ll, f"{way} {task}")
     assert fast_greedy == ref_greedy
 
 
 @engine
+@pytest.mark.parametrize("way", ["python-api", "cli"])
 @pytest.mark.parametrize("task", TASKS)
-def test_metrics_identical(fast_eval, vllm_eval, task):
+def test_metrics_identical(request, vllm_eval, task, way):
+    fast_eval = request.getfixturevalue("fast_eval" if way == "python-api" else "cli_eval")
     fast, ref = fast_eval["results"][task], vllm_eval["results"][task]
-    assert fast.keys() == ref.keys()
-    # json: NaN == NaN and "N/A" compare as text; floats print exactly (repr)
-    assert json.dumps(fast, sort_keys=True) == json.dumps(ref, sort_keys=True)
+    floats = [k for k, v in ref.items() if isinstance(v, float)]
+    assert floats, ref
+    for key in floats:  # exact (the CLI's JSON keeps a float's every bit)
+        assert np.float64(fast[key]).tobytes() == np.float64(ref[key]).tobytes(), (key, fast, ref)
 
 
 @engine
@@ -163,14 +193,14 @@ def _greedy_and_other_requests(lm, n: int = 12) -> list[tuple]:
 
 
 @engine
-def test_is_greedy_matches_lm_eval_and_rank(fast_lm):
-    """On one engine: fastpath-vllm's answers against lm-eval's own dict code (the parent
-    class's method) and against the standard path's rank (rank 1 on every row)."""
+def test_is_greedy_matches_lm_eval_and_rank(fast_lm, vllm_lm):
+    """On one engine: fastpath-vllm's answers against lm-eval's own dict code and against
+    the standard path's rank (rank 1 on every row) and top-1 (values and ids)."""
     from vllm import SamplingParams
 
     requests = _greedy_and_other_requests(fast_lm)
     fast = fast_lm._loglikelihood_tokens(requests, disable_tqdm=True)
-    lm_eval_own = fl.VLLM._loglikelihood_tokens(fast_lm, requests, disable_tqdm=True)
+    lm_eval_own = vllm_lm._loglikelihood_tokens(requests, disable_tqdm=True)
     assert_same_float64(np.array([a[0] for a in fast]), np.array([a[0] for a in lm_eval_own]),
                         "crafted requests")
     assert [a[1] for a in fast] == [a[1] for a in lm_eval_own]
@@ -207,31 +237,6 @@ def test_short_context_refused_and_empty_continuation(fast_lm):
     with pytest.raises(ValueError, match="preceding token"):
         fast_lm._score([[5, 6, 7]], [0])
     assert fast_lm._score([[5, 6, 7]], [3]) == [(0, True)]
-
-
-@engine
-def test_cli_matches_lm_eval_vllm(vllm_eval, tmp_path):
-    """`fastpath lm-eval --model fastpath-vllm ...` (a subprocess) gives lm-eval vllm's answers."""
-    tasks = ["fastpath_lambada", "fastpath_mc"]
-    result = subprocess.run(
-        [sys.executable, "-m", "fastpath.cli", "lm-eval", "--model", "fastpath-vllm",
-         "--model_args", model_args_string(), "--tasks", ",".join(tasks),
-         "--include_path", TASKS_DIR, "--output_path", str(tmp_path), "--log_samples"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    for task in tasks:
-        (path,) = tmp_path.rglob(f"samples_{task}_*.jsonl")
-        samples = [json.loads(line) for line in path.read_text().splitlines()]
-        cli_ll, cli_greedy = answers(samples)
-        ref_ll, ref_greedy = answers(vllm_eval["samples"][task])
-        assert_same_float64(cli_ll, ref_ll, f"CLI {task}")
-        assert cli_greedy == ref_greedy
-    (results,) = tmp_path.rglob("results_*.json")
-    saved = json.loads(results.read_text())["results"]
-    for task in tasks:
-        for key, value in vllm_eval["results"][task].items():
-            if isinstance(value, float):
-                assert saved[task][key] == value, (task, key)
 
 
 # --- no engine -------------------------------------------------------------------------
