@@ -5,14 +5,19 @@ twin on CPU: vocabulary 128,256, so the log-softmax and the dicts are a real mod
 size; `--model-8b PATH` or FASTPATH_BENCH_8B for the real model on a GPU runner). Each
 backend first runs every task once untimed (kernel warm-up), counting the objects each
 request's RequestOutput holds for its scores; then the three tasks together are timed.
-The answers of the two backends are checked bitwise equal. Figures go to `extra_info`
-(key `backend`, so `fastpath report`, which reads `path`, leaves these rows alone).
+The answers of the two backends are checked (repr) equal. Besides lm-eval's wall time,
+`model_request_seconds` is the time inside the model's loglikelihood(_rolling) calls; the
+rest (task building, metrics) costs both backends the same, and lm-eval's task index is
+built once, untimed. Figures go to `extra_info` (key `backend`, so `fastpath report`, which
+reads `path`, leaves these rows alone).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import time
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -32,15 +37,45 @@ MAX_MODEL_LEN = 2048
 ROUNDS = 2
 
 _seconds: dict[str, float] = {}
+_request_seconds: dict[str, float] = {}
 _answers: dict[str, list] = {}
+
+
+@cache
+def task_manager():
+    """lm-eval's task index (it reads every task YAML lm-eval ships): built once, untimed."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=TASKS_DIR)
 
 
 def evaluate(lm, tasks=TASKS) -> dict:
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
     return simple_evaluate(model=lm, tasks=tasks, log_samples=True,
-                           task_manager=TaskManager(include_path=TASKS_DIR))
+                           task_manager=task_manager())
+
+
+@contextlib.contextmanager
+def timing_requests(lm):
+    """Seconds spent inside the model's loglikelihood(_rolling) calls: the backend's share
+    of lm-eval's wall time (the rest, task building and metrics, is the same for both)."""
+    seconds: list[float] = []
+    for name in ("loglikelihood", "loglikelihood_rolling"):
+        original = getattr(lm, name)
+
+        def timed(*args, _original=original, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                seconds.append(time.perf_counter() - start)
+
+        setattr(lm, name, timed)
+    try:
+        yield seconds
+    finally:
+        del lm.loglikelihood, lm.loglikelihood_rolling  # the bound methods again
 
 
 @contextlib.contextmanager
@@ -110,13 +145,16 @@ def test_lm_eval_wall_time(benchmark, lm_eval_models, backend):
         objects[task] = float(np.mean(counts))
         requests[task] = len(counts)
 
-    results = benchmark.pedantic(evaluate, args=(lm,), rounds=ROUNDS, iterations=1)
+    with timing_requests(lm) as request_seconds:
+        results = benchmark.pedantic(evaluate, args=(lm,), rounds=ROUNDS, iterations=1)
     _seconds[backend] = benchmark.stats.stats.median
+    _request_seconds[backend] = sum(request_seconds) / ROUNDS
     _answers[backend] = flat_answers(results)
 
     info = {
         "backend": backend, "model": lm.bench_name, "tasks": ",".join(TASKS),
         "max_model_len": MAX_MODEL_LEN, "requests": sum(requests.values()),
+        "model_request_seconds": _request_seconds[backend],
         "objects_per_request": sum(objects[t] * requests[t] for t in TASKS)
         / sum(requests.values()),
         **{f"objects_per_request_{t}": objects[t] for t in TASKS},
@@ -128,6 +166,7 @@ def test_lm_eval_wall_time(benchmark, lm_eval_models, backend):
     }
     if backend == "fastpath-vllm" and "vllm" in _seconds:
         info["speedup_vs_vllm"] = _seconds["vllm"] / _seconds[backend]
+        info["request_speedup_vs_vllm"] = _request_seconds["vllm"] / _request_seconds[backend]
         info["answers_equal_to_vllm"] = repr(_answers[backend]) == repr(_answers["vllm"])
         assert info["answers_equal_to_vllm"], "fastpath-vllm answers differ from lm-eval vllm's"
     benchmark.extra_info.update(info)
