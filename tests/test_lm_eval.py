@@ -11,6 +11,7 @@ import copy
 import importlib
 import importlib.metadata
 import json
+import math
 import subprocess
 import sys
 import tomllib
@@ -252,9 +253,15 @@ def test_continuation_answer_tie_rule():
 
 
 def test_sum_is_pythons_sum_of_the_float32_values():
-    values = np.random.default_rng(1).standard_normal(4096).astype(np.float32) * 30
+    """lm-eval's order of summation, bit for bit; data on which other orders round apart."""
+    rng = np.random.default_rng(1)
+    values = (-np.exp(rng.uniform(-16, 4, 4096))).astype(np.float32)  # log-probs, many scales
     scores = np.stack([values, values, np.zeros_like(values)], axis=1)
-    expected = sum(float(v) for v in values)  # lm-eval: Python floats, in row order
+    as_floats = [float(v) for v in values]
+    expected = sum(as_floats)  # lm-eval: Python floats, in row order
+    others = (float(np.sum(values.astype(np.float64))), sum(reversed(as_floats)),
+              math.fsum(as_floats))
+    assert all(other != expected for other in others)  # the check can tell orders apart
     assert np.float64(fl.continuation_answer(scores)[0]).tobytes() == \
         np.float64(expected).tobytes()
 
