@@ -115,7 +115,8 @@ def differing_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def sweep(hidden: int, vocab: int, rows: int, chunk: int = 1024, dtype: str = "float32",
           device: str = "cpu", *, kernel: str = "linear", counts: Sequence[int] = COUNTS,
-          count_starts: str = "edges", seed: int = 0) -> dict[str, Any]:
+          count_starts: str = "edges", seed: int = 0, threads: int | None = None
+          ) -> dict[str, Any]:
     """Compare every checked subset's rows with the same rows computed among all `rows`.
 
     Returns a JSON-ready report. `mismatches` lists each (subset of two or more rows, stage)
@@ -127,6 +128,14 @@ def sweep(hidden: int, vocab: int, rows: int, chunk: int = 1024, dtype: str = "f
     already is that check). `invariant`: no multi-row mismatch at any stage;
     `log_softmax_invariant`: log-softmax and gather never add a difference of their own.
     """
+    if threads is not None:  # CPU kernels may split work by thread: sweep the worker's count
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return sweep(hidden, vocab, rows, chunk, dtype, device, kernel=kernel, counts=counts,
+                         count_starts=count_starts, seed=seed)
+        finally:
+            torch.set_num_threads(saved)
     torch_dtype = getattr(torch, dtype)
     states, weight, targets = inputs(hidden, vocab, rows, torch_dtype, device, seed)
     logits_of = lm_head(kernel, weight)
@@ -213,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--counts", type=int, nargs="+", default=list(COUNTS))
     parser.add_argument("--count-starts", choices=("edges", "one"), default="edges")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     parser.add_argument("--json", dest="json_path", help="also write the reports here")
     args = parser.parse_args(argv)
     vocabs = args.vocab * len(args.hidden) if len(args.vocab) == 1 else args.vocab
@@ -224,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for chunk in args.chunk:
                 report = sweep(hidden, vocab, args.rows, chunk, dtype, args.device,
                                kernel=args.kernel, counts=args.counts,
-                               count_starts=args.count_starts, seed=args.seed)
+                               count_starts=args.count_starts, seed=args.seed,
+                               threads=args.threads)
                 print(summary(report), file=sys.stderr)
                 reports.append(report)
     text = json.dumps(reports, indent=2)

@@ -38,6 +38,13 @@ def test_vllm_cpu_lm_head_is_row_subset_invariant_in_float32(shape):
     assert report["log_softmax_invariant"], describe(report)
 
 
+def test_vllm_cpu_lm_head_is_row_subset_invariant_on_one_thread():
+    """A TP worker on these machines runs one thread per core: the same, on one thread."""
+    report = rowsubset.sweep(128, 2048, kernel="vllm-cpu", threads=1, **cpu_plan(128, 2048))
+    assert report["threads"] == 1
+    assert report["invariant"] and report["log_softmax_invariant"], describe(report)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_vllm_cpu_lm_head_in_16_bit_differs_by_rounding_at_most(dtype):
     """Measured, not relied on: 1100 rows, where AMX's bf16 kernel rounded a row differently."""
