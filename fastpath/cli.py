@@ -1,4 +1,5 @@
-"""`fastpath` command line: `fastpath ppl` (sliding-window perplexity), `fastpath report`.
+"""`fastpath` command line: `fastpath ppl` (sliding-window perplexity), `fastpath report`,
+`fastpath check-vllm` (judge a vLLM release against the patches without installing it).
 
 `fastpath ppl` takes every vLLM engine flag through vLLM's own `EngineArgs` parser, plus
 the original script's flags. With no model and no data it runs offline on the embedded
@@ -52,6 +53,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    from fastpath.check_vllm import add_flags as add_check_vllm_flags
     from fastpath.report import add_report_flags
 
     parser = FlexibleArgumentParser(prog="fastpath", description=__doc__)
@@ -61,6 +63,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     ppl.set_defaults(model=None)  # None = the embedded default model
     _add_ppl_flags(ppl)
     add_report_flags(commands.add_parser("report", help="benchmark JSON -> CSVs and plots"))
+    add_check_vllm_flags(commands.add_parser(
+        "check-vllm", help="judge a vLLM wheel or source tree against fastpath's patches"))
     return parser, ppl
 
 
@@ -222,6 +226,10 @@ def _print_summary(report: dict[str, Any], results: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["check-vllm"]:  # before build_parser: needs no installed vLLM
+        from fastpath import check_vllm
+
+        return check_vllm.main(argv[1:])
     parser, ppl_parser = build_parser()
     args = parser.parse_args(argv)
     try:
