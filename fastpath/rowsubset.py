@@ -208,7 +208,7 @@ def summary(report: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Sweep the given shapes, dtypes and chunk sizes; print JSON; 1 if any multi-row row differs."""
+    """Sweep the shapes, dtypes and chunk sizes given; print JSON; 1 if a multi-row run differs."""
     parser = argparse.ArgumentParser(prog="python -m fastpath.rowsubset", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")

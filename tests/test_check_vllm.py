@@ -7,7 +7,6 @@ import importlib.util
 import inspect
 import io
 import json
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -16,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fastpath import check_vllm, cli
-from fastpath import patches
+from fastpath import check_vllm, cli, patches
 from fastpath.patches import Borrowed, PatchRefused
 from fastpath.patches._source import decode, fingerprint_text, function_source
 

@@ -55,4 +55,5 @@ def test_vllm_cpu_lm_head_in_16_bit_differs_by_rounding_at_most(dtype):
     unit = 2.0**-8 if dtype == "bfloat16" else 2.0**-11  # 16-bit rounding of the output
     diffs = [m["max_abs_diff"] for m in report["mismatches"] + report["lone_row_mismatches"]
              if m["stage"] == "logits"]
-    assert max(diffs, default=0.0) <= (unit + 128 * EPS32) * report["max_abs_logit"], describe(report)
+    bound = (unit + 128 * EPS32) * report["max_abs_logit"]
+    assert max(diffs, default=0.0) <= bound, describe(report)
