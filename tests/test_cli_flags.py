@@ -69,3 +69,16 @@ def test_main_hands_the_given_flags_to_ppl(monkeypatch):
     monkeypatch.setattr(cli, "run_ppl", lambda args, given: seen.update(given=given) or 0)
     assert cli.main(["ppl", "--dtype", "auto", "--max_logprobs=20", "-tp", "1"]) == 0
     assert seen["given"] == {"dtype", "max_logprobs", "tensor_parallel_size"}
+
+
+def test_given_flags_on_vllms_server_parser():
+    """`fastpath serve` reuses it on vLLM's own server parser (positional model, append flags)."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser())
+    assert cli.given_flags(parser, []) == set()
+    words = ["--port", "8000", "--middleware", "a.b", "--dtype=auto", "--max_logprobs", "20",
+             "--enable-scale-out"]
+    assert cli.given_flags(parser, words) == {"port", "middleware", "dtype", "max_logprobs",
+                                              "enable_scale_out"}
