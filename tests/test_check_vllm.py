@@ -35,7 +35,9 @@ def installed_text(module: str) -> str:
 
 def release_files() -> dict[str, bytes]:
     """The installed files check-vllm reads, relative to the tree's root."""
-    wanted = {"vllm/__init__.py"} | {check_vllm.module_path(e.module)[0] for e in ENTRIES}
+    wanted = {"vllm/__init__.py"} | {
+        next(rel for rel in check_vllm.module_path(e.module) if (SITE / rel).exists())
+        for e in ENTRIES}
     return {rel: (SITE / rel).read_bytes() for rel in sorted(wanted)}
 
 

@@ -46,6 +46,7 @@ pytestmark = [pytest.mark.correctness, pytest.mark.engine]
 MODEL = "tiny-llama"
 VOCAB = 2048
 MAX_PROMPT = 150
+LONG = 24  # output tokens of a burst's requests: enough to outgrow the small KV cache
 
 
 @dataclass(frozen=True)
@@ -134,8 +135,8 @@ prompts = st.builds(
     lambda root, cut, tail_seed, tail: tuple(
         (_ROOTS[root][:cut] + np.random.default_rng(tail_seed).integers(0, VOCAB, tail).tolist())
         [:MAX_PROMPT]),
-    root=st.integers(0, 2), cut=st.sampled_from([1, 2, 31, 32, 33, 64, 100, 149]),
-    tail_seed=st.integers(0, 3), tail=st.sampled_from([0, 1, 2, 17, 40]),
+    root=st.integers(0, 2), cut=st.sampled_from([1, 2, 32, 33, 64, 149]),
+    tail_seed=st.integers(0, 1), tail=st.sampled_from([0, 1, 17]),
 ).filter(lambda p: len(p) >= 2)
 REUSE = st.one_of(st.none(), st.integers(0, 50))
 token = st.one_of(st.sampled_from([0, VOCAB - 1]), st.integers(0, VOCAB - 1))
@@ -207,7 +208,7 @@ class RequestSpace(RuleBasedStateMachine):
         """One request of a kind drawn evenly (Hypothesis draws rules less evenly)."""
         getattr(self, f"_submit_{kind}")(prompt, data)
 
-    @rule(count=st.integers(3, 8), data=st.data())
+    @rule(count=st.integers(3, 6), data=st.data())
     def burst(self, count, data):
         """Several long requests at once: the small-cache setting must preempt."""
         for _ in range(count):
@@ -217,7 +218,7 @@ class RequestSpace(RuleBasedStateMachine):
     def _submit_targets(self, prompt, data, long=False):
         reuse = data.draw(REUSE)
         skip = data.draw(st.sampled_from([None, True, False]))
-        max_tokens = 60 if long else data.draw(st.sampled_from([1, 3, 40]))
+        max_tokens = LONG if long else data.draw(st.sampled_from([1, 3, 40]))
         top_k = data.draw(st.sampled_from([0, 0, 1, 4]))
         start = data.draw(st.sampled_from(sorted({0, 1, len(prompt) // 2, len(prompt) - 2})))
         start = min(start, len(prompt) - 2)
@@ -240,7 +241,7 @@ class RequestSpace(RuleBasedStateMachine):
         rows = len(prompt) - 1 - start
         ids = data.draw(st.lists(st.lists(st.one_of(token, st.just(-1)), min_size=width,
                                           max_size=width), min_size=rows, max_size=rows))
-        params = SamplingParams(max_tokens=60 if long else 2, temperature=0.0,
+        params = SamplingParams(max_tokens=LONG if long else 2, temperature=0.0,
                                 prompt_logprob_token_ids=ids,
                                 prompt_logprob_start=start or None,
                                 skip_reading_prefix_cache=skip)
@@ -251,14 +252,14 @@ class RequestSpace(RuleBasedStateMachine):
         k = data.draw(st.sampled_from([0, 1, 5]))
         reuse = data.draw(REUSE)
         skip = data.draw(st.sampled_from([None, True]))
-        params = SamplingParams(max_tokens=60 if long else 2, temperature=0.0, prompt_logprobs=k,
+        params = SamplingParams(max_tokens=LONG if long else 2, temperature=0.0, prompt_logprobs=k,
                                 skip_reading_prefix_cache=skip)
         self._submit(self._new_id(reuse), prompt, params,
                      Submitted(prompt, "standard", prompt_logprobs=k))
 
     def _submit_plain(self, prompt, data, long=False):
         logprobs = data.draw(st.sampled_from([None, 2]))
-        max_tokens = 60 if long else data.draw(st.sampled_from([1, 30]))
+        max_tokens = LONG if long else data.draw(st.sampled_from([1, 30]))
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=logprobs)
         kind = "plain" if logprobs is None else "sample_logprobs"
         self._submit(self._new_id(None), prompt, params, Submitted(prompt, kind))
@@ -396,8 +397,8 @@ def _run_settings() -> settings:
     """Sequences per engine setting: a few short ones by default, many long ones nightly."""
     if os.environ.get("HYPOTHESIS_PROFILE") == "nightly":
         return settings(settings(), max_examples=60, stateful_step_count=80)
-    return settings(settings(), max_examples=int(os.environ.get("FASTPATH_STATEFUL_RUNS", 4)),
-                    stateful_step_count=30)
+    return settings(settings(), max_examples=int(os.environ.get("FASTPATH_STATEFUL_RUNS", 3)),
+                    stateful_step_count=20)
 
 
 def _preemptions(llm: Any) -> float:
