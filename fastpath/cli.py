@@ -1,7 +1,8 @@
-"""`fastpath` command line: `fastpath ppl` (sliding-window perplexity), `fastpath report`.
+"""`fastpath` command line: `fastpath ppl` (sliding-window perplexity), `fastpath kld` (KL
+divergence against a base model, `fastpath.kld`), `fastpath report`.
 
-`fastpath ppl` takes every vLLM engine flag through vLLM's own `EngineArgs` parser, plus
-the original script's flags. With no model and no data it runs offline on the embedded
+`fastpath ppl` and `fastpath kld` take every vLLM engine flag through vLLM's own
+`EngineArgs` parser, plus the original script's flags. With no model and no data it runs offline on the embedded
 default: a zoo model trained on the bundled text.
 """
 
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fastpath import protocols
 
 EXIT_USAGE = 2
 EXIT_NOT_EQUAL = 3
@@ -32,8 +35,14 @@ def _add_ppl_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--text-file", help="local text, JSONL or parquet file (column 'text')")
     group.add_argument("--num-samples", type=int, help="keep only the first N rows/lines")
     group.add_argument("--context-length", type=int, default=2048, help="tokens per window")
-    group.add_argument("--stride", type=int, default=512,
-                       help="new tokens scored per window after the first (<= context length)")
+    group.add_argument("--stride", type=int, default=None,
+                       help="new tokens scored per window after the first (<= context length; "
+                       f"default {protocols.DEFAULT_STRIDE}; protocols fastpath and hf only)")
+    group.add_argument("--protocol", choices=protocols.PROTOCOLS,
+                       default=protocols.DEFAULT_PROTOCOL,
+                       help="whose windows to use: fastpath (default), hf (the Hugging Face "
+                       "guide's loop), lm-eval (loglikelihood_rolling), llama.cpp "
+                       "(llama-perplexity's chunks); see the README")
     group.add_argument("--path", choices=("fast", "standard", "both"), default="fast",
                        help="fast: target_token_ids; standard: prompt_logprobs=K dicts; "
                        "both: run both and check every logprob is bitwise equal")
@@ -46,11 +55,12 @@ def _add_ppl_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--save-logprobs", help="write per-token logprobs (float32 .npy)")
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-    """The `fastpath` parser and its `ppl` subparser (whose defaults tell given flags apart)."""
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The `fastpath` parser and its engine subparsers (whose defaults tell given flags apart)."""
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    from fastpath.kld import add_kld_flags
     from fastpath.report import add_report_flags
 
     parser = FlexibleArgumentParser(prog="fastpath", description=__doc__)
@@ -59,8 +69,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     EngineArgs.add_cli_args(ppl)
     ppl.set_defaults(model=None)  # None = the embedded default model
     _add_ppl_flags(ppl)
-    add_report_flags(commands.add_parser("report", help="benchmark JSON -> CSVs and plots"))
-    return parser, ppl
+    kld = commands.add_parser("kld", help="KL divergence of a model against a base model")
+    EngineArgs.add_cli_args(kld)
+    kld.set_defaults(model=None)
+    add_kld_flags(kld)
+    add_report_flags(commands.add_parser("report", help="benchmark or kld JSON -> CSVs and plots"))
+    return parser, {"ppl": ppl, "kld": kld}
 
 
 def _engine_args(args: argparse.Namespace, parser_defaults: dict[str, Any]):
@@ -77,10 +91,10 @@ def _engine_args(args: argparse.Namespace, parser_defaults: dict[str, Any]):
 
 def _check_flags(args: argparse.Namespace) -> None:
     """Refuse bad fastpath flags before any engine starts."""
-    from fastpath.windows import WindowError, check_shape
+    from fastpath.windows import WindowError
 
     try:
-        check_shape(args.context_length, args.stride)
+        args.stride = protocols.check_protocol(args.protocol, args.context_length, args.stride)
     except WindowError as error:
         raise UsageError(str(error)) from None
     if args.max_batch_windows < 1:
@@ -95,7 +109,7 @@ def run_ppl(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> int:
 
     from fastpath import data, perplexity, scoring, zoo
     from fastpath.measure import device_name
-    from fastpath.windows import WindowError, count_windows
+    from fastpath.windows import WindowError
 
     _check_flags(args)
     try:
@@ -119,20 +133,20 @@ def run_ppl(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> int:
                 f"--context-length {args.context_length} exceeds what this engine can score: "
                 f"max_model_len is {max_len} and one output token is always scheduled, so "
                 f"the context length can be at most {max_len - 1}")
-        tokens = llm.get_tokenizer().encode(text)
         try:
-            total = count_windows(len(tokens), args.context_length, args.stride)
+            layout = protocols.build(args.protocol, llm.get_tokenizer(), text,
+                                     args.context_length, args.stride)
         except WindowError as error:
             raise UsageError(f"{source}: {error}") from None
+        tokens = layout.tokens
         paths = ("fast", "standard") if args.path == "both" else (args.path,)
-        perplexity.warm_up(llm, tokens, args.context_length, args.stride)
+        perplexity.warm_up(llm, tokens, args.context_length, args.stride, layout.windows)
         results = {}
         for path in paths:
-            with tqdm(total=total, desc=f"windows ({path})", unit="window") as bar:
-                results[path] = perplexity.score_stream(
-                    llm, tokens, args.context_length, args.stride, path=path,
-                    standard_k=args.standard_k, max_batch_windows=args.max_batch_windows,
-                    progress=bar.update)
+            with tqdm(total=len(layout.windows), desc=f"windows ({path})", unit="window") as bar:
+                results[path] = perplexity.score_layout(
+                    llm, layout, path=path, standard_k=args.standard_k,
+                    max_batch_windows=args.max_batch_windows, progress=bar.update)
         runner = "V2" if llm.llm_engine.vllm_config.use_v2_model_runner else "V1"
     finally:
         scoring.shutdown(llm)
@@ -142,8 +156,8 @@ def run_ppl(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> int:
         "model": model_name, "model_path": args.model, "source": source,
         "vllm_version": vllm.__version__, "runner": runner, "device": device_name(),
         "tensor_parallel_size": engine_args.tensor_parallel_size,
-        "context_length": args.context_length, "stride": args.stride,
-        "stream_tokens": len(tokens), **main.summary(),
+        "protocol": args.protocol, "context_length": args.context_length,
+        "stride": args.stride, "stream_tokens": len(tokens), **main.summary(),
         "paths": {path: r.summary() for path, r in results.items()},
     }
     exit_code = 0
@@ -173,13 +187,18 @@ def _jsonable(value: Any) -> bool:
 def _print_summary(report: dict[str, Any], results: dict[str, Any]) -> None:
     print(f"model   {report['model']}  (vLLM {report['vllm_version']}, {report['runner']} "
           f"runner, {report['device']}, TP {report['tensor_parallel_size']})")
-    print(f"text    {report['source']}: {report['stream_tokens']} tokens; context "
-          f"{report['context_length']}, stride {report['stride']}, {report['windows']} windows")
+    stride = f", stride {report['stride']}" if report["stride"] is not None else ""
+    print(f"text    {report['source']}: {report['stream_tokens']} tokens; protocol "
+          f"{report['protocol']}, context {report['context_length']}{stride}, "
+          f"{report['windows']} windows")
     for path, result in results.items():
         s = result.summary()
         print(f"{path:<9} PPL {s['perplexity']:.4f} ± {s['perplexity_stderr']:.4f}  "
               f"({s['scored_tokens']} tokens, {s['seconds_per_window']:.3f} s/window, "
               f"{s['tokens_per_second']:.0f} tokens/s)")
+        if "token_perplexity" in s:
+            print(f"{'':<9} (windows weighted as the HF guide weights them; plain per-token "
+                  f"PPL {s['token_perplexity']:.4f})")
     if "bitwise_equal" in report:
         verdict = "EQUAL" if report["bitwise_equal"] else "DIFFERENT"
         print(f"bitwise fast vs standard: {verdict} "
@@ -188,11 +207,15 @@ def _print_summary(report: dict[str, Any], results: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser, ppl_parser = build_parser()
+    parser, subparsers = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "ppl":
-            defaults = {key: ppl_parser.get_default(key) for key in vars(args)}
+        if args.command in subparsers:
+            defaults = {key: subparsers[args.command].get_default(key) for key in vars(args)}
+            if args.command == "kld":
+                from fastpath.kld import run_kld
+
+                return run_kld(args, defaults)
             return run_ppl(args, defaults)
         from fastpath.report import run_report
 
