@@ -5,7 +5,8 @@ pass scores the model on exactly those ids. The divergence is computed over K + 
 the K ids, and one tail bucket holding everything else (base mass `1 - sum(top-K)`, model
 mass `1 - sum(model on those ids)`). Merging outcomes never increases a KL divergence (the
 log-sum inequality), so this is a lower bound of the full-vocabulary KLD, equal to it when
-K is the vocabulary; growing K never lowers it. All arithmetic is float64.
+K is the vocabulary; growing K never lowers it. All arithmetic is float64, and where the
+float32 inputs cannot resolve a tail mass the tail term errs low (see `topk_kld`).
 
 Statistics follow llama.cpp's `llama-perplexity --kl-divergence` (mean KLD with its
 uncertainty, percentiles, same top token, delta-p, PPL of both and ln of their ratio with
@@ -42,28 +43,55 @@ def tail_mass(logprobs: np.ndarray) -> np.ndarray:
     return np.clip(-np.expm1(_logsumexp(logprobs.astype(np.float64))), 0.0, 1.0)
 
 
+def tail_resolution(logprobs: np.ndarray, vocab_size: int | None = None) -> np.ndarray:
+    """How well `tail_mass` is known per row: two ulps (of the input's float type) of the
+    scales its error comes from, the rounding of the K log-probs (sum p |log p|) and of the
+    log-softmax's normalizer (at most log of the vocabulary; 16 where it is not given)."""
+    eps = float(np.finfo(logprobs.dtype if logprobs.dtype.kind == "f" else np.float64).eps)
+    values = logprobs.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        spread = np.where(np.isfinite(values), -np.exp(values) * values, 0.0).sum(axis=-1)
+    normalizer = math.log(vocab_size) if vocab_size else 16.0
+    return 2 * eps * (normalizer + spread)
+
+
+def generalized_kl(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """x log(x/y) - x + y, elementwise: >= 0, zero only where x == y (0 log 0 = 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        value = np.where(x > 0, x * (np.log(x) - np.log(y)), 0.0) - x + y
+    return np.maximum(value, 0.0)
+
+
 def topk_kld(base_logprobs: np.ndarray, model_logprobs: np.ndarray,
-             full_vocabulary: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+             full_vocabulary: bool = False, vocab_size: int | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-row KL(base || model) over the K scored ids + one tail bucket (float64).
 
-    Returns (kld, base tail mass, model tail mass). With `full_vocabulary` (K is the whole
-    vocabulary) there is no tail bucket: its mass is zero, not the rounding of 1 - sum.
+    Returns (kld, base tail mass, model tail mass). Written as a sum of generalized KL
+    terms, p log(p/q) - p + q over the K ids and over the tail bucket, each >= 0: the same
+    value as the plain sum when both sides sum to one, and insensitive (to first order) to
+    a log-softmax normalizer that is off by a rounding error. The tail masses are known
+    only within `tail_resolution`; the tail term is taken at the point of that uncertainty
+    closest to equality (zero where it includes equality), so it never overstates. With
+    `full_vocabulary` (K is the whole vocabulary) there is no tail bucket.
     """
+    if np.shape(base_logprobs) != np.shape(model_logprobs) or np.ndim(base_logprobs) != 2:
+        raise ValueError(f"base and model scores must both be [rows, K]: "
+                         f"{np.shape(base_logprobs)} vs {np.shape(model_logprobs)}")
     base = np.asarray(base_logprobs, dtype=np.float64)
     model = np.asarray(model_logprobs, dtype=np.float64)
-    if base.shape != model.shape or base.ndim != 2:
-        raise ValueError(f"base and model scores must both be [rows, K]: {base.shape} "
-                         f"vs {model.shape}")
-    p_base = np.exp(base)
-    with np.errstate(invalid="ignore"):
-        terms = np.where(p_base > 0, p_base * (base - model), 0.0)
-    kld = terms.sum(axis=1)
+    kld = generalized_kl(np.exp(base), np.exp(model)).sum(axis=1)
     if full_vocabulary:
         zeros = np.zeros(base.shape[0])
         return kld, zeros, zeros
     tail_base, tail_model = tail_mass(base), tail_mass(model)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        tail = np.where(tail_base > 0, tail_base * (np.log(tail_base) - np.log(tail_model)), 0.0)
+    delta_base = tail_resolution(np.asarray(base_logprobs), vocab_size)
+    delta_model = tail_resolution(np.asarray(model_logprobs), vocab_size)
+    direction = np.sign(tail_base - tail_model)
+    resolved = np.abs(tail_base - tail_model) > delta_base + delta_model
+    x = np.clip(tail_base - direction * delta_base, 0.0, 1.0)
+    y = np.clip(tail_model + direction * delta_model, 0.0, 1.0)
+    tail = np.where(resolved, generalized_kl(x, y), 0.0)
     return kld + tail, tail_base, tail_model
 
 

@@ -145,7 +145,7 @@ def compare(layout: protocols.Layout, base: basefile.BaseScores,
     """The per-token divergence and both perplexities (as `fastpath ppl` computes them)."""
     full = base.top_k == base.vocab_size
     kld, tail_base, _ = divergence.topk_kld(base.topk_logprobs, model.topk_logprobs,
-                                            full_vocabulary=full)
+                                            full_vocabulary=full, vocab_size=base.vocab_size)
     # Same top token: the model's log-prob of the base's top id equals its own best (ties:
     # the base's top wins). Both come from the same log-softmax row, so this is exact.
     same_top = model.topk_logprobs[:, 0] == model.top1_logprobs
