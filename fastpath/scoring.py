@@ -21,7 +21,7 @@ from fastpath.targets import START_KEY, TARGET_KEY
 
 PATHS = ("fast", "standard", "prefill")
 
-# Defaults that suit the CPU backend (see shared/VLLM-NOTES.md): fp32 for exactness
+# Defaults that suit the CPU backend: fp32 for exactness
 # checks, a KV cache sized in bytes (several engines may be alive at once; note that
 # VLLM_CPU_KVCACHE_SPACE, where set, overrides it), and eager mode (start-up without
 # torch.compile; the paths compared share one engine anyway).
@@ -125,17 +125,42 @@ def scoring_params(path: str, k: int = 0, **extra: Any):
                           **extra)
 
 
+class ScoringFailed(RuntimeError):
+    """The engine refused to answer a scoring request (its scored rows were not computed)."""
+
+
+def fixed_id_scores(output: Any) -> np.ndarray:
+    """`output.prompt_token_id_logprobs`, or a loud error saying why there is none."""
+    scores = output.prompt_token_id_logprobs
+    if scores is not None:
+        return scores
+    reasons = {str(c.finish_reason) for c in output.outputs}
+    if "error" in reasons:
+        raise ScoringFailed(
+            f"request {output.request_id} finished with an error and no scores: the engine "
+            "could not compute all of its scored rows (see the engine log)")
+    raise ValueError(
+        f"request {output.request_id} has no prompt_token_id_logprobs: it was not "
+        "submitted with target_token_ids, or fastpath is not active in the engine"
+    )
+
+
 def target_logprobs(output: Any) -> np.ndarray:
     """The fast path's answer for one request: float32 [rows], row i = target i."""
-    scores = output.prompt_token_id_logprobs
-    if scores is None:
-        raise ValueError(
-            f"request {output.request_id} has no prompt_token_id_logprobs: it was not "
-            "submitted with target_token_ids, or fastpath is not active in the engine"
-        )
+    scores = fixed_id_scores(output)
     if scores.ndim != 2 or scores.shape[1] != 1:
         raise ValueError(f"expected one id per row, got shape {scores.shape}")
     return scores[:, 0]
+
+
+def split_top_k(scores: np.ndarray, num_ids: int,
+                top_k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Columns of a `fastpath_top_k` answer: (id scores [R, num_ids], top-K logprobs
+    [R, K] descending, top-K ids [R, K] int32)."""
+    if scores.ndim != 2 or scores.shape[1] != num_ids + 2 * top_k:
+        raise ValueError(f"expected [rows, {num_ids} + 2 * {top_k}] columns, got {scores.shape}")
+    ids = scores[:, num_ids + top_k :]
+    return scores[:, :num_ids], scores[:, num_ids : num_ids + top_k], ids.astype(np.int32)
 
 
 def standard_logprobs(output: Any, request: ScoreRequest) -> np.ndarray:

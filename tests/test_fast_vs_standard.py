@@ -12,7 +12,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from vllm import SamplingParams
 
-from fastpath.scoring import ScoreRequest, fast_prompt, score, standard_logprobs, target_logprobs
+from fastpath.scoring import (
+    ScoreRequest,
+    fast_prompt,
+    score,
+    split_top_k,
+    standard_logprobs,
+    target_logprobs,
+)
 from tests.conftest import CHUNK, assert_bitwise_equal, random_prompt, vocab_size
 
 pytestmark = [pytest.mark.correctness, pytest.mark.engine]
@@ -171,3 +178,25 @@ def test_negative_control_check_fails_when_exactness_breaks(llama_llm):
     assert np.allclose(one_ulp, standard)  # what an isclose test would have accepted
     with pytest.raises(AssertionError, match="1/119 values differ"):
         assert_bitwise_equal(one_ulp, standard, what="one ulp")
+
+
+@pytest.mark.parametrize("top_k", [1, 5])
+def test_top_k_columns_equal_standard_top_k(llama_llm, top_k):
+    """fastpath_top_k gives the standard path's top-K ids and log-probs, bit for bit."""
+    rng = np.random.default_rng(12)
+    prompt = random_prompt(rng, 150, vocab_size(llama_llm))
+    request = ScoreRequest(prompt, prompt[21:], start=20)
+    params = SamplingParams(max_tokens=1, prompt_logprobs=top_k,
+                            extra_args={"fastpath_top_k": top_k})
+    (out,) = llama_llm.generate([fast_prompt(request)], params, use_tqdm=False)
+    scores, values, ids = split_top_k(out.prompt_token_id_logprobs, 1, top_k)
+    assert_bitwise_equal(scores[:, 0], standard_logprobs(out, request), what="targets")
+    for row, position in enumerate(range(21, 150)):
+        ranked = sorted((e.rank, token, e.logprob) for token, e in out.prompt_logprobs[position].items()
+                        if e.rank <= top_k)
+        assert [t for _, t, _ in ranked] == ids[row].tolist(), f"row {row}"
+        assert_bitwise_equal(values[row], np.array([v for *_, v in ranked], dtype=np.float32),
+                             what=f"top-{top_k} row {row}")
+    greedy = scores[:, 0] == values[:, 0]
+    ranks = [out.prompt_logprobs[p][t].rank for p, t in zip(range(21, 150), prompt[21:])]
+    assert greedy.tolist() == [r == 1 for r in ranks]

@@ -65,12 +65,30 @@ REGISTER: tuple[PatchEntry, ...] = (
         component="vllm/v1/worker/gpu_model_runner.py GPUModelRunner",
         why="Only the V2 runner computes fixed-id prompt scores; V1 (the only runner on CPU) "
         "offers just top-k prompt logprobs with a Python object per id and position.",
-        how="Wrap _get_prompt_logprobs_dict to gather the fixed ids from upstream's own "
-        "log-softmax of the scored rows, and sample_tokens to put them in "
+        how="Wrap _update_states to give each request's scoring state a lifecycle (added, "
+        "reset on resume, removed on finish/abort, popped on emission); "
+        "_get_prompt_logprobs_dict to gather the fixed ids (and optional top-K) from "
+        "upstream's own log-softmax of the scored rows, in bounded row chunks, emitting a "
+        "failure marker when a scored row was never computed; sample_tokens to put them in "
         "ModelRunnerOutput.prompt_token_id_logprobs_dict.",
         upstream_pr="none yet: the V2 counterpart is vllm/v1/worker/gpu/sample/prompt_logprob.py",
         removal_plan="Remove when the V1 runner answers prompt_logprob_token_ids upstream "
         "or V1 is retired.",
+    ),
+    PatchEntry(
+        module="scheduler",
+        component="vllm/v1/core/sched/scheduler.py Scheduler",
+        why="A caller's skip_reading_prefix_cache=False let fixed-id scoring requests read "
+        "the prefix cache, so their scored rows were never computed and the V1 runner "
+        "returned an unwritten buffer; a request whose rows were not all computed must fail "
+        "alone, not be answered.",
+        how="Wrap add_request to force recomputation for requests with "
+        "prompt_logprob_token_ids; wrap update_from_output to finish a request whose runner "
+        "emitted the failure marker with FinishReason.ERROR.",
+        upstream_pr="none yet: upstream's SamplingParams only sets the flag when it is None "
+        "(the V2 runner drops such requests instead)",
+        removal_plan="Remove when upstream forces recomputation for prompt_logprob_token_ids "
+        "whatever the caller's flag, together with the V1 runner patch.",
     ),
 )
 

@@ -7,6 +7,8 @@ errors that name `target_token_ids`; (2) upstream refuses `prompt_logprob_token_
 the V2 model runner is in use, but the V1 runner, the only one on CPU, answers it once the
 model-runner patch is in place. On V1 the refusal is lifted and upstream's own checks of
 the ids (`SamplingParams._validate_logprobs`) still run; on V2 nothing changes.
+(3) `SamplingParams.extra_args["fastpath_top_k"]` (top-K columns beside fixed-id scores,
+a V1 runner-patch extension) is checked here, at submission.
 Checked against: vLLM 0.32.0 (fingerprints below).
 Removal: when upstream accepts `prompt_logprob_token_ids` on the V1 runner and
 `TokensPrompt` carries `target_token_ids`.
@@ -20,9 +22,10 @@ from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import SamplingParams
 from vllm.v1.engine.input_processor import InputProcessor
 
-from fastpath.patches._base import Replacement
+from fastpath.patches._base import TOP_K_KEY, Replacement
 from fastpath.targets import START_KEY, TARGET_KEY, TargetTokenIdsError, normalize_targets
 
+MAX_EXACT_FLOAT32_ID = 1 << 24  # every id below this is exact as a float32
 _original_process_inputs = InputProcessor.process_inputs
 _original_validate_params = InputProcessor._validate_params
 
@@ -60,13 +63,38 @@ def process_inputs(
         params = params.clone()
         params.prompt_logprob_token_ids = ids
         params.prompt_logprob_start = first_row
-        # As upstream does for prompt_logprob_token_ids: every scored row must be computed.
-        params.skip_reading_prefix_cache = True
     return _original_process_inputs(self, request_id, prompt, params, *args, **kwargs)
+
+
+def _validate_top_k(self: InputProcessor, params: SamplingParams) -> None:
+    """Refuse a bad `extra_args["fastpath_top_k"]`, naming it and the expected form."""
+    value = (params.extra_args or {}).get(TOP_K_KEY)
+    if value is None:
+        return
+    vocab = self.model_config.get_vocab_size()
+    limit = vocab if self.model_config.max_logprobs == -1 else self.model_config.max_logprobs
+    expected = (f"an int in [1, {min(limit, vocab)}] (--max-logprobs {self.model_config.max_logprobs}, "
+                f"vocabulary {vocab}), together with target_token_ids or "
+                "prompt_logprob_token_ids, on the V1 model runner")
+    if self.vllm_config.use_v2_model_runner:
+        raise VLLMValidationError(f"{TOP_K_KEY} needs the V1 model runner; expected {expected}",
+                                  parameter=TOP_K_KEY)
+    if params.prompt_logprob_token_ids is None:
+        raise VLLMValidationError(f"{TOP_K_KEY} was given without fixed-id scores; expected "
+                                  f"{expected}", parameter=TOP_K_KEY)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= min(limit, vocab):
+        raise VLLMValidationError(f"{TOP_K_KEY} is {value!r}; expected {expected}",
+                                  parameter=TOP_K_KEY)
+    if vocab > MAX_EXACT_FLOAT32_ID:
+        raise VLLMValidationError(
+            f"{TOP_K_KEY} returns ids as float32, exact only below {MAX_EXACT_FLOAT32_ID}; "
+            f"this vocabulary has {vocab}", parameter=TOP_K_KEY)
 
 
 def _validate_params(self: InputProcessor, params: Any, supported_tasks: Any) -> Any:
     """Upstream's checks, with the V2-only refusal of fixed-id scoring lifted on V1."""
+    if isinstance(params, SamplingParams):
+        _validate_top_k(self, params)
     if (
         not isinstance(params, SamplingParams)
         or params.prompt_logprob_token_ids is None
