@@ -70,7 +70,7 @@ def base_pass(llm: Any, layout: protocols.Layout, top_k: int, max_batch_windows:
         outputs = llm.generate([scoring.fast_prompt(r) for r in requests], params,
                                use_tqdm=False)
         for window, output in zip(batch, outputs, strict=True):
-            scores, logprobs, ids = split_top_k(output.prompt_token_id_logprobs, 1, top_k)
+            scores, logprobs, ids = split_top_k(scoring.fixed_id_scores(output), 1, top_k)
             if scores.shape != (window.num_scored, 1):
                 raise AssertionError(f"{window}: {scores.shape[0]} rows for "
                                      f"{window.num_scored} scored tokens")
@@ -122,7 +122,7 @@ def model_pass(llm: Any, layout: protocols.Layout, base: basefile.BaseScores,
         outputs = llm.generate(prompts, params, use_tqdm=False)
         for (lo, hi), output in zip(rows, outputs, strict=True):
             n_ids = k if full else k + 1
-            scores, best, best_ids = split_top_k(output.prompt_token_id_logprobs, n_ids, 1)
+            scores, best, best_ids = split_top_k(scoring.fixed_id_scores(output), n_ids, 1)
             if scores.shape != (hi - lo, n_ids):
                 raise AssertionError(f"rows {lo}:{hi}: got scores of shape {scores.shape}")
             topk.append(scores[:, :k])
@@ -247,6 +247,20 @@ def _check_flags(args: argparse.Namespace) -> None:
                            "base file")
 
 
+def _check_base_flags(base: basefile.BaseScores, args: argparse.Namespace) -> None:
+    """Refuse a base file made with other flags before any engine starts."""
+    source = f"--base-cache {args.base_cache}"
+    if base.top_k != args.top_k:
+        raise _usage_error(f"{source} holds the top-{base.top_k}, this run asks for "
+                           f"--top-k {args.top_k}")
+    theirs = (base.protocol, base.context_length, base.stride)
+    ours = (args.protocol, args.context_length, args.stride)
+    if theirs != ours:
+        raise _usage_error(f"{source} was made with --protocol {theirs[0]} --context-length "
+                           f"{theirs[1]} --stride {theirs[2]}, this run uses {ours[0]}, "
+                           f"{ours[1]}, {ours[2]}")
+
+
 def _engine(args: argparse.Namespace, defaults: dict[str, Any]):
     engine_args = _engine_args(args, defaults)
     return scoring.build_llm_from_engine_args(engine_args), engine_args
@@ -300,6 +314,7 @@ def run_kld(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> int:
             raise _usage_error(f"--base-cache: {error}") from None
         reused = True
         base_file_bytes = Path(args.base_cache).stat().st_size
+        _check_base_flags(base, args)
     base_timing = None
     if base is None:
         llm, _ = _engine(base_namespace(args), parser_defaults)
