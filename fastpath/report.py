@@ -28,7 +28,8 @@ import pandas as pd
 KEY = ["run", "model", "path", "context_length", "stride", "tensor_parallel_size", "device"]
 FIGURES = ["seconds_per_window", "objects_per_window", "bytes_per_window",
            "peak_rss_bytes", "scored_tokens", "perplexity"]
-INFO = ["vllm_version", "runner", "model_shape", "extrapolated", "windows", "benchmark"]
+INFO = ["vllm_version", "runner", "model_shape", "extrapolated", "windows", "benchmark",
+        "base_pass_cost_ratio", "model_pass_cost_ratio", "base_file_bytes_per_token"]
 REGRESSION_FIGURES = ["seconds_per_window", "objects_per_window", "bytes_per_window"]
 
 
