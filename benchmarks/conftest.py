@@ -88,7 +88,9 @@ def bench_engine(request, bench_model):
     if scoring.on_cpu():
         kwargs["kv_cache_memory_bytes"] = 1 << 30
         if tp == 2:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"  # see shared/VLLM-NOTES.md
+            # Without a binding, TP=2 on 2 cores fails ("Not enough allowed NUMA nodes to
+            # bind threads"); one core per worker works (docs/vllm-facts.md).
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
     try:
         with scoring.engine(path, **kwargs) as llm:
             llm.fastpath_name = name

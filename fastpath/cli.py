@@ -1,9 +1,10 @@
 """`fastpath` command line: `fastpath ppl` (sliding-window perplexity), `fastpath kld` (KL
-divergence against a base model, `fastpath.kld`), `fastpath report`.
+divergence against a base model, `fastpath.kld`), `fastpath report`, `fastpath check-vllm`
+(judge a vLLM release against the patches without installing it).
 
 `fastpath ppl` and `fastpath kld` take every vLLM engine flag through vLLM's own
-`EngineArgs` parser, plus the original script's flags. With no model and no data it runs offline on the embedded
-default: a zoo model trained on the bundled text.
+`EngineArgs` parser, plus the original script's flags. With no model and no data `ppl` runs
+offline on the embedded default: a zoo model trained on the bundled text.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +57,14 @@ def _add_ppl_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--save-logprobs", help="write per-token logprobs (float32 .npy)")
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    """The `fastpath` parser and its engine subparsers (whose defaults tell given flags apart)."""
+def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser,
+                            argparse.ArgumentParser]:
+    """The `fastpath` parser, its `ppl` and its `kld` subparser (`given_flags` reads the
+    flags given)."""
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    from fastpath.check_vllm import add_flags as add_check_vllm_flags
     from fastpath.kld import add_kld_flags
     from fastpath.report import add_report_flags
 
@@ -74,17 +79,52 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     kld.set_defaults(model=None)
     add_kld_flags(kld)
     add_report_flags(commands.add_parser("report", help="benchmark or kld JSON -> CSVs and plots"))
-    return parser, {"ppl": ppl, "kld": kld}
+    add_check_vllm_flags(commands.add_parser(
+        "check-vllm", help="judge a vLLM wheel or source tree against fastpath's patches"))
+    return parser, ppl, kld
 
 
-def _engine_args(args: argparse.Namespace, parser_defaults: dict[str, Any]):
+class _NotGiven:
+    """Marker a probe namespace holds for every option until the command line sets it."""
+
+    def __repr__(self) -> str:
+        return "<not given>"
+
+
+_NOT_GIVEN = _NotGiven()
+_ACCUMULATING = (argparse._AppendAction, argparse._ExtendAction, argparse._CountAction)
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """Destinations of the options `argv` gives explicitly, in any spelling `parser` accepts.
+
+    A value typed on the command line wins even where it equals the default, so callers
+    that put their own defaults on top (`fastpath ppl`, `fastpath serve`) must know which
+    flags were given, not which values differ. argparse only fills a default where the
+    namespace has no value yet, so `argv` is parsed again into a namespace holding a marker
+    for every option: what still holds it was not given. That is argparse's own reading of
+    the words, so `--flag=value`, `--flag value`, aliases (`-tp`), abbreviations,
+    `--no-flag`, and vLLM's FlexibleArgumentParser spellings (`--max_logprobs`, `--config
+    FILE`, dotted `--a.b`) all count. For a command with subcommands pass the subcommand's
+    parser and the words after the command.
+    """
+    if any(isinstance(action, argparse._SubParsersAction) for action in parser._actions):
+        raise TypeError("given_flags needs the subcommand's own parser, not one with subcommands")
+    options = [a for a in parser._actions if a.option_strings and a.dest != argparse.SUPPRESS]
+    # append/extend/count build on what the namespace holds: they start from None instead
+    unset = {a.dest: None if isinstance(a, _ACCUMULATING) else _NOT_GIVEN for a in options}
+    parsed = vars(parser.parse_args(list(argv), namespace=argparse.Namespace(**unset)))
+    return {dest for dest, marker in unset.items() if parsed.get(dest, marker) is not marker}
+
+
+def _engine_args(args: argparse.Namespace, given: set[str]):
     """vLLM EngineArgs from the parsed flags; fastpath's defaults where a flag was not given."""
     from vllm.engine.arg_utils import EngineArgs
 
     from fastpath import scoring
 
     for key, value in scoring.default_engine_kwargs().items():
-        if getattr(args, key, None) == parser_defaults.get(key):
+        if key not in given:
             setattr(args, key, value)
     return EngineArgs.from_cli_args(args)
 
@@ -103,7 +143,7 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"--standard-k must be -1 (full vocabulary) or >= 0, got {args.standard_k}")
 
 
-def run_ppl(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> int:
+def run_ppl(args: argparse.Namespace, given: set[str]) -> int:
     import vllm
     from tqdm import tqdm
 
@@ -124,7 +164,7 @@ def run_ppl(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> int:
         model_name = f"{zoo.DEFAULT_MODEL} (embedded default)"
     else:
         model_name = args.model
-    engine_args = _engine_args(args, parser_defaults)
+    engine_args = _engine_args(args, given)
     llm = scoring.build_llm_from_engine_args(engine_args)
     try:
         max_len = llm.llm_engine.model_config.max_model_len
@@ -207,16 +247,22 @@ def _print_summary(report: dict[str, Any], results: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser, subparsers = build_parser()
+    if argv[:1] == ["check-vllm"]:  # before build_parser: needs no installed vLLM
+        from fastpath import check_vllm
+
+        return check_vllm.main(argv[1:])
+    parser, ppl_parser, kld_parser = build_parser()
+    subparsers = {"ppl": ppl_parser, "kld": kld_parser}
     args = parser.parse_args(argv)
     try:
         if args.command in subparsers:
-            defaults = {key: subparsers[args.command].get_default(key) for key in vars(args)}
+            given = given_flags(subparsers[args.command],
+                                argv[list(argv).index(args.command) + 1:])
             if args.command == "kld":
                 from fastpath.kld import run_kld
 
-                return run_kld(args, defaults)
-            return run_ppl(args, defaults)
+                return run_kld(args, given)
+            return run_ppl(args, given)
         from fastpath.report import run_report
 
         return run_report(args)

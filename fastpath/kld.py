@@ -206,26 +206,34 @@ def _usage_error(message: str) -> Exception:
     return UsageError(message)
 
 
-def _engine_args(args: argparse.Namespace, defaults: dict[str, Any]):
-    """vLLM EngineArgs from parsed flags, with fastpath's defaults (as `fastpath ppl`)."""
+def _engine_args(args: argparse.Namespace, given: set[str]):
+    """vLLM EngineArgs from parsed flags, fastpath's defaults where none was given (as ppl)."""
     from fastpath import cli
 
-    return cli._engine_args(args, defaults)
+    return cli._engine_args(args, given)
 
 
-def base_namespace(args: argparse.Namespace) -> argparse.Namespace:
-    """The flags of the base engine: the model's, with the --base-* overrides."""
+BASE_OVERRIDES = {"base_quantization": "quantization", "base_dtype": "dtype",
+                  "base_tensor_parallel_size": "tensor_parallel_size"}
+
+
+def base_namespace(args: argparse.Namespace, given: set[str]
+                   ) -> tuple[argparse.Namespace, set[str]]:
+    """The flags of the base engine, and which were given: the model's, with the --base-*
+    overrides (`--base-quantization none` for an unquantized base)."""
     base = copy.copy(args)
     base.model = args.base_model
     base.tokenizer = None
-    if args.base_quantization is not None:
-        base.quantization = None if args.base_quantization.lower() == "none" else \
-            args.base_quantization
-    if args.base_dtype is not None:
-        base.dtype = args.base_dtype
-    if args.base_tensor_parallel_size is not None:
-        base.tensor_parallel_size = args.base_tensor_parallel_size
-    return base
+    base_given = set(given) - {"tokenizer"}
+    for flag, engine_flag in BASE_OVERRIDES.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if flag == "base_quantization" and str(value).lower() == "none":
+            value = None
+        setattr(base, engine_flag, value)
+        base_given.add(engine_flag)
+    return base, base_given
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -261,8 +269,8 @@ def _check_base_flags(base: basefile.BaseScores, args: argparse.Namespace) -> No
                            f"{ours[1]}, {ours[2]}")
 
 
-def _engine(args: argparse.Namespace, defaults: dict[str, Any]):
-    engine_args = _engine_args(args, defaults)
+def _engine(args: argparse.Namespace, given: set[str]):
+    engine_args = _engine_args(args, given)
     return scoring.build_llm_from_engine_args(engine_args), engine_args
 
 
@@ -288,7 +296,7 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="window")
 
 
-def run_kld(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> int:
+def run_kld(args: argparse.Namespace, given: set[str]) -> int:
     """The `fastpath kld` command: base pass (or base file), model pass, statistics."""
     import vllm
 
@@ -317,7 +325,7 @@ def run_kld(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> int:
         _check_base_flags(base, args)
     base_timing = None
     if base is None:
-        llm, _ = _engine(base_namespace(args), parser_defaults)
+        llm, _ = _engine(*base_namespace(args, given))
         try:
             layout = _layout(llm, args, text, source)
             tokenizer = basefile.tokenizer_fingerprint(llm.get_tokenizer())
@@ -335,7 +343,7 @@ def run_kld(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> int:
         if args.base_cache:
             base_file_bytes = base.save(args.base_cache)
 
-    llm, engine_args = _engine(args, parser_defaults)
+    llm, engine_args = _engine(args, given)
     try:
         layout = _layout(llm, args, text, source)
         try:
