@@ -164,29 +164,3 @@ def test_protocol_agrees_with_the_tools_loop(llama_llm, hf_model, protocol, cont
     assert rel <= (HF_GUIDE_PPL_RTOL if protocol == "hf" else REFERENCE_PPL_RTOL)
     assert worst <= REFERENCE_TOKEN_ATOL
 
-
-@pytest.mark.parametrize("argv, fragment", [
-    (["ppl", "--protocol", "lm-eval", "--stride", "10"], "--stride does not apply to --protocol lm-eval"),
-    (["ppl", "--protocol", "llama.cpp", "--context-length", "2"], "--context-length must be at least 3"),
-    (["ppl", "--protocol", "hf", "--context-length", "64", "--stride", "65"], "--stride must be in"),
-    (["kld", "--model", "m"], "--base-model is required unless --base-cache"),
-    (["kld", "--base-model", "b"], "--model is required"),
-    (["kld", "--base-model", "b", "--model", "m", "--top-k", "0"], "--top-k must be a positive"),
-    (["kld", "--base-model", "b", "--model", "m", "--protocol", "llama.cpp", "--stride", "4"],
-     "--stride does not apply"),
-])
-def test_cli_flag_errors_before_any_engine(argv, fragment, capsys):
-    from fastpath import cli
-
-    assert cli.main(argv) == cli.EXIT_USAGE
-    err = capsys.readouterr().err
-    assert fragment in err and "Traceback" not in err
-
-
-def test_kld_corrupt_base_file_refused(tmp_path, capsys):
-    from fastpath import cli
-
-    bad = tmp_path / "base.npz"
-    bad.write_bytes(b"junk")
-    assert cli.main(["kld", "--model", "m", "--base-cache", str(bad)]) == cli.EXIT_USAGE
-    assert "is not a fastpath kld base file" in capsys.readouterr().err
