@@ -1,9 +1,10 @@
-"""`fastpath` command line: `fastpath ppl` (sliding-window perplexity), `fastpath report`,
-`fastpath check-vllm` (judge a vLLM release against the patches without installing it).
+"""`fastpath` command line: `fastpath ppl` (sliding-window perplexity), `fastpath kld` (KL
+divergence against a base model, `fastpath.kld`), `fastpath report`, `fastpath check-vllm`
+(judge a vLLM release against the patches without installing it).
 
-`fastpath ppl` takes every vLLM engine flag through vLLM's own `EngineArgs` parser, plus
-the original script's flags. With no model and no data it runs offline on the embedded
-default: a zoo model trained on the bundled text.
+`fastpath ppl` and `fastpath kld` take every vLLM engine flag through vLLM's own
+`EngineArgs` parser, plus the original script's flags. With no model and no data `ppl` runs
+offline on the embedded default: a zoo model trained on the bundled text.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fastpath import protocols
 
 EXIT_USAGE = 2
 EXIT_NOT_EQUAL = 3
@@ -34,8 +37,14 @@ def _add_ppl_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--text-file", help="local text, JSONL or parquet file (column 'text')")
     group.add_argument("--num-samples", type=int, help="keep only the first N rows/lines")
     group.add_argument("--context-length", type=int, default=2048, help="tokens per window")
-    group.add_argument("--stride", type=int, default=512,
-                       help="new tokens scored per window after the first (<= context length)")
+    group.add_argument("--stride", type=int, default=None,
+                       help="new tokens scored per window after the first (<= context length; "
+                       f"default {protocols.DEFAULT_STRIDE}; protocols fastpath and hf only)")
+    group.add_argument("--protocol", choices=protocols.PROTOCOLS,
+                       default=protocols.DEFAULT_PROTOCOL,
+                       help="whose windows to use: fastpath (default), hf (the Hugging Face "
+                       "guide's loop), lm-eval (loglikelihood_rolling), llama.cpp "
+                       "(llama-perplexity's chunks); see the README")
     group.add_argument("--path", choices=("fast", "standard", "both"), default="fast",
                        help="fast: target_token_ids; standard: prompt_logprobs=K dicts; "
                        "both: run both and check every logprob is bitwise equal")
@@ -48,12 +57,15 @@ def _add_ppl_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--save-logprobs", help="write per-token logprobs (float32 .npy)")
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-    """The `fastpath` parser and its `ppl` subparser (`given_flags` reads the flags given)."""
+def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser,
+                            argparse.ArgumentParser]:
+    """The `fastpath` parser, its `ppl` and its `kld` subparser (`given_flags` reads the
+    flags given)."""
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     from fastpath.check_vllm import add_flags as add_check_vllm_flags
+    from fastpath.kld import add_kld_flags
     from fastpath.report import add_report_flags
 
     parser = FlexibleArgumentParser(prog="fastpath", description=__doc__)
@@ -62,10 +74,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     EngineArgs.add_cli_args(ppl)
     ppl.set_defaults(model=None)  # None = the embedded default model
     _add_ppl_flags(ppl)
-    add_report_flags(commands.add_parser("report", help="benchmark JSON -> CSVs and plots"))
+    kld = commands.add_parser("kld", help="KL divergence of a model against a base model")
+    EngineArgs.add_cli_args(kld)
+    kld.set_defaults(model=None)
+    add_kld_flags(kld)
+    add_report_flags(commands.add_parser("report", help="benchmark or kld JSON -> CSVs and plots"))
     add_check_vllm_flags(commands.add_parser(
         "check-vllm", help="judge a vLLM wheel or source tree against fastpath's patches"))
-    return parser, ppl
+    return parser, ppl, kld
 
 
 class _NotGiven:
@@ -115,10 +131,10 @@ def _engine_args(args: argparse.Namespace, given: set[str]):
 
 def _check_flags(args: argparse.Namespace) -> None:
     """Refuse bad fastpath flags before any engine starts."""
-    from fastpath.windows import WindowError, check_shape
+    from fastpath.windows import WindowError
 
     try:
-        check_shape(args.context_length, args.stride)
+        args.stride = protocols.check_protocol(args.protocol, args.context_length, args.stride)
     except WindowError as error:
         raise UsageError(str(error)) from None
     if args.max_batch_windows < 1:
@@ -133,7 +149,7 @@ def run_ppl(args: argparse.Namespace, given: set[str]) -> int:
 
     from fastpath import data, perplexity, scoring, zoo
     from fastpath.measure import device_name
-    from fastpath.windows import WindowError, count_windows
+    from fastpath.windows import WindowError
 
     _check_flags(args)
     try:
@@ -157,20 +173,20 @@ def run_ppl(args: argparse.Namespace, given: set[str]) -> int:
                 f"--context-length {args.context_length} exceeds what this engine can score: "
                 f"max_model_len is {max_len} and one output token is always scheduled, so "
                 f"the context length can be at most {max_len - 1}")
-        tokens = llm.get_tokenizer().encode(text)
         try:
-            total = count_windows(len(tokens), args.context_length, args.stride)
+            layout = protocols.build(args.protocol, llm.get_tokenizer(), text,
+                                     args.context_length, args.stride)
         except WindowError as error:
             raise UsageError(f"{source}: {error}") from None
+        tokens = layout.tokens
         paths = ("fast", "standard") if args.path == "both" else (args.path,)
-        perplexity.warm_up(llm, tokens, args.context_length, args.stride)
+        perplexity.warm_up(llm, tokens, args.context_length, args.stride, layout.windows)
         results = {}
         for path in paths:
-            with tqdm(total=total, desc=f"windows ({path})", unit="window") as bar:
-                results[path] = perplexity.score_stream(
-                    llm, tokens, args.context_length, args.stride, path=path,
-                    standard_k=args.standard_k, max_batch_windows=args.max_batch_windows,
-                    progress=bar.update)
+            with tqdm(total=len(layout.windows), desc=f"windows ({path})", unit="window") as bar:
+                results[path] = perplexity.score_layout(
+                    llm, layout, path=path, standard_k=args.standard_k,
+                    max_batch_windows=args.max_batch_windows, progress=bar.update)
         runner = "V2" if llm.llm_engine.vllm_config.use_v2_model_runner else "V1"
     finally:
         scoring.shutdown(llm)
@@ -180,8 +196,8 @@ def run_ppl(args: argparse.Namespace, given: set[str]) -> int:
         "model": model_name, "model_path": args.model, "source": source,
         "vllm_version": vllm.__version__, "runner": runner, "device": device_name(),
         "tensor_parallel_size": engine_args.tensor_parallel_size,
-        "context_length": args.context_length, "stride": args.stride,
-        "stream_tokens": len(tokens), **main.summary(),
+        "protocol": args.protocol, "context_length": args.context_length,
+        "stride": args.stride, "stream_tokens": len(tokens), **main.summary(),
         "paths": {path: r.summary() for path, r in results.items()},
     }
     exit_code = 0
@@ -211,13 +227,18 @@ def _jsonable(value: Any) -> bool:
 def _print_summary(report: dict[str, Any], results: dict[str, Any]) -> None:
     print(f"model   {report['model']}  (vLLM {report['vllm_version']}, {report['runner']} "
           f"runner, {report['device']}, TP {report['tensor_parallel_size']})")
-    print(f"text    {report['source']}: {report['stream_tokens']} tokens; context "
-          f"{report['context_length']}, stride {report['stride']}, {report['windows']} windows")
+    stride = f", stride {report['stride']}" if report["stride"] is not None else ""
+    print(f"text    {report['source']}: {report['stream_tokens']} tokens; protocol "
+          f"{report['protocol']}, context {report['context_length']}{stride}, "
+          f"{report['windows']} windows")
     for path, result in results.items():
         s = result.summary()
         print(f"{path:<9} PPL {s['perplexity']:.4f} ± {s['perplexity_stderr']:.4f}  "
               f"({s['scored_tokens']} tokens, {s['seconds_per_window']:.3f} s/window, "
               f"{s['tokens_per_second']:.0f} tokens/s)")
+        if "token_perplexity" in s:
+            print(f"{'':<9} (windows weighted as the HF guide weights them; plain per-token "
+                  f"PPL {s['token_perplexity']:.4f})")
     if "bitwise_equal" in report:
         verdict = "EQUAL" if report["bitwise_equal"] else "DIFFERENT"
         print(f"bitwise fast vs standard: {verdict} "
@@ -230,11 +251,17 @@ def main(argv: list[str] | None = None) -> int:
         from fastpath import check_vllm
 
         return check_vllm.main(argv[1:])
-    parser, ppl_parser = build_parser()
+    parser, ppl_parser, kld_parser = build_parser()
+    subparsers = {"ppl": ppl_parser, "kld": kld_parser}
     args = parser.parse_args(argv)
     try:
-        if args.command == "ppl":
-            given = given_flags(ppl_parser, argv[list(argv).index("ppl") + 1:])
+        if args.command in subparsers:
+            given = given_flags(subparsers[args.command],
+                                argv[list(argv).index(args.command) + 1:])
+            if args.command == "kld":
+                from fastpath.kld import run_kld
+
+                return run_kld(args, given)
             return run_ppl(args, given)
         from fastpath.report import run_report
 

@@ -6,6 +6,14 @@
 - `compare.csv` (with `--baseline`): the same rows of two runs side by side, flagging a
   regression where time, objects or bytes grew by more than `--threshold`.
 - `seconds_per_window.png`, `objects_per_window.png`: log-scale bars by path and model.
+
+`fastpath kld --json` reports (recognised by `"kind": "fastpath-kld"`) give the KLD family,
+so several quantizations of one base model compare side by side:
+- `kld.csv`: one row per run: model, base, protocol, window shape, K, every statistic
+  (percentiles as `kld_p99.9`, ...), base file bytes per token, seconds per pass;
+- `kld_histogram.png`: the per-token KLD histogram of each run (log bins, stored in the
+  report itself), one line per model;
+- `kld_percentiles.png`: KLD percentiles (0.1 .. 99.9, log scale) by model.
 """
 
 from __future__ import annotations
@@ -14,18 +22,30 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 KEY = ["run", "model", "path", "context_length", "stride", "tensor_parallel_size", "device"]
 FIGURES = ["seconds_per_window", "objects_per_window", "bytes_per_window",
            "peak_rss_bytes", "scored_tokens", "perplexity"]
-INFO = ["vllm_version", "runner", "model_shape", "extrapolated", "windows", "benchmark"]
+INFO = ["vllm_version", "runner", "model_shape", "extrapolated", "windows", "benchmark",
+        "base_pass_cost_ratio", "model_pass_cost_ratio", "base_file_bytes_per_token"]
 REGRESSION_FIGURES = ["seconds_per_window", "objects_per_window", "bytes_per_window"]
+
+
+KLD_KIND = "fastpath-kld"
+KLD_COLUMNS = ["label", "model", "base_model", "protocol", "context_length", "stride", "top_k",
+               "scored_tokens", "kld_mean", "kld_mean_stderr", "kld_median", "kld_max",
+               "top1_agreement", "top1_agreement_stderr", "top1_undecided", "ppl", "ppl_base",
+               "ln_ppl_ratio", "ln_ppl_ratio_stderr", "rms_delta_p", "tail_mass_mean",
+               "base_file_bytes_per_token", "seconds_base_pass", "seconds_model_pass",
+               "vllm_version", "device", "source"]
 
 
 def add_report_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", type=Path,
-                        help="pytest-benchmark JSON files (e.g. .benchmarks/*/0001_NAME.json)")
+                        help="pytest-benchmark JSON files (e.g. .benchmarks/*/0001_NAME.json) "
+                        "and/or `fastpath kld --json` reports")
     parser.add_argument("--out", type=Path, default=Path("reports"), help="output folder")
     parser.add_argument("--baseline", type=Path,
                         help="a run to compare against: writes compare.csv")
@@ -119,12 +139,122 @@ def plot(table: pd.DataFrame, figure: str, out: Path, ylabel: str) -> Path:
     return path
 
 
+def is_kld_report(path: Path) -> bool:
+    """Whether a JSON file is a `fastpath kld` report."""
+    try:
+        return json.loads(path.read_text()).get("kind") == KLD_KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def model_label(model: str) -> str:
+    """A short name for a model path: its last component."""
+    return Path(str(model).rstrip("/")).name or str(model)
+
+
+def load_kld_reports(paths: list[Path]) -> list[dict]:
+    """The reports, each with a `label` unique among them (the model's folder name)."""
+    reports = [json.loads(path.read_text()) for path in paths]
+    labels = [model_label(r["model"]) for r in reports]
+    for i, report in enumerate(reports):
+        same = [j for j, label in enumerate(labels) if label == labels[i]]
+        report["label"] = labels[i] if len(same) == 1 else f"{labels[i]} ({paths[i].stem})"
+    return reports
+
+
+def kld_table(reports: list[dict]) -> pd.DataFrame:
+    """One row per kld run, percentiles flattened into kld_pQ columns."""
+    rows = []
+    for report in reports:
+        row = {c: report.get(c) for c in KLD_COLUMNS}
+        row.update({f"kld_p{q}": v for q, v in report.get("kld_percentiles", {}).items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_kld_histogram(reports: list[dict], out: Path) -> Path:
+    """Per-token KLD histograms, one step line per model, log-spaced bins."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for report in reports:
+        histogram = report["kld_histogram"]
+        edges = np.asarray(histogram["edges"], dtype=float)
+        counts = np.asarray(histogram["counts"], dtype=float)
+        share = counts / max(counts.sum(), 1)
+        left = edges[:-1].copy()
+        left[0] = edges[1] / 10 ** 0.25  # the [0, 1e-8) bin drawn one bin to the left
+        axes.step(np.append(left, edges[-1]), np.append(share, share[-1]), where="post",
+                  label=f"{report['label']} (mean {report['kld_mean']:.3g})")
+    axes.set_xscale("log")
+    axes.set_xlabel("per-token KLD (nats; leftmost bin: below 1e-8, zero included)")
+    axes.set_ylabel("share of scored tokens")
+    base = {model_label(r.get("base_model", "")) for r in reports}
+    axes.set_title(f"Per-token KLD against {', '.join(sorted(base))} (top-K + tail: lower "
+                   "bound)", fontsize=10)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path = out / "kld_histogram.png"
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot_kld_percentiles(table: pd.DataFrame, out: Path) -> Path:
+    """KLD percentiles by model (log scale): one group of bars per percentile."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = sorted((c for c in table.columns if c.startswith("kld_p")),
+                     key=lambda c: float(c[len("kld_p"):]))
+    data = table.set_index("label")[columns].T
+    data.index = [c[len("kld_p"):] + "%" for c in columns]
+    axes = data.clip(lower=1e-12).plot.bar(logy=True, figsize=(max(7, 0.9 * len(data) + 3), 5),
+                                           rot=0)
+    axes.set_xlabel("percentile of per-token KLD")
+    axes.set_ylabel("KLD (nats, log scale)")
+    axes.set_title("KLD percentiles by model (top-K + tail: lower bound)", fontsize=10)
+    axes.legend(title="model", fontsize=8)
+    if (data <= 1e-12).to_numpy().any():
+        axes.annotate("bars at 1e-12: KLD <= 1e-12 (zero included)", xy=(0.01, 0.97),
+                      xycoords="axes fraction", va="top", fontsize=8)
+    axes.figure.tight_layout()
+    path = out / "kld_percentiles.png"
+    axes.figure.savefig(path, dpi=120)
+    plt.close(axes.figure)
+    return path
+
+
+def run_kld_report(paths: list[Path], out: Path) -> list[Path]:
+    """kld.csv and the two KLD plots from `fastpath kld --json` reports."""
+    reports = load_kld_reports(paths)
+    table = kld_table(reports)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "kld.csv"]
+    table.to_csv(written[0], index=False)
+    written.append(plot_kld_histogram(reports, out))
+    written.append(plot_kld_percentiles(table, out))
+    return written
+
+
 def run_report(args: argparse.Namespace) -> int:
-    frames = [load_run(path) for path in args.runs]
+    kld_runs = [path for path in args.runs if is_kld_report(path)]
+    bench_runs = [path for path in args.runs if path not in kld_runs]
+    written = run_kld_report(kld_runs, args.out) if kld_runs else []
+    if not bench_runs:
+        for path in written:
+            print(f"wrote {path}")
+        return 0
+    frames = [load_run(path) for path in bench_runs]
     table = results_table(pd.concat(frames, ignore_index=True))
     args.out.mkdir(parents=True, exist_ok=True)
-    written = [args.out / "results.csv"]
-    table.to_csv(written[0], index=False)
+    written.append(args.out / "results.csv")
+    table.to_csv(written[-1], index=False)
     if args.baseline is not None:
         base = results_table(load_run(args.baseline))
         comparison = compare_runs(base, table, args.threshold)
