@@ -241,11 +241,13 @@ class RequestSpace(RuleBasedStateMachine):
         rows = len(prompt) - 1 - start
         ids = data.draw(st.lists(st.lists(st.one_of(token, st.just(-1)), min_size=width,
                                           max_size=width), min_size=rows, max_size=rows))
+        top_k = data.draw(st.sampled_from([0, 1, 3]))  # the kld model pass asks for top-1
         params = SamplingParams(max_tokens=LONG if long else 2, temperature=0.0,
+                                extra_args={"fastpath_top_k": top_k} if top_k else None,
                                 prompt_logprob_token_ids=ids,
                                 prompt_logprob_start=start or None,
                                 skip_reading_prefix_cache=skip)
-        sub = Submitted(prompt, "two_dimensional", np.asarray(ids), start)
+        sub = Submitted(prompt, "two_dimensional", np.asarray(ids), start, top_k)
         self._submit(self._new_id(reuse), prompt, params, sub)
 
     def _submit_standard(self, prompt, data, long=False):
