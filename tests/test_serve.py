@@ -187,6 +187,23 @@ def test_load_every_answer_correct(servers, offline):
           f"rows/s, latency {client.percentiles(latencies)}")
 
 
+SOAK_REQUESTS, SOAK_CLIENTS = 5000, 64
+
+
+@pytest.mark.load
+@pytest.mark.skipif(os.environ.get("FASTPATH_LOAD") != "1"
+                    and os.environ.get("HYPOTHESIS_PROFILE") != "nightly",
+                    reason="long soak: set FASTPATH_LOAD=1 or HYPOTHESIS_PROFILE=nightly")
+def test_soak_every_answer_correct(servers, offline):
+    """The load test at 25x the requests and 4x the clients (nightly)."""
+    requests = load_requests(vocab(offline), SOAK_REQUESTS, seed=12)
+    expected = scoring.score(offline, requests, "fast")
+    answers, latencies = asyncio.run(concurrent_clients(servers[0].url, requests, SOAK_CLIENTS))
+    for i, (got, want) in enumerate(zip(answers, expected, strict=True)):
+        assert_bitwise_equal(got, want, what=f"soak request {i}")
+    print(f"soak: {SOAK_REQUESTS} requests, latency {client.percentiles(latencies)}")
+
+
 @pytest.fixture(scope="module")
 def good(servers, tokens):
     """A good request and the server's answer before any bad input."""
