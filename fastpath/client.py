@@ -174,7 +174,8 @@ class ScoringClient:
         try:
             array = decode_scores(encoded)
         except (ValueError, OSError) as error:
-            raise ScoringError(f"{self.url}: undecodable prompt_token_id_logprobs: {error}") from error
+            raise ScoringError(
+                f"{self.url}: undecodable prompt_token_id_logprobs: {error}") from error
         return check_scores(self.url, request, array)
 
 

@@ -42,7 +42,8 @@ class Server:
                    "--port", str(self.port), *flags]
         with open(log, "w") as out:
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                            start_new_session=True, env={**os.environ, **(env or {})})
+                                            start_new_session=True,
+                                            env={**os.environ, **(env or {})})
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -59,7 +60,8 @@ class Server:
                     return
             time.sleep(1.0)
         self.stop()
-        raise TimeoutError(f"fastpath serve not ready after {timeout} s:\n{self.log_text()[-4000:]}")
+        raise TimeoutError(f"fastpath serve not ready after {timeout} s:\n"
+                           f"{self.log_text()[-4000:]}")
 
     def alive(self) -> bool:
         return self.process.poll() is None

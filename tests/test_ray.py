@@ -80,7 +80,8 @@ def _cluster_up(address: str) -> bool:
     return done.returncode == 0
 
 
-def _ppl_over_ray(address: str, tmp_path, parallel: list[str]) -> tuple[subprocess.CompletedProcess, dict]:
+def _ppl_over_ray(address: str, tmp_path,
+                  parallel: list[str]) -> tuple[subprocess.CompletedProcess, dict]:
     text = tmp_path / "text.txt"
     text.write_text(bundled_text()[:6000])
     report = tmp_path / "report.json"
