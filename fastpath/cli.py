@@ -220,8 +220,8 @@ def run_ppl_servers(args: argparse.Namespace, given: set[str]) -> int:
     engine_flags = sorted(f"--{d.replace('_', '-')}" for d in given
                           if d in _engine_dests() and d not in _CLIENT_SIDE_ENGINE_FLAGS)
     if engine_flags:
-        raise UsageError(f"{', '.join(engine_flags)} configure a local engine; with --server "
-                         "the servers' own flags apply (give them to fastpath serve)")
+        raise UsageError(f"engine flags {', '.join(engine_flags)} apply to a local engine; with "
+                         "--server the servers' own flags apply (give them to fastpath serve)")
     text, source = _load_text(args)
     urls = [u.rstrip("/") for u in args.servers]
     if len(set(urls)) != len(urls):

@@ -107,6 +107,7 @@ class ScoringClient:
                  max_connections: int = DEFAULT_MAX_IN_FLIGHT,
                  api_key: str | None = None) -> None:
         self.url = url.rstrip("/")
+        self.timeout = timeout
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         self._http = httpx.AsyncClient(
             base_url=self.url, headers=headers,
@@ -141,7 +142,8 @@ class ScoringClient:
     async def health(self) -> bool:
         """Whether the server answers /health with 200 now."""
         try:
-            return (await self._http.get("/health", timeout=10.0)).status_code == 200
+            reply = await self._http.get("/health", timeout=min(10.0, self.timeout))
+            return reply.status_code == 200
         except httpx.TransportError:
             return False
 
@@ -253,6 +255,7 @@ class ServerPool:
         remaining = len(requests)
         finished = asyncio.Event()
         fatal: list[BaseException] = []
+        probes: list[asyncio.Task] = []
         retries = 0
         if remaining == 0:
             finished.set()
@@ -293,7 +296,7 @@ class ServerPool:
                     server.failures += 1
                     if server.healthy.is_set():
                         server.healthy.clear()
-                        asyncio.create_task(probe(server))
+                        probes.append(asyncio.create_task(probe(server)))
                     continue
                 except (RequestRefused, ScoringError) as error:
                     fatal.append(error)
@@ -329,9 +332,9 @@ class ServerPool:
                         fatal.append(task.exception())
                         finished.set()
         finally:
-            for task in [*tasks, watcher]:
+            for task in [*tasks, watcher, *probes]:
                 task.cancel()
-            await asyncio.gather(*tasks, watcher, return_exceptions=True)
+            await asyncio.gather(*tasks, watcher, *probes, return_exceptions=True)
             for server in servers:
                 await server.client.aclose()
         self.stats = PoolStats(

@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import socket
+import threading
 import time
 
 import httpx
@@ -327,6 +328,49 @@ def test_prefix_cache_cannot_be_reached_over_http(servers, offline):
         else:
             assert 400 <= reply.status_code < 500, reply.text[:500]
             assert "prefix" in reply.json()["error"]["message"], reply.text[:500]
+
+
+@pytest.fixture
+def hung_server():
+    """A TCP server that accepts connections and never answers: a hung host."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        for conn in held:
+            conn.close()
+        listener.close()
+
+
+def test_windows_of_a_hung_server_time_out_and_move(servers, offline, tokens, hung_server):
+    """Every request to the hung server times out; the windows go to the live one."""
+    windows, requests = window_stream(tokens[:2000], 64, 16)
+    pool = ServerPool([hung_server, servers[0].url], max_in_flight=4, timeout=2.0,
+                      probe_interval=0.2)
+    logprobs = perplexity.assemble(2000, windows, pool.score_sync(requests))
+    # the hung server's first 4 windows timed out and were answered by the live one
+    assert pool.stats.answered_by == {hung_server: 0, servers[0].url: len(requests)}
+    assert pool.stats.answered_once and pool.stats.retries >= 4
+    assert pool.stats.dead_servers in ([], [hung_server])  # given up, or the run ended first
+    assert_bitwise_equal(logprobs, perplexity.score_stream(offline, tokens[:2000], 64, 16).logprobs,
+                         what="after timeouts on a hung server")
 
 
 def test_one_of_two_servers_killed_mid_run(servers, offline, tokens):

@@ -56,9 +56,10 @@ def test_given_dests_sees_spellings(parser):
 
 
 @pytest.mark.parametrize("extra, fragment", [
-    (["--dtype", "float32"], "--dtype configure a local engine"),
+    (["--dtype", "float32"], "engine flags --dtype apply to a local engine"),
     (["--tensor-parallel-size", "2", "--max-model-len", "64"],
-     "--max-model-len, --tensor-parallel-size configure a local engine"),
+     "engine flags --max-model-len, --tensor-parallel-size apply to a local engine"),
+    (["--model", "m"], "engine flags --model apply"),
     (["--path", "both"], "--path both needs a local engine"),
     (["--max-in-flight", "0"], "--max-in-flight must be positive"),
     (["--request-timeout", "0"], "--request-timeout must be positive"),
