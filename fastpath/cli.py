@@ -20,6 +20,7 @@ import numpy as np
 
 EXIT_USAGE = 2
 EXIT_NOT_EQUAL = 3
+EXIT_SERVERS_FAILED = 4
 
 
 class UsageError(ValueError):
@@ -227,7 +228,8 @@ def run_ppl_servers(args: argparse.Namespace, given: set[str]) -> int:
     if len(set(urls)) != len(urls):
         raise UsageError(f"--server lists a server twice: {urls}")
     try:
-        described = asyncio.run(client.describe_servers(urls))
+        described = asyncio.run(client.describe_servers(
+            urls, timeout=min(60.0, args.request_timeout)))
     except (client.ServerUnavailable, client.RequestRefused) as error:
         raise UsageError(f"cannot reach a server: {error}") from None
     models = sorted({d["model"] for d in described})
@@ -246,10 +248,11 @@ def run_ppl_servers(args: argparse.Namespace, given: set[str]) -> int:
                                       revision=args.tokenizer_revision)
             tokens = tokenizer.encode(text)
         else:
-            tokens = client.tokenize(urls[:1], text)
-            probe = text[:4000]
+            tokens = client.tokenize(urls[:1], text, timeout=args.request_timeout)
+            probe = text[:4000]  # the servers must agree on the token ids
+            first = client.tokenize(urls[:1], probe, timeout=args.request_timeout)
             for url in urls[1:]:
-                if client.tokenize([url], probe) != client.tokenize(urls[:1], probe):
+                if client.tokenize([url], probe, timeout=args.request_timeout) != first:
                     raise UsageError(f"{url} and {urls[0]} tokenize the text differently: "
                                      "they serve different models")
     except (client.ServerUnavailable, client.RequestRefused) as error:
@@ -259,12 +262,16 @@ def run_ppl_servers(args: argparse.Namespace, given: set[str]) -> int:
     except WindowError as error:
         raise UsageError(f"{source}: {error}") from None
     pool_kwargs = dict(max_in_flight=args.max_in_flight, timeout=args.request_timeout)
-    perplexity.warm_up_servers(urls, tokens, args.context_length, args.stride, **pool_kwargs)
     pool = client.ServerPool(urls, **pool_kwargs)
-    with tqdm(total=total, desc=f"windows ({len(urls)} server{'s' * (len(urls) > 1)})",
-              unit="window") as bar:
-        result = perplexity.score_stream_servers(pool, tokens, args.context_length,
-                                                 args.stride, progress=bar.update)
+    try:
+        perplexity.warm_up_servers(urls, tokens, args.context_length, args.stride, **pool_kwargs)
+        with tqdm(total=total, desc=f"windows ({len(urls)} server{'s' * (len(urls) > 1)})",
+                  unit="window") as bar:
+            result = perplexity.score_stream_servers(pool, tokens, args.context_length,
+                                                     args.stride, progress=bar.update)
+    except (client.ServerUnavailable, client.RequestRefused, client.ScoringError) as error:
+        print(f"fastpath ppl: servers failed: {error}", file=sys.stderr)
+        return EXIT_SERVERS_FAILED
     report: dict[str, Any] = {
         "model": models[0] if len(models) == 1 else models, "model_path": None,
         "source": source, "vllm_version": described[0]["vllm_version"], "runner": "server",

@@ -356,11 +356,11 @@ class ServerPool:
 
 
 async def _first_answer(urls: Sequence[str], call: Callable[[ScoringClient], Any],
-                        api_key: str | None = None) -> Any:
+                        api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> Any:
     """`call(client)` on the first server that answers (for tokenize/model/version)."""
     errors = []
     for url in urls:
-        async with ScoringClient(url, api_key=api_key) as client:
+        async with ScoringClient(url, api_key=api_key, timeout=timeout) as client:
             try:
                 return await call(client)
             except ServerUnavailable as error:
@@ -368,11 +368,12 @@ async def _first_answer(urls: Sequence[str], call: Callable[[ScoringClient], Any
     raise ServerUnavailable("no server answered: " + "; ".join(errors))
 
 
-async def describe_servers(urls: Sequence[str], api_key: str | None = None) -> list[dict[str, Any]]:
+async def describe_servers(urls: Sequence[str], api_key: str | None = None,
+                           timeout: float = 60.0) -> list[dict[str, Any]]:
     """Each server's model id, max_model_len and vLLM version (ServerUnavailable if one is down)."""
     described = []
     for url in urls:
-        async with ScoringClient(url, api_key=api_key) as client:
+        async with ScoringClient(url, api_key=api_key, timeout=timeout) as client:
             model = await client.model()
             described.append({"url": client.url, "model": model.get("id"),
                               "max_model_len": model.get("max_model_len"),
@@ -380,9 +381,10 @@ async def describe_servers(urls: Sequence[str], api_key: str | None = None) -> l
     return described
 
 
-def tokenize(urls: Sequence[str], text: str, api_key: str | None = None) -> list[int]:
+def tokenize(urls: Sequence[str], text: str, api_key: str | None = None,
+             timeout: float = DEFAULT_TIMEOUT) -> list[int]:
     """Token ids of `text` from the first server that answers."""
-    return asyncio.run(_first_answer(urls, lambda c: c.tokenize(text), api_key))
+    return asyncio.run(_first_answer(urls, lambda c: c.tokenize(text), api_key, timeout))
 
 
 def percentiles(latencies: Sequence[float], qs: Sequence[float] = (50, 90, 99)) -> dict[str, float]:
