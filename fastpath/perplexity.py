@@ -208,6 +208,42 @@ def _split(values: np.ndarray, windows: Sequence[Window]) -> list[np.ndarray]:
     return np.split(values, edges)
 
 
+def warm_up_servers(urls: Sequence[str], tokens: Sequence[int], context_length: int,
+                    stride: int, **pool_kwargs: Any) -> None:
+    """`warm_up` on each server in turn (untimed): the first two windows, every server."""
+    from fastpath.client import ServerPool
+
+    windows = list(itertools.islice(iter_windows(len(tokens), context_length, stride), 2))
+    for url in urls:
+        ServerPool([url], **pool_kwargs).score_sync(window_requests(tokens, windows))
+
+
+def score_stream_servers(
+    pool: Any,
+    tokens: Sequence[int],
+    context_length: int,
+    stride: int,
+    progress: Callable[[int], None] | None = None,
+) -> PerplexityResult:
+    """`score_stream` with the windows scored by a `fastpath.client.ServerPool` (one or more
+    `fastpath serve` servers); the same windows, accounting and result."""
+    from fastpath.client import percentiles
+
+    windows = make_windows(len(tokens), context_length, stride)
+    requests = window_requests(tokens, windows)
+    started = time.perf_counter()
+    per_window = pool.score_sync(requests, progress)
+    seconds = time.perf_counter() - started
+    logprobs = assemble(len(tokens), windows, per_window)
+    stats = pool.stats
+    extra = {"path": "fast", "servers": list(pool.urls), "answered_by": stats.answered_by,
+             "retries": stats.retries, "dead_servers": stats.dead_servers,
+             "max_in_flight_per_server": pool.max_in_flight,
+             "latency_seconds": percentiles(stats.latencies)}
+    return PerplexityResult(logprobs=logprobs, num_windows=len(windows), seconds=seconds,
+                            extra=extra)
+
+
 def bitwise_mismatches(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Positions where two float32 arrays differ in bit pattern."""
     a32 = np.ascontiguousarray(a, dtype=np.float32).view(np.int32)

@@ -34,7 +34,7 @@ def test_kld_corrupt_base_file_refused(tmp_path, capsys):
 
 
 def test_base_engine_flags_are_the_models_with_overrides():
-    parser, _, kld_parser = cli.build_parser()
+    parser, _, kld_parser, _ = cli.build_parser()
     words = ["--base-model", "/b", "--model", "/q", "--quantization", "awq", "--dtype",
              "bfloat16", "--base-quantization", "none", "--tokenizer", "/q-tok"]
     args = parser.parse_args(["kld", *words])
