@@ -6,6 +6,7 @@ on CPU, vocabulary 128,256). Settings per step size:
 - `prefill`: no prompt logprobs (what the forward pass alone needs);
 - `fast` with FASTPATH_SCORE_CHUNK_ROWS unset (the runner's default chunk: the 'after');
 - `fast` with a chunk larger than the step (nothing is chunked: the 'before');
+- `fast` with chunks of 64 and 256 rows (the sweep behind the default: memory and time);
 - `standard-k0`: `prompt_logprobs=0`, vLLM's own path.
 The figure is the worker's peak above what it held right before the step
 (`fastpath.measure.WorkerPeakMemory`: the kernel's RSS high-water mark on CPU,
@@ -30,22 +31,28 @@ from fastpath import scoring
 from fastpath.measure import WorkerPeakMemory, device_name
 
 CHUNK_ENV = "FASTPATH_SCORE_CHUNK_ROWS"
+INSECURE_ENV = "VLLM_ALLOW_INSECURE_SERIALIZATION"  # lets collective_rpc send a function
 STEPS = (2048, 8192)
 MAX_MODEL_LEN = 8192  # the twin's own; caps a real model's KV-cache needs
+SWEEP_ROWS = (64, 256)
 # (step tokens, chunk setting, path). "default": the variable unset; "unchunked": a chunk
-# of twice the step's tokens, more rows than any step can score.
+# of twice the step's tokens, more rows than any step can score; "rows-N": N rows.
 CASES = [
     (step, chunk, path)
     for step in STEPS
-    for chunk, path in (("default", "prefill"), ("default", "fast"),
-                        ("default", "standard-k0"), ("unchunked", "fast"))
+    for chunk, path in (("default", "prefill"), ("default", "fast"), ("default", "standard-k0"),
+                        ("unchunked", "fast"), *((f"rows-{n}", "fast") for n in SWEEP_ROWS))
 ]
 MODEL_8B = next(m for m in MODELS if m.label == "8B")
 
 
 def chunk_rows_env(step: int, chunk: str) -> str | None:
     """The value of FASTPATH_SCORE_CHUNK_ROWS for a setting (None: unset)."""
-    return None if chunk == "default" else str(2 * step)
+    if chunk == "default":
+        return None
+    if chunk == "unchunked":
+        return str(2 * step)
+    return chunk.removeprefix("rows-")
 
 
 class StepEngines:
@@ -92,10 +99,13 @@ def step_engines(request) -> Iterator[StepEngines]:
     if MODEL_8B not in selected_models(request.config):
         pytest.skip("the step-memory benchmarks run on the 8B model (--bench-models)")
     engines = StepEngines(request.config)
-    try:
-        yield engines
-    finally:
-        engines.close()
+    with pytest.MonkeyPatch.context() as env:
+        if not scoring.on_cpu():  # the CUDA peak is read in the worker by collective_rpc,
+            env.setenv(INSECURE_ENV, "1")  # in every process, for the engines' lifetime
+        try:
+            yield engines
+        finally:
+            engines.close()
 
 
 def whole_window(llm, step: int) -> scoring.ScoreRequest:

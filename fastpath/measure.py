@@ -121,13 +121,6 @@ class LogprobBytes:
 # --- Peak memory of the worker processes during one scoring step --------------------------
 
 
-def _worker_pid(worker: Any) -> int:
-    """Run in each vLLM worker by collective_rpc: its process id."""
-    import os
-
-    return os.getpid()
-
-
 def _cuda_reset_peak(worker: Any) -> int:
     """Run in each worker: restart CUDA's peak counter; bytes allocated now (the baseline)."""
     import torch
@@ -145,9 +138,39 @@ def _cuda_peak(worker: Any) -> int:
     return int(torch.cuda.max_memory_allocated())
 
 
+def engine_core_pids(llm: Any) -> list[int]:
+    """Process ids of this engine's engine-core processes (from the client's own handles)."""
+    manager = getattr(getattr(llm.llm_engine.engine_core, "resources", None),
+                      "engine_manager", None)
+    processes = getattr(manager, "processes", None)
+    if not processes:
+        raise RuntimeError("this engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0?): "
+                           "no engine-core process to measure")
+    return [int(p.pid) for p in processes]
+
+
 def worker_pids(llm: Any) -> list[int]:
-    """Process ids of the engine's model workers (the engine-core process with one worker)."""
-    return [int(pid) for pid in llm.collective_rpc(_worker_pid)]
+    """Process ids of the engine's model workers.
+
+    vLLM names its worker processes `VLLM::Worker...` (children of the engine core, TP > 1
+    or the multiprocessing executor); with one worker in the engine-core process
+    (TP 1 on CPU) that process is the worker. No RPC: vLLM refuses to serialize a
+    callable for `collective_rpc` unless VLLM_ALLOW_INSECURE_SERIALIZATION is set.
+    """
+    import psutil
+
+    pids = []
+    for core in engine_core_pids(llm):
+        workers = []
+        for child in psutil.Process(core).children(recursive=True):
+            try:
+                title = " ".join(child.cmdline()) or child.name()
+            except psutil.Error:
+                continue
+            if "Worker" in title:
+                workers.append(child.pid)
+        pids.extend(sorted(workers) or [core])
+    return pids
 
 
 def _proc_status_bytes(pid: int, field: str) -> int:
@@ -176,8 +199,9 @@ class WorkerPeakMemory:
     the allocator kept from earlier steps and reuses is in the baseline (tensors of
     scoring size are mmap'd by glibc and returned on free, so they are counted each step).
     GPU: `torch.cuda.reset_peak_memory_stats()` before, `max_memory_allocated()` after,
-    in each worker through `collective_rpc`: bytes in live tensors, not the caching
-    allocator's reserve.
+    in each worker through `collective_rpc` (the engine must have been started with
+    VLLM_ALLOW_INSECURE_SERIALIZATION=1, which lets vLLM send a function): bytes in live
+    tensors, not the caching allocator's reserve.
     `peak_above_baseline` is the largest, over workers, of (peak - baseline).
     """
 

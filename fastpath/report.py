@@ -217,7 +217,7 @@ def plot_memory(table: pd.DataFrame, out: Path) -> Path:
     kinds = ", ".join(sorted(table["memory_kind"].dropna().astype(str).unique()))
     axes.set_ylabel(f"peak above the pre-step baseline, GiB ({kinds})")
     axes.set_xlabel("")
-    axes.set_title("Worker memory of one whole-window scoring step")
+    axes.set_title("Worker memory of one\nwhole-window scoring step")
     axes.figure.tight_layout()
     path = out / "memory.png"
     axes.figure.savefig(path, dpi=120)
@@ -242,7 +242,7 @@ def plot_peers(table: pd.DataFrame, out: Path) -> Path:
     axes.legend(title="peer", bbox_to_anchor=(1.0, 1.0), loc="upper left")
     axes.set_ylabel("scored tokens per second")
     axes.set_xlabel("")
-    axes.set_title("Perplexity scoring: fastpath and its peers, same model and text")
+    axes.set_title("Perplexity: fastpath and peers\n(same model, text, window length)")
     for container in axes.containers:
         axes.bar_label(container, fmt="%.0f", fontsize=8)
     axes.figure.tight_layout()

@@ -65,3 +65,22 @@ def test_parse_sums_continuation_and_checks_greedy():
 def test_peer_result_perplexity():
     assert PeerResult(nll_sum=2.0 * math.log(3.0), scored_tokens=2, windows=1).perplexity == (
         pytest.approx(3.0))
+
+
+def test_hf_guide_loop_matches_transformers_per_window():
+    """With stride = window length the guide's windows are independent chunks: its NLL is the
+    sum of each chunk's own token NLLs (from fastpath.reference), up to fp32 rounding."""
+    import numpy as np
+
+    from fastpath import reference, zoo
+    from fastpath.peers import hf_guide_nll
+
+    model = reference.load_model(str(zoo.get_model("tiny-llama")))
+    tokens = list(np.random.default_rng(0).integers(0, 2048, 16 * 3 + 5))
+    result = hf_guide_nll(model, tokens, max_length=16, stride=16)
+    chunks = [tokens[i : i + 16] for i in range(0, len(tokens), 16)]
+    expected = -sum(float(reference.score_stream(model, c, len(c), len(c)).astype(np.float64).sum())
+                    for c in chunks)
+    assert result.windows == 4
+    assert result.scored_tokens == sum(len(c) - 1 for c in chunks)
+    assert result.nll_sum == pytest.approx(expected, rel=1e-5)
