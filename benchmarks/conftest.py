@@ -44,6 +44,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="comma-separated subset of OPT-125M,8B,70B")
     group.addoption("--bench-windows", type=int, default=2,
                     help="windows scored per timed round (steady-state windows, stride apart)")
+    group.addoption("--peer-windows", type=int, default=4,
+                    help="windows of text each peer scores per timed round (test_peers)")
 
 
 def _real_path(config: pytest.Config, model: BenchModel) -> str | None:
@@ -65,8 +67,12 @@ def selected_models(config: pytest.Config) -> list[BenchModel]:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Each benchmark runs on every selected model, or on those its `bench_models` mark names."""
     if "bench_model" in metafunc.fixturenames:
         models = selected_models(metafunc.config)
+        mark = metafunc.definition.get_closest_marker("bench_models")
+        if mark is not None:
+            models = [m for m in models if m.label in mark.args]
         metafunc.parametrize("bench_model", models, ids=[m.label for m in models],
                              indirect=True, scope="session")
 
@@ -88,7 +94,9 @@ def bench_engine(request, bench_model):
     if scoring.on_cpu():
         kwargs["kv_cache_memory_bytes"] = 1 << 30
         if tp == 2:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"  # see shared/VLLM-NOTES.md
+            # Without a binding, TP=2 on 2 cores fails ("Not enough allowed NUMA nodes to
+            # bind threads"); one core per worker works (docs/vllm-facts.md).
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
     try:
         with scoring.engine(path, **kwargs) as llm:
             llm.fastpath_name = name

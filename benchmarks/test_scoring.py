@@ -38,6 +38,8 @@ CASES = [
 FULL_VOCAB_CONTEXT, FULL_VOCAB_STRIDE = 8, 4  # k=-1 builds vocab-size dicts per position
 
 _prefill_seconds: dict[str, float] = {}  # model -> prefill s/window, for the floor
+# (model, path, context, stride) -> s/window of this session, for the ratios to the floor
+_window_seconds: dict[tuple[str, str, int, int], float] = {}
 
 
 def fit_context(llm, context: int) -> int:
@@ -97,6 +99,7 @@ def test_window(benchmark, bench_engine, request, path, k, context, stride):
     info = _common_info(llm, _path_name(path, k), context, stride)
     info.update(measured, seconds_per_window=seconds, extrapolated=False)
     benchmark.extra_info.update(info)
+    _window_seconds[(llm.fastpath_name, _path_name(path, k), context, stride)] = seconds
     if path == "prefill" and (context, stride) == (fit_context(llm, CONTEXT), STRIDE):
         _prefill_seconds[llm.fastpath_name] = seconds
 
@@ -139,12 +142,16 @@ def floor_threads(tensor_parallel_size: int) -> int:
     return max(1, cores - 1) if tensor_parallel_size == 1 else min(cores, tensor_parallel_size)
 
 
-def test_floor(benchmark, bench_engine):
+@pytest.mark.parametrize("stride", [STRIDE, CONTEXT], ids=["strided", "whole-window"])
+def test_floor(benchmark, bench_engine, stride):
     """The least any exact method does: lm_head + log-softmax + gather on the scored rows.
 
     Bare torch at the model's shape (hidden states of the same size, the real vocabulary),
     with the workers' thread budget on CPU, plus the prefill time measured by the
-    `prefill` benchmark of this run.
+    `prefill` benchmark of this run. Two window shapes: `stride` scored rows, and the
+    whole window (stride = context: every row but none scored). Where this session timed
+    `fast` and `standard-k0` at the same shape, their ratios to the floor go into
+    extra_info (`fast_over_floor`, `standard-k0_over_floor`).
     """
     import torch
     from transformers import AutoConfig
@@ -153,13 +160,16 @@ def test_floor(benchmark, bench_engine):
     tp = llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size
     threads = torch.get_num_threads()
     config = AutoConfig.from_pretrained(llm.llm_engine.model_config.model)
+    context = fit_context(llm, CONTEXT)
+    stride = min(stride, context)
+    rows = min(stride, context - 1)  # a whole window scores every row but its last token's
     generator = torch.Generator().manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    hidden = torch.randn(STRIDE, config.hidden_size, generator=generator).to(device, dtype)
+    hidden = torch.randn(rows, config.hidden_size, generator=generator).to(device, dtype)
     weight = (torch.randn(config.vocab_size, config.hidden_size, generator=generator) * 0.02
               ).to(device, dtype)
-    targets = torch.randint(0, config.vocab_size, (STRIDE, 1), generator=generator).to(device)
+    targets = torch.randint(0, config.vocab_size, (rows, 1), generator=generator).to(device)
 
     def floor_once() -> torch.Tensor:
         logits = torch.nn.functional.linear(hidden, weight)
@@ -177,15 +187,22 @@ def test_floor(benchmark, bench_engine):
     prefill = _prefill_seconds.get(llm.fastpath_name)
     if prefill is None:  # the prefill benchmark did not run in this session: measure it
         tokens = stream_tokens(llm.llm_engine.model_config.model)
-        windows = steady_windows(tokens, fit_context(llm, CONTEXT), STRIDE, 2)
+        windows = steady_windows(tokens, context, STRIDE, 2)
         requests = perplexity.window_requests(tokens, windows)
+        scoring.score(llm, requests, "prefill")  # untimed: kernels for this shape
         started = time.perf_counter()
         scoring.score(llm, requests, "prefill")
         prefill = (time.perf_counter() - started) / len(requests)
-    info = _common_info(llm, "floor", fit_context(llm, CONTEXT), STRIDE)
-    info.update(seconds_per_window=benchmark.stats.stats.median + prefill,
+        _prefill_seconds[llm.fastpath_name] = prefill
+    seconds = benchmark.stats.stats.median + prefill
+    info = _common_info(llm, "floor", context, stride)
+    info.update(seconds_per_window=seconds,
                 torch_seconds=benchmark.stats.stats.median, prefill_seconds=prefill,
                 floor_threads=floor_threads(tp) if device == "cpu" else None,
-                objects_per_window=0.0, bytes_per_window=4.0 * STRIDE, scored_tokens=STRIDE,
+                objects_per_window=0.0, bytes_per_window=4.0 * rows, scored_tokens=rows,
                 perplexity=float("nan"), windows=1, extrapolated=False)
+    for path in ("fast", "standard-k0"):
+        timed = _window_seconds.get((llm.fastpath_name, path, context, stride))
+        if timed is not None:
+            info[f"{path}_over_floor"] = timed / seconds
     benchmark.extra_info.update(info)

@@ -40,10 +40,9 @@ import vllm  # noqa: F401  (vLLM's own imports run before the version answer bel
 from tqdm import tqdm
 
 from fastpath import scoring
-from fastpath.patches._base import TOP_K_KEY
 
 MODEL_NAME = "fastpath-vllm"
-TOP_K_ARG = TOP_K_KEY  # SamplingParams.extra_args key of the runner's top-K extension
+TOP_K_ARG = "fastpath_top_k"  # SamplingParams.extra_args key of the runner's top-K extension
 GREEDY_K = 1  # is_greedy needs each row's top-1 log-prob only
 TESTED_LM_EVAL = "0.4.13"
 

@@ -15,18 +15,25 @@ from typing import Any
 
 import numpy as np
 
-from fastpath import scoring
+from fastpath import protocols, scoring
 from fastpath.windows import Window, iter_windows, make_windows
 
 
 @dataclass
 class PerplexityResult:
-    """Per-token logprobs of stream tokens 1..N-1 and the statistics derived from them."""
+    """Per-token logprobs of the scored tokens and the statistics derived from them.
 
-    logprobs: np.ndarray  # float32 [N - 1]; logprobs[i] scores stream token i + 1
+    With the default protocol the scored tokens are stream tokens 1..N-1 (`logprobs[i]`
+    scores token i + 1); other protocols give `positions`. `weights` (the HF guide's
+    window weighting) turn the mean NLL into a weighted mean; None is a plain mean.
+    """
+
+    logprobs: np.ndarray  # float32 [scored tokens], in stream order
     num_windows: int
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    positions: np.ndarray | None = None  # int64 stream index of each scored token
+    weights: np.ndarray | None = None  # float64 per-token weight of the mean NLL
 
     @property
     def num_tokens(self) -> int:
@@ -38,11 +45,19 @@ class PerplexityResult:
 
     @property
     def mean_nll(self) -> float:
-        return self.nll_sum / self.num_tokens
+        if self.weights is None:
+            return self.nll_sum / self.num_tokens
+        nll = -self.logprobs.astype(np.float64)
+        return math.fsum((self.weights * nll).tolist()) / math.fsum(self.weights.tolist())
 
     @property
     def perplexity(self) -> float:
         return math.exp(self.mean_nll)
+
+    @property
+    def token_perplexity(self) -> float:
+        """exp of the plain per-token mean NLL (= perplexity unless weighted)."""
+        return math.exp(self.nll_sum / self.num_tokens)
 
     @property
     def perplexity_stderr(self) -> float:
@@ -54,7 +69,7 @@ class PerplexityResult:
 
     def summary(self) -> dict[str, Any]:
         per_window = self.seconds / self.num_windows if self.num_windows else float("nan")
-        return {
+        figures = {
             "perplexity": self.perplexity,
             "perplexity_stderr": self.perplexity_stderr,
             "nll_sum": self.nll_sum,
@@ -64,15 +79,17 @@ class PerplexityResult:
             "seconds": self.seconds,
             "seconds_per_window": per_window,
             "tokens_per_second": self.num_tokens / self.seconds if self.seconds else float("nan"),
-            **self.extra,
         }
+        if self.weights is not None:
+            figures["token_perplexity"] = self.token_perplexity
+        return {**figures, **self.extra}
 
 
 def window_requests(tokens: Sequence[int], windows: Sequence[Window]) -> list[scoring.ScoreRequest]:
     """One scoring request per window: its tokens, targets = the tokens it scores."""
     return [
         scoring.ScoreRequest(
-            prompt_token_ids=list(tokens[w.begin : w.end]),
+            prompt_token_ids=w.prompt(tokens),
             target_token_ids=list(tokens[w.score_from : w.end]),
             start=w.first_scored_row,
         )
@@ -95,11 +112,13 @@ def assemble(num_tokens: int, windows: Sequence[Window], per_window: Sequence[np
     return logprobs
 
 
-def warm_up(llm: Any, tokens: Sequence[int], context_length: int, stride: int) -> None:
+def warm_up(llm: Any, tokens: Sequence[int], context_length: int, stride: int,
+            windows: Sequence[Window] | None = None) -> None:
     """Score the first two windows once, untimed: the kernels for both window shapes (all
     rows; the strided rows) are built on first use (oneDNN on CPU: seconds per new shape)."""
-    windows = list(itertools.islice(iter_windows(len(tokens), context_length, stride), 2))
-    scoring.score(llm, window_requests(tokens, windows), "fast")
+    if windows is None:
+        windows = list(itertools.islice(iter_windows(len(tokens), context_length, stride), 2))
+    scoring.score(llm, window_requests(tokens, list(windows)[:2]), "fast")
 
 
 def score_stream(
@@ -112,13 +131,45 @@ def score_stream(
     max_batch_windows: int = 16,
     progress: Callable[[int], None] | None = None,
 ) -> PerplexityResult:
-    """Score a token stream with sliding windows on one path; all windows of a batch at once.
+    """Score a token stream with fastpath's sliding windows on one path.
 
     `progress(n)` is called as each batch of n windows completes (a tqdm bar's update).
     """
+    windows = make_windows(len(tokens), context_length, stride)
+    result = score_windows(llm, tokens, windows, path, standard_k, max_batch_windows, progress)
+    result.logprobs = assemble(len(tokens), windows, _split(result.logprobs, windows))
+    result.positions = None
+    return result
+
+
+def score_layout(
+    llm: Any,
+    layout: protocols.Layout,
+    path: str = "fast",
+    standard_k: int = 0,
+    max_batch_windows: int = 16,
+    progress: Callable[[int], None] | None = None,
+) -> PerplexityResult:
+    """Score a protocol's layout; the mean NLL weighted as the protocol's tool weights it."""
+    result = score_windows(llm, layout.tokens, layout.windows, path, standard_k,
+                           max_batch_windows, progress)
+    result.weights = layout.token_weights()
+    result.extra["protocol"] = layout.protocol
+    return result
+
+
+def score_windows(
+    llm: Any,
+    tokens: Sequence[int],
+    windows: Sequence[Window],
+    path: str = "fast",
+    standard_k: int = 0,
+    max_batch_windows: int = 16,
+    progress: Callable[[int], None] | None = None,
+) -> PerplexityResult:
+    """Score windows on one path, all windows of a batch at once; logprobs in window order."""
     if path not in ("fast", "standard"):
         raise ValueError(f"perplexity needs path 'fast' or 'standard', got {path!r}")
-    windows = make_windows(len(tokens), context_length, stride)
     requests = window_requests(tokens, windows)
     per_window: list[np.ndarray] = []
     started = time.perf_counter()
@@ -128,9 +179,69 @@ def score_stream(
         if progress is not None:
             progress(len(batch))
     seconds = time.perf_counter() - started
+    return PerplexityResult(logprobs=concatenate(windows, per_window), num_windows=len(windows),
+                            seconds=seconds, extra={"path": path},
+                            positions=window_positions(windows))
+
+
+def window_positions(windows: Sequence[Window]) -> np.ndarray:
+    """Stream index of each token the windows score, in window order."""
+    if not windows:
+        return np.empty(0, dtype=np.int64)
+    return np.concatenate([np.arange(w.score_from, w.end, dtype=np.int64) for w in windows])
+
+
+def concatenate(windows: Sequence[Window], per_window: Sequence[np.ndarray]) -> np.ndarray:
+    """Each window's scores, checked against its size, one after another (float32)."""
+    for window, values in zip(windows, per_window, strict=True):
+        if values.shape != (window.num_scored,):
+            raise AssertionError(f"{window}: got {values.shape} scores for "
+                                 f"{window.num_scored} tokens")
+    if not per_window:
+        return np.empty(0, dtype=np.float32)
+    return np.concatenate(per_window).astype(np.float32, copy=False)
+
+
+def _split(values: np.ndarray, windows: Sequence[Window]) -> list[np.ndarray]:
+    """Inverse of `concatenate`: one array per window."""
+    edges = np.cumsum([w.num_scored for w in windows])[:-1]
+    return np.split(values, edges)
+
+
+def warm_up_servers(urls: Sequence[str], tokens: Sequence[int], context_length: int,
+                    stride: int, **pool_kwargs: Any) -> None:
+    """`warm_up` on each server in turn (untimed): the first two windows, every server."""
+    from fastpath.client import ServerPool
+
+    windows = list(itertools.islice(iter_windows(len(tokens), context_length, stride), 2))
+    for url in urls:
+        ServerPool([url], **pool_kwargs).score_sync(window_requests(tokens, windows))
+
+
+def score_stream_servers(
+    pool: Any,
+    tokens: Sequence[int],
+    context_length: int,
+    stride: int,
+    progress: Callable[[int], None] | None = None,
+) -> PerplexityResult:
+    """`score_stream` with the windows scored by a `fastpath.client.ServerPool` (one or more
+    `fastpath serve` servers); the same windows, accounting and result."""
+    from fastpath.client import percentiles
+
+    windows = make_windows(len(tokens), context_length, stride)
+    requests = window_requests(tokens, windows)
+    started = time.perf_counter()
+    per_window = pool.score_sync(requests, progress)
+    seconds = time.perf_counter() - started
     logprobs = assemble(len(tokens), windows, per_window)
+    stats = pool.stats
+    extra = {"path": "fast", "servers": list(pool.urls), "answered_by": stats.answered_by,
+             "retries": stats.retries, "dead_servers": stats.dead_servers,
+             "max_in_flight_per_server": pool.max_in_flight,
+             "latency_seconds": percentiles(stats.latencies)}
     return PerplexityResult(logprobs=logprobs, num_windows=len(windows), seconds=seconds,
-                            extra={"path": path})
+                            extra=extra)
 
 
 def bitwise_mismatches(a: np.ndarray, b: np.ndarray) -> np.ndarray:

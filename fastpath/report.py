@@ -1,11 +1,26 @@
 """Benchmark JSON (pytest-benchmark's own files) -> CSVs and plots, with pandas and matplotlib.
 
 - `results.csv`: one row per (run, model, path, context, stride, TP, device) with the
-  figures each benchmark stored in `extra_info`, and the speed-up over each standard path
-  measured in the same run.
+  figures each benchmark stored in `extra_info`, the speed-up over each standard path
+  measured in the same run, and the time relative to the floor and to `standard-k0`
+  (`time_vs_floor`, `time_vs_standard-k0`); the whole-window and TP 2 ratios are printed.
 - `compare.csv` (with `--baseline`): the same rows of two runs side by side, flagging a
   regression where time, objects or bytes grew by more than `--threshold`.
 - `seconds_per_window.png`, `objects_per_window.png`: log-scale bars by path and model.
+- `memory.csv`, `memory.png` (benchmarks/test_memory.py): peak worker memory of one
+  scoring step by step size, path and chunk setting, and the extra over `prefill`.
+- `peers.csv`, `peers.png` (benchmarks/test_peers.py): tokens/s per peer, and fastpath's
+  speed-up over each peer in the same run.
+Rows are told apart by `extra_info["table"]` ("memory", "peers"; absent: results).
+
+
+`fastpath kld --json` reports (recognised by `"kind": "fastpath-kld"`) give the KLD family,
+so several quantizations of one base model compare side by side:
+- `kld.csv`: one row per run: model, base, protocol, window shape, K, every statistic
+  (percentiles as `kld_p99.9`, ...), base file bytes per token, seconds per pass;
+- `kld_histogram.png`: the per-token KLD histogram of each run (log bins, stored in the
+  report itself), one line per model;
+- `kld_percentiles.png`: KLD percentiles (0.1 .. 99.9, log scale) by model.
 """
 
 from __future__ import annotations
@@ -14,18 +29,30 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 KEY = ["run", "model", "path", "context_length", "stride", "tensor_parallel_size", "device"]
 FIGURES = ["seconds_per_window", "objects_per_window", "bytes_per_window",
            "peak_rss_bytes", "scored_tokens", "perplexity"]
-INFO = ["vllm_version", "runner", "model_shape", "extrapolated", "windows", "benchmark"]
+INFO = ["vllm_version", "runner", "model_shape", "extrapolated", "windows", "benchmark",
+        "base_pass_cost_ratio", "model_pass_cost_ratio", "base_file_bytes_per_token"]
 REGRESSION_FIGURES = ["seconds_per_window", "objects_per_window", "bytes_per_window"]
+
+
+KLD_KIND = "fastpath-kld"
+KLD_COLUMNS = ["label", "model", "base_model", "protocol", "context_length", "stride", "top_k",
+               "scored_tokens", "kld_mean", "kld_mean_stderr", "kld_median", "kld_max",
+               "top1_agreement", "top1_agreement_stderr", "top1_undecided", "ppl", "ppl_base",
+               "ln_ppl_ratio", "ln_ppl_ratio_stderr", "rms_delta_p", "tail_mass_mean",
+               "base_file_bytes_per_token", "seconds_base_pass", "seconds_model_pass",
+               "vllm_version", "device", "source"]
 
 
 def add_report_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", type=Path,
-                        help="pytest-benchmark JSON files (e.g. .benchmarks/*/0001_NAME.json)")
+                        help="pytest-benchmark JSON files (e.g. .benchmarks/*/0001_NAME.json) "
+                        "and/or `fastpath kld --json` reports")
     parser.add_argument("--out", type=Path, default=Path("reports"), help="output folder")
     parser.add_argument("--baseline", type=Path,
                         help="a run to compare against: writes compare.csv")
@@ -40,19 +67,32 @@ def run_name(path: Path) -> str:
     return tail if head.isdigit() and tail else stem
 
 
-def load_run(path: Path) -> pd.DataFrame:
-    """One row per benchmark of a saved run; figures from extra_info, time from stats."""
+def load_tables(path: Path) -> dict[str, pd.DataFrame]:
+    """The fastpath benchmarks of a saved run by table: results, memory, peers.
+
+    Figures come from extra_info; a results row without `seconds_per_window` gets
+    pytest-benchmark's median. Benchmarks without fastpath figures are left out.
+    """
     document = json.loads(path.read_text())
-    rows = []
+    rows: dict[str, list[dict]] = {"results": [], "memory": [], "peers": []}
     for bench in document.get("benchmarks", []):
         info = dict(bench.get("extra_info", {}))
-        if "path" not in info:
-            continue  # not a fastpath scoring benchmark
-        info.setdefault("seconds_per_window", bench["stats"]["median"])
-        rows.append({"run": run_name(path), "benchmark": bench["name"], **info})
-    frame = pd.DataFrame(rows)
-    if frame.empty:
+        table = info.pop("table", "results" if "path" in info else None)
+        if table not in rows:
+            continue  # not a fastpath benchmark
+        if table == "results":
+            info.setdefault("seconds_per_window", bench["stats"]["median"])
+        rows[table].append({"run": run_name(path), "benchmark": bench["name"], **info})
+    if not any(rows.values()):
         raise ValueError(f"{path}: no fastpath benchmarks (extra_info with 'path') found")
+    return {table: pd.DataFrame(found) for table, found in rows.items()}
+
+
+def load_run(path: Path) -> pd.DataFrame:
+    """The scoring rows (results table) of a saved run."""
+    frame = load_tables(path)["results"]
+    if frame.empty:
+        raise ValueError(f"{path}: no fastpath scoring benchmarks (results rows) found")
     return frame
 
 
@@ -67,7 +107,66 @@ def results_table(frame: pd.DataFrame) -> pd.DataFrame:
         reference = reference.rename(columns={"seconds_per_window": "_ref"})
         merged = table.merge(reference, on=group, how="left")
         table[f"speedup_vs_{standard}"] = (merged["_ref"] / merged["seconds_per_window"]).values
+    for reference_path in ("floor", "standard-k0"):
+        reference = table[table["path"] == reference_path][group + ["seconds_per_window"]]
+        reference = reference.rename(columns={"seconds_per_window": "_ref"})
+        merged = table.merge(reference, on=group, how="left")
+        table[f"time_vs_{reference_path}"] = (merged["seconds_per_window"] / merged["_ref"]).values
     return table.sort_values(KEY).reset_index(drop=True)
+
+
+def headline_ratios(table: pd.DataFrame) -> list[str]:
+    """One line per fast row with a floor or K=0 beside it: fast/K=0 and fast/floor."""
+    lines = []
+    fast = table[table["path"] == "fast"]
+    for _, row in fast.iterrows():
+        parts = [f"{name} {row[column]:.2f}x"
+                 for name, column in (("fast/K=0", "time_vs_standard-k0"),
+                                      ("fast/floor", "time_vs_floor"))
+                 if column in row and pd.notna(row[column])]
+        if not parts:
+            continue
+        whole = row["stride"] >= row["context_length"]
+        shape = f"ctx {row['context_length']} stride {row['stride']}" + (
+            " (whole window)" if whole else "")
+        lines.append(f"{row['run']}: {row['model']} TP {row['tensor_parallel_size']} {shape}: "
+                     + ", ".join(parts))
+    return lines
+
+
+MEMORY_KEY = ["run", "model", "device", "step_tokens", "path", "chunk_setting"]
+
+
+def memory_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Peak step memory per (step, path, chunk setting), and the extra over prefill's step."""
+    columns = [c for c in MEMORY_KEY + [
+        "chunk_rows_env", "prompt_tokens", "scored_rows", "peak_step_bytes", "baseline_bytes",
+        "fp32_logits_bytes_all_rows", "seconds_per_step", "memory_kind",
+        "tensor_parallel_size", "vllm_version", "runner", "benchmark"] if c in frame.columns]
+    table = frame[columns].copy()
+    group = ["run", "model", "device", "step_tokens"]
+    prefill = table[table["path"] == "prefill"][group + ["peak_step_bytes"]]
+    merged = table.merge(prefill.rename(columns={"peak_step_bytes": "_prefill"}), on=group,
+                         how="left")
+    table["peak_over_prefill_bytes"] = (merged["peak_step_bytes"] - merged["_prefill"]).values
+    table["peak_step_gib"] = table["peak_step_bytes"] / 2**30
+    return table.sort_values(MEMORY_KEY).reset_index(drop=True)
+
+
+def peers_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Tokens/s per peer, with fastpath's speed-up over each peer of the same run and model."""
+    columns = [c for c in ["run", "model", "device", "peer", "context_length", "stream_tokens",
+                           "windows", "scored_tokens", "seconds", "tokens_per_second",
+                           "perplexity", "threads", "tensor_parallel_size", "vllm_version",
+                           "benchmark"] if c in frame.columns]
+    table = frame[columns].copy()
+    group = ["run", "model", "device"]
+    ours = table[table["peer"] == "fastpath-ppl"][group + ["tokens_per_second", "seconds"]]
+    merged = table.merge(ours.rename(columns={"tokens_per_second": "_tps", "seconds": "_s"}),
+                         on=group, how="left")
+    table["fastpath_speedup_tokens_per_s"] = (merged["_tps"] / merged["tokens_per_second"]).values
+    table["seconds_vs_fastpath"] = (merged["seconds"] / merged["_s"]).values
+    return table.sort_values(group + ["peer"]).reset_index(drop=True)
 
 
 def compare_runs(base: pd.DataFrame, new: pd.DataFrame, threshold: float) -> pd.DataFrame:
@@ -119,22 +218,201 @@ def plot(table: pd.DataFrame, figure: str, out: Path, ylabel: str) -> Path:
     return path
 
 
-def run_report(args: argparse.Namespace) -> int:
-    frames = [load_run(path) for path in args.runs]
-    table = results_table(pd.concat(frames, ignore_index=True))
-    args.out.mkdir(parents=True, exist_ok=True)
-    written = [args.out / "results.csv"]
+def is_kld_report(path: Path) -> bool:
+    """Whether a JSON file is a `fastpath kld` report."""
+    try:
+        return json.loads(path.read_text()).get("kind") == KLD_KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def model_label(model: str) -> str:
+    """A short name for a model path: its last component."""
+    return Path(str(model).rstrip("/")).name or str(model)
+
+
+def load_kld_reports(paths: list[Path]) -> list[dict]:
+    """The reports, each with a `label` unique among them (the model's folder name)."""
+    reports = [json.loads(path.read_text()) for path in paths]
+    labels = [model_label(r["model"]) for r in reports]
+    for i, report in enumerate(reports):
+        same = [j for j, label in enumerate(labels) if label == labels[i]]
+        report["label"] = labels[i] if len(same) == 1 else f"{labels[i]} ({paths[i].stem})"
+    return reports
+
+
+def kld_table(reports: list[dict]) -> pd.DataFrame:
+    """One row per kld run, percentiles flattened into kld_pQ columns."""
+    rows = []
+    for report in reports:
+        row = {c: report.get(c) for c in KLD_COLUMNS}
+        row.update({f"kld_p{q}": v for q, v in report.get("kld_percentiles", {}).items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def plot_kld_histogram(reports: list[dict], out: Path) -> Path:
+    """Per-token KLD histograms, one step line per model, log-spaced bins."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for report in reports:
+        histogram = report["kld_histogram"]
+        edges = np.asarray(histogram["edges"], dtype=float)
+        counts = np.asarray(histogram["counts"], dtype=float)
+        share = counts / max(counts.sum(), 1)
+        left = edges[:-1].copy()
+        left[0] = edges[1] / 10 ** 0.25  # the [0, 1e-8) bin drawn one bin to the left
+        axes.step(np.append(left, edges[-1]), np.append(share, share[-1]), where="post",
+                  label=f"{report['label']} (mean {report['kld_mean']:.3g})")
+    axes.set_xscale("log")
+    axes.set_xlabel("per-token KLD (nats; leftmost bin: below 1e-8, zero included)")
+    axes.set_ylabel("share of scored tokens")
+    base = {model_label(r.get("base_model", "")) for r in reports}
+    axes.set_title(f"Per-token KLD against {', '.join(sorted(base))} (top-K + tail: lower "
+                   "bound)", fontsize=10)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path = out / "kld_histogram.png"
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot_kld_percentiles(table: pd.DataFrame, out: Path) -> Path:
+    """KLD percentiles by model (log scale): one group of bars per percentile."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = sorted((c for c in table.columns if c.startswith("kld_p")),
+                     key=lambda c: float(c[len("kld_p"):]))
+    data = table.set_index("label")[columns].T
+    data.index = [c[len("kld_p"):] + "%" for c in columns]
+    axes = data.clip(lower=1e-12).plot.bar(logy=True, figsize=(max(7, 0.9 * len(data) + 3), 5),
+                                           rot=0)
+    axes.set_xlabel("percentile of per-token KLD")
+    axes.set_ylabel("KLD (nats, log scale)")
+    axes.set_title("KLD percentiles by model (top-K + tail: lower bound)", fontsize=10)
+    axes.legend(title="model", fontsize=8)
+    if (data <= 1e-12).to_numpy().any():
+        axes.annotate("bars at 1e-12: KLD <= 1e-12 (zero included)", xy=(0.01, 0.97),
+                      xycoords="axes fraction", va="top", fontsize=8)
+    axes.figure.tight_layout()
+    path = out / "kld_percentiles.png"
+    axes.figure.savefig(path, dpi=120)
+    plt.close(axes.figure)
+    return path
+
+
+def plot_memory(table: pd.DataFrame, out: Path) -> Path:
+    """Bars of peak step memory (GiB): one group per step size, one bar per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = table.assign(
+        setting=table["path"] + " (" + table["chunk_setting"].astype(str) + ")",
+        label=table["model"].str.split(" (", regex=False).str[0] + "\n"
+        + table["step_tokens"].astype(str) + "-token step")
+    if data["run"].nunique() > 1:
+        data["label"] = data["run"] + ": " + data["label"]
+    pivot = data.pivot_table(index="label", columns="setting", values="peak_step_gib",
+                             aggfunc="max")
+    axes = pivot.plot.bar(figsize=(max(6, 1.8 * len(pivot) + 3), 5), rot=0)
+    axes.legend(title="path (chunk)", bbox_to_anchor=(1.0, 1.0), loc="upper left")
+    kinds = ", ".join(sorted(table["memory_kind"].dropna().astype(str).unique()))
+    axes.set_ylabel(f"peak above the pre-step baseline, GiB ({kinds})")
+    axes.set_xlabel("")
+    axes.set_title("Worker memory of one\nwhole-window scoring step")
+    axes.figure.tight_layout()
+    path = out / "memory.png"
+    axes.figure.savefig(path, dpi=120)
+    plt.close(axes.figure)
+    return path
+
+
+def run_kld_report(paths: list[Path], out: Path) -> list[Path]:
+    """kld.csv and the two KLD plots from `fastpath kld --json` reports."""
+    reports = load_kld_reports(paths)
+    table = kld_table(reports)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "kld.csv"]
     table.to_csv(written[0], index=False)
-    if args.baseline is not None:
-        base = results_table(load_run(args.baseline))
-        comparison = compare_runs(base, table, args.threshold)
-        written.append(args.out / "compare.csv")
-        comparison.to_csv(written[-1], index=False)
-        flagged = int(comparison["regression"].sum())
-        print(f"{flagged} regression(s) beyond {args.threshold:.0%} against {args.baseline}")
-    written.append(plot(table, "seconds_per_window", args.out, "seconds per window"))
-    if "objects_per_window" in table:
-        written.append(plot(table, "objects_per_window", args.out, "Python objects per window"))
+    written.append(plot_kld_histogram(reports, out))
+    written.append(plot_kld_percentiles(table, out))
+    return written
+
+
+def plot_peers(table: pd.DataFrame, out: Path) -> Path:
+    """Bars of tokens/s per peer (one group per run and model), speed-ups written on top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = table.assign(label=table["model"].str.split(" (", regex=False).str[0]
+                        + "\nctx " + table["context_length"].astype(str))
+    if data["run"].nunique() > 1:
+        data["label"] = data["run"] + ": " + data["label"]
+    pivot = data.pivot_table(index="label", columns="peer", values="tokens_per_second",
+                             aggfunc="median")
+    axes = pivot.plot.bar(figsize=(max(6, 1.8 * len(pivot) + 3), 5), rot=0)
+    axes.legend(title="peer", bbox_to_anchor=(1.0, 1.0), loc="upper left")
+    axes.set_ylabel("scored tokens per second")
+    axes.set_xlabel("")
+    axes.set_title("Perplexity: fastpath and peers\n(same model, text, window length)")
+    for container in axes.containers:
+        axes.bar_label(container, fmt="%.0f", fontsize=8)
+    axes.figure.tight_layout()
+    path = out / "peers.png"
+    axes.figure.savefig(path, dpi=120)
+    plt.close(axes.figure)
+    return path
+
+
+def run_report(args: argparse.Namespace) -> int:
+    kld_runs = [path for path in args.runs if is_kld_report(path)]
+    written = run_kld_report(kld_runs, args.out) if kld_runs else []
+    loaded = [load_tables(path) for path in args.runs if path not in kld_runs]
+    frames = {name: pd.concat([t[name] for t in loaded], ignore_index=True) if loaded
+              else pd.DataFrame() for name in ("results", "memory", "peers")}
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not frames["results"].empty:
+        table = results_table(frames["results"])
+        written.append(args.out / "results.csv")
+        table.to_csv(written[-1], index=False)
+        if args.baseline is not None:
+            base = results_table(load_run(args.baseline))
+            comparison = compare_runs(base, table, args.threshold)
+            written.append(args.out / "compare.csv")
+            comparison.to_csv(written[-1], index=False)
+            flagged = int(comparison["regression"].sum())
+            print(f"{flagged} regression(s) beyond {args.threshold:.0%} against {args.baseline}")
+        written.append(plot(table, "seconds_per_window", args.out, "seconds per window"))
+        if "objects_per_window" in table:
+            written.append(plot(table, "objects_per_window", args.out,
+                                "Python objects per window"))
+        for line in headline_ratios(table):
+            print(line)
+    if not frames["memory"].empty:
+        memory = memory_table(frames["memory"])
+        written.append(args.out / "memory.csv")
+        memory.to_csv(written[-1], index=False)
+        written.append(plot_memory(memory, args.out))
+    if not frames["peers"].empty:
+        peers = peers_table(frames["peers"])
+        written.append(args.out / "peers.csv")
+        peers.to_csv(written[-1], index=False)
+        written.append(plot_peers(peers, args.out))
+        for _, row in peers.iterrows():
+            print(f"{row['run']}: {row['model']}: {row['peer']} {row['tokens_per_second']:.0f} "
+                  f"tokens/s (fastpath {row['fastpath_speedup_tokens_per_s']:.2f}x)")
     for path in written:
         print(f"wrote {path}")
     return 0

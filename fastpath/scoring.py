@@ -21,7 +21,7 @@ from fastpath.targets import START_KEY, TARGET_KEY
 
 PATHS = ("fast", "standard", "prefill")
 
-# Defaults that suit the CPU backend: fp32 for exactness
+# Defaults that suit the CPU backend (docs/vllm-facts.md, "CPU backend"): fp32 for exactness
 # checks, a KV cache sized in bytes (several engines may be alive at once; note that
 # VLLM_CPU_KVCACHE_SPACE, where set, overrides it), and eager mode (start-up without
 # torch.compile; the paths compared share one engine anyway).

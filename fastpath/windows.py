@@ -14,7 +14,7 @@ Two choices make the accounting exact (every token after the first scored once):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 
@@ -24,11 +24,23 @@ class WindowError(ValueError):
 
 @dataclass(frozen=True)
 class Window:
-    """Tokens [begin, end) of the stream; tokens [score_from, end) are scored."""
+    """Tokens [begin, end) of the stream; tokens [score_from, end) are scored.
+
+    `first_token`, where set, replaces token `begin` in the prompt (llama.cpp's protocol
+    starts every chunk with BOS); that token is context only, never scored.
+    """
 
     begin: int
     end: int
     score_from: int
+    first_token: int | None = None
+
+    def prompt(self, tokens: Sequence[int]) -> list[int]:
+        """The prompt token ids of this window."""
+        ids = list(tokens[self.begin : self.end])
+        if self.first_token is not None:
+            ids[0] = self.first_token
+        return ids
 
     @property
     def first_scored_row(self) -> int:

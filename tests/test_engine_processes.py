@@ -70,7 +70,15 @@ def test_patch_active_in_engine_core_and_workers(tp2):
     (core_pid,) = engine_core
     assert core_pid != os.getpid()
     assert core_pid in by_pid, "the engine-core process did not apply the patch"
-    assert any("InputProcessor.process_inputs" in f for f in by_pid[core_pid]["patched"])
+    # Each patch where it acts: the scheduler in the engine core, the runner in the workers
+    # (above), the renderer and input processor in the front end (this process).
+    for name in ("Scheduler.add_request", "Scheduler.update_from_output"):
+        assert any(name in f for f in by_pid[core_pid]["patched"]), name
+    front = llm.llm_engine
+    for owner, name in ((type(front.input_processor), "process_inputs"),
+                        (type(front.input_processor), "_validate_params"),
+                        (type(front.renderer), "process_for_engine")):
+        assert getattr(getattr(owner, name), "__fastpath_patch__", False), f"{owner}.{name}"
 
 
 def test_tp2_fast_equals_standard_and_tp1_within_bound(tp2, llama_llm):

@@ -78,15 +78,24 @@ def test_unknown_upstream_code_is_refused_by_name_and_version():
 
 @needs_patch
 def test_refusal_is_all_or_nothing(monkeypatch):
-    """One unknown function stops every patch from binding, in a process not yet patched."""
+    """In a process with upstream's code restored, one unknown function binds nothing."""
     todo = patches.replacements()
-    bad = Replacement(todo[0].owner, todo[0].name, todo[0].new, frozenset({"f" * 16}))
-    bound_before = {r.qualname: r.owner.__dict__[r.name] for r in todo}
+    for r in todo:  # put upstream's functions back (monkeypatch re-patches afterwards)
+        current = r.owner.__dict__[r.name]
+        monkeypatch.setattr(r.owner, r.name, getattr(current, "__wrapped__", current))
+    originals = {r.qualname: r.owner.__dict__[r.name] for r in todo}
+    assert not any(getattr(f, "__fastpath_patch__", False) for f in originals.values())
+    middle = len(todo) // 2
+    bad = Replacement(todo[middle].owner, todo[middle].name, todo[middle].new,
+                      frozenset({"f" * 16}))
     monkeypatch.setattr(patches, "_applied", False)
-    monkeypatch.setattr(patches, "replacements", lambda: [*todo[1:], bad])
-    with pytest.raises(PatchRefused):
+    monkeypatch.setattr(patches, "replacements",
+                        lambda: [*todo[:middle], bad, *todo[middle + 1:]])
+    with pytest.raises(PatchRefused) as error:
         patches.apply()
-    assert {r.qualname: r.owner.__dict__[r.name] for r in todo} == bound_before
+    assert todo[middle].qualname in str(error.value)
+    assert {r.qualname: r.owner.__dict__[r.name] for r in todo} == originals, "bound some"
+    assert patches.applied() == []
 
 
 def test_disabled_plugin_binds_nothing(monkeypatch):

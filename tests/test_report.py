@@ -77,3 +77,60 @@ def test_run_without_fastpath_benchmarks_is_refused(tmp_path):
     empty = _write(tmp_path, "0001_empty.json", [])
     with pytest.raises(ValueError, match="no fastpath benchmarks"):
         load_run(empty)
+
+
+def _memory_bench(step: int, path: str, chunk: str, peak: int) -> dict:
+    return {"name": f"test_step_memory[step{step}-{chunk}-{path}]", "stats": {"median": 1.0},
+            "extra_info": {"table": "memory", "model": "8B twin", "path": path,
+                           "chunk_setting": chunk, "step_tokens": step, "device": "cpu",
+                           "scored_rows": step - 1, "peak_step_bytes": peak,
+                           "memory_kind": "worker_rss_hwm", "seconds_per_step": 1.0}}
+
+
+def _peer_bench(peer: str, tokens_per_second: float, seconds: float) -> dict:
+    return {"name": f"test_peer[{peer}]", "stats": {"median": seconds},
+            "extra_info": {"table": "peers", "peer": peer, "model": "8B twin", "device": "cpu",
+                           "context_length": 2048, "scored_tokens": 8000, "seconds": seconds,
+                           "tokens_per_second": tokens_per_second, "perplexity": 100.0}}
+
+
+def test_whole_window_and_floor_ratios(tmp_path, capsys):
+    """time_vs_floor / time_vs_standard-k0 per row, and the printed whole-window line."""
+    whole = [_bench("fast", 2.0, 2, 8188), _bench("standard-k0", 4.0, 3000, 9000),
+             _bench("floor", 1.6, 0, 8188)]
+    for bench in whole:
+        bench["extra_info"]["stride"] = 2048
+    run = _write(tmp_path, "0001_whole.json", whole + [_bench("fast", 0.5, 2, 2048)])
+    table = results_table(load_run(run)).set_index(["path", "stride"])
+    assert table.loc[("fast", 2048), "time_vs_standard-k0"] == pytest.approx(0.5)
+    assert table.loc[("fast", 2048), "time_vs_floor"] == pytest.approx(1.25)
+    assert pd.isna(table.loc[("fast", 512), "time_vs_floor"])  # no floor at that shape
+    assert cli.main(["report", str(run), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "ctx 2048 stride 2048 (whole window): fast/K=0 0.50x, fast/floor 1.25x" in printed
+
+
+def test_memory_and_peers_tables(tmp_path, capsys):
+    """memory.csv (extra over prefill) and peers.csv (fastpath speed-up) with their plots."""
+    run = _write(tmp_path, "0001_mixed.json", [
+        _memory_bench(2048, "prefill", "default", 100), _memory_bench(2048, "fast", "default", 600),
+        _memory_bench(2048, "fast", "unchunked", 2100),
+        _memory_bench(8192, "prefill", "default", 300),
+        _memory_bench(8192, "fast", "unchunked", 8300),
+        _peer_bench("hf-transformers", 1000.0, 8.0), _peer_bench("lm-eval-vllm", 500.0, 16.0),
+        _peer_bench("fastpath-ppl", 2000.0, 4.0)])
+    out = tmp_path / "out"
+    assert cli.main(["report", str(run), "--out", str(out)]) == 0
+    memory = pd.read_csv(out / "memory.csv").set_index(["step_tokens", "path", "chunk_setting"])
+    assert memory.loc[(2048, "fast", "unchunked"), "peak_over_prefill_bytes"] == 2000
+    assert memory.loc[(8192, "fast", "unchunked"), "peak_over_prefill_bytes"] == 8000
+    assert memory.loc[(2048, "prefill", "default"), "peak_over_prefill_bytes"] == 0
+    peers = pd.read_csv(out / "peers.csv").set_index("peer")
+    assert peers.loc["hf-transformers", "fastpath_speedup_tokens_per_s"] == pytest.approx(2.0)
+    assert peers.loc["lm-eval-vllm", "fastpath_speedup_tokens_per_s"] == pytest.approx(4.0)
+    assert peers.loc["lm-eval-vllm", "seconds_vs_fastpath"] == pytest.approx(4.0)
+    assert peers.loc["fastpath-ppl", "fastpath_speedup_tokens_per_s"] == pytest.approx(1.0)
+    for png in ("memory.png", "peers.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "results.csv").exists()  # no scoring rows in this run
+    assert "lm-eval-vllm 500 tokens/s (fastpath 4.00x)" in capsys.readouterr().out

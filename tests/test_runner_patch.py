@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.worker.gpu_model_runner import AsyncGPUModelRunnerOutput
 
-from fastpath.patches import _base
+from fastpath.patches import _scores as _base
 from fastpath.patches import gpu_model_runner as patch
 from fastpath.patches import scheduler as scheduler_patch
 from fastpath.scoring import split_top_k
@@ -57,10 +57,11 @@ class FakeRunner:
 
     requests: dict[str, FakeRequest] = field(default_factory=dict)
     calls: list[int] = field(default_factory=list)
+    dtype: torch.dtype = torch.float32  # CPU float32: row subsets are exact
 
     def __post_init__(self):
         self.device = torch.device("cpu")
-        self.model_config = SimpleNamespace(logprobs_mode="raw_logprobs")
+        self.model_config = SimpleNamespace(logprobs_mode="raw_logprobs", dtype=self.dtype)
         self.model = SimpleNamespace(compute_logits=self._compute_logits)
         self.sampler = SimpleNamespace(
             compute_logprobs=lambda logits: torch.log_softmax(logits, -1, dtype=torch.float32))
@@ -169,6 +170,23 @@ def test_row_chunk_remainder_of_one_borrows_a_row():
     add(runner, "r", prompt_len=8, start=0)  # 7 scored rows in chunks of 3: 3, 3, 1 -> 2
     run_schedule(runner, "r", [8])
     assert runner.calls == [3, 3, 2]
+
+
+def test_where_subsets_are_not_exact_every_step_row_is_computed_at_once():
+    """bf16 on CPU (and fp32 on CUDA): the standard path's rows of the step, one call."""
+    runner = FakeRunner(dtype=torch.bfloat16)
+    targets = add(runner, "r", prompt_len=12, start=7, seed=8)
+    outputs = run_schedule(runner, "r", [5, 7])
+    assert runner.calls == [6]  # rows 5..10 of the second step, not only the scored 7..10
+    assert_bitwise_equal(outputs[1]["r"].numpy(), expected(8, 12, 7, targets), what="bf16")
+
+
+@pytest.mark.parametrize("device, dtype, exact", [
+    ("cpu", torch.float32, True), ("cpu", torch.float16, True), ("cpu", torch.bfloat16, False),
+    ("cuda", torch.bfloat16, True), ("cuda", torch.float16, True), ("cuda", torch.float32, False),
+    ("xpu", torch.bfloat16, False)])
+def test_row_subset_verdicts(device, dtype, exact):
+    assert patch.row_subsets_exact(device, dtype) is exact
 
 
 def test_resume_after_preemption_mid_prompt_recomputes_and_emits_once(monkeypatch):

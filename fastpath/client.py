@@ -1,0 +1,395 @@
+"""Scoring over HTTP: a client for `fastpath serve` and a pool that spreads windows over servers.
+
+The request is vLLM's own `POST /inference/v1/generate` (on with `--enable-scale-out`,
+which `fastpath serve` sets): token ids plus a full SamplingParams, here one output token
+and `prompt_logprob_token_ids` = one target id per scored row, `prompt_logprob_start` = the
+first scored row. The answer's `prompt_token_id_logprobs` is a base64 `.npy` float32
+array [rows, 1]: the same values, computed by the same code, as `fastpath ppl` offline.
+
+    from fastpath.client import ScoringClient
+    async with ScoringClient("http://127.0.0.1:8000") as client:
+        ids = await client.tokenize(text)
+        logprobs = await client.score(ScoreRequest(ids, ids[1:]))   # float32 [len(ids) - 1]
+
+`ServerPool` scores many requests over one or more servers: a bounded number in flight
+per server, a request whose server fails or times out goes back to the queue and is
+answered by another server, and every request is answered exactly once (or the run stops
+with an error naming what is missing). Nothing here imports vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+
+from fastpath.scoring import ScoreRequest
+
+SCORE_ROUTE = "/inference/v1/generate"
+DEFAULT_TIMEOUT = 600.0  # seconds per request: a long window on a busy CPU server
+DEFAULT_MAX_IN_FLIGHT = 8
+
+
+class ScoringError(RuntimeError):
+    """A server's answer that cannot be used (wrong shape, NaN, not decodable): not retried,
+    since a value that was not computed for the request must never be accepted."""
+
+
+class RequestRefused(ValueError):
+    """The server refused the request (HTTP 4xx): the request is wrong, on any server."""
+
+    def __init__(self, url: str, status: int, message: str) -> None:
+        super().__init__(f"{url} refused the request (HTTP {status}): {message}")
+        self.status = status
+        self.message = message
+
+
+class ServerUnavailable(ConnectionError):
+    """No usable answer from a server this time (connection, timeout, HTTP 5xx/429): retried."""
+
+
+def score_body(request: ScoreRequest) -> dict[str, Any]:
+    """The JSON body that asks a server for the target logprobs of one ScoreRequest."""
+    prompt = [int(t) for t in request.prompt_token_ids]
+    params: dict[str, Any] = {
+        "max_tokens": 1,
+        "temperature": 0.0,
+        "prompt_logprob_token_ids": [[int(t)] for t in request.target_token_ids],
+    }
+    if request.start:
+        params["prompt_logprob_start"] = int(request.start)
+    return {"token_ids": prompt, "sampling_params": params}
+
+
+def decode_scores(encoded: str) -> np.ndarray:
+    """A base64 `.npy` string (vLLM's numpy2base64) back to its array, without pickle."""
+    return np.load(io.BytesIO(base64.b64decode(encoded)), allow_pickle=False)
+
+
+def check_scores(url: str, request: ScoreRequest, array: Any) -> np.ndarray:
+    """The answer's values as float32 [rows]; ScoringError unless it is exactly one finite
+    or -inf float32 per target (NaN is never a logprob)."""
+    rows = len(request.target_token_ids)
+    if not isinstance(array, np.ndarray) or array.dtype != np.float32 or array.shape != (rows, 1):
+        shape = getattr(array, "shape", None)
+        dtype = getattr(array, "dtype", type(array).__name__)
+        raise ScoringError(f"{url}: expected float32 [{rows}, 1] prompt_token_id_logprobs, "
+                           f"got {dtype} {shape}")
+    nan = np.flatnonzero(np.isnan(array[:, 0]))
+    if nan.size:
+        raise ScoringError(f"{url}: NaN logprobs at rows {nan[:10].tolist()} "
+                           f"({nan.size} of {rows})")
+    return np.ascontiguousarray(array[:, 0])
+
+
+def _error_message(reply: httpx.Response) -> str:
+    try:
+        body = reply.json()
+    except ValueError:
+        return reply.text[:500]
+    error = body.get("error", body) if isinstance(body, dict) else body
+    if isinstance(error, dict):
+        return str(error.get("message", error))
+    return str(error)
+
+
+class ScoringClient:
+    """One server: tokenize, model info, score one request (async, httpx)."""
+
+    def __init__(self, url: str, *, timeout: float = DEFAULT_TIMEOUT,
+                 max_connections: int = DEFAULT_MAX_IN_FLIGHT,
+                 api_key: str | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self._http = httpx.AsyncClient(
+            base_url=self.url, headers=headers,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            limits=httpx.Limits(max_connections=max_connections,
+                                max_keepalive_connections=max_connections))
+
+    async def __aenter__(self) -> ScoringClient:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            reply = await self._http.post(path, json=body)
+        except httpx.TransportError as error:  # connect/read/write errors and timeouts
+            raise ServerUnavailable(f"{self.url}{path}: {type(error).__name__}: {error}") from error
+        return self._json(path, reply)
+
+    def _json(self, path: str, reply: httpx.Response) -> dict[str, Any]:
+        if reply.status_code == 429 or reply.status_code >= 500:
+            raise ServerUnavailable(f"{self.url}{path}: HTTP {reply.status_code}: "
+                                    f"{_error_message(reply)}")
+        if reply.status_code >= 400:
+            raise RequestRefused(self.url, reply.status_code, _error_message(reply))
+        return reply.json()
+
+    async def health(self) -> bool:
+        """Whether the server answers /health with 200 now."""
+        try:
+            reply = await self._http.get("/health", timeout=min(10.0, self.timeout))
+            return reply.status_code == 200
+        except httpx.TransportError:
+            return False
+
+    async def model(self) -> dict[str, Any]:
+        """The served model: its id and max_model_len (from /v1/models)."""
+        try:
+            reply = await self._http.get("/v1/models")
+        except httpx.TransportError as error:
+            raise ServerUnavailable(f"{self.url}/v1/models: {error}") from error
+        models = self._json("/v1/models", reply)["data"]
+        return models[0]
+
+    async def version(self) -> str:
+        try:
+            return self._json("/version", await self._http.get("/version"))["version"]
+        except (httpx.TransportError, KeyError, RequestRefused):
+            return "unknown"
+
+    async def tokenize(self, text: str) -> list[int]:
+        """Token ids from the server's own tokenizer (with its special tokens, as offline)."""
+        return list(map(int, (await self._post("/tokenize", {"prompt": text}))["tokens"]))
+
+    async def score(self, request: ScoreRequest) -> np.ndarray:
+        """float32 [len(targets)]: target i's logprob as predicted by row start + i."""
+        answer = await self._post(SCORE_ROUTE, score_body(request))
+        encoded = answer.get("prompt_token_id_logprobs")
+        if not encoded:
+            raise ScoringError(f"{self.url}: the answer has no prompt_token_id_logprobs; is "
+                               "fastpath active on the server (fastpath serve)?")
+        try:
+            array = decode_scores(encoded)
+        except (ValueError, OSError) as error:
+            raise ScoringError(
+                f"{self.url}: undecodable prompt_token_id_logprobs: {error}") from error
+        return check_scores(self.url, request, array)
+
+
+@dataclass
+class _Server:
+    client: ScoringClient
+    healthy: asyncio.Event = field(default_factory=asyncio.Event)
+    dead: bool = False
+    failures: int = 0  # consecutive
+    answered: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PoolStats:
+    """What happened: answers per server, retries, servers given up on, per-request latency."""
+
+    answered_by: dict[str, int]
+    retries: int
+    dead_servers: list[str]
+    latencies: list[float]  # seconds, one per answered request, in completion order
+    answered_once: bool  # every request answered exactly once
+
+
+class ServerPool:
+    """Many requests over one or more servers, each answered exactly once.
+
+    Up to `max_in_flight` requests per server at a time. A request whose server fails
+    (connection refused or reset, timeout, HTTP 5xx/429) goes back to the queue and the
+    server pauses until its /health answers again; after `max_failures` failed probes in a
+    row it is given up and the others finish the work. A refusal (4xx) or an unusable
+    answer stops the run: it would fail the same way on every server.
+    """
+
+    def __init__(self, urls: Sequence[str], *, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+                 timeout: float = DEFAULT_TIMEOUT, max_failures: int = 3,
+                 probe_interval: float = 1.0, api_key: str | None = None) -> None:
+        if not urls:
+            raise ValueError("ServerPool needs at least one server URL")
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be positive, got {max_in_flight}")
+        self.urls = [u.rstrip("/") for u in urls]
+        if len(set(self.urls)) != len(self.urls):
+            raise ValueError(f"a server is listed twice: {self.urls}")
+        self.max_in_flight = max_in_flight
+        self.timeout = timeout
+        self.max_failures = max_failures
+        self.probe_interval = probe_interval
+        self.api_key = api_key
+        self.stats: PoolStats | None = None
+
+    def clients(self) -> list[ScoringClient]:
+        return [ScoringClient(u, timeout=self.timeout, max_connections=self.max_in_flight,
+                              api_key=self.api_key) for u in self.urls]
+
+    async def score(self, requests: Sequence[ScoreRequest],
+                    progress: Callable[[int], None] | None = None,
+                    on_answer: Callable[[int, str], None] | None = None) -> list[np.ndarray]:
+        """Each request's float32 logprobs, in request order.
+
+        `progress(1)` after each answer (a tqdm bar's update); `on_answer(index, url)` too.
+        """
+        loop = asyncio.get_running_loop()
+        servers = [_Server(c) for c in self.clients()]
+        for server in servers:
+            server.healthy.set()
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for index in range(len(requests)):
+            queue.put_nowait(index)
+        results: list[np.ndarray | None] = [None] * len(requests)
+        times_answered = [0] * len(requests)
+        latencies: list[float] = []
+        attempts = [0] * len(requests)
+        max_attempts = self.max_failures * len(servers) + 1
+        remaining = len(requests)
+        finished = asyncio.Event()
+        fatal: list[BaseException] = []
+        probes: list[asyncio.Task] = []
+        retries = 0
+        if remaining == 0:
+            finished.set()
+
+        async def probe(server: _Server) -> None:
+            """After a failure: wait until /health answers again, or give the server up."""
+            for attempt in range(self.max_failures):
+                await asyncio.sleep(self.probe_interval * 2 ** attempt)
+                if await server.client.health():
+                    server.healthy.set()
+                    return
+            server.dead = True
+            server.healthy.set()  # wake its workers so they see it is dead
+
+        async def worker(server: _Server) -> None:
+            nonlocal remaining, retries
+            while not finished.is_set():
+                await server.healthy.wait()
+                if server.dead:
+                    return
+                index = await queue.get()
+                if not server.healthy.is_set() or server.dead:
+                    queue.put_nowait(index)  # this server failed meanwhile: leave it to others
+                    continue
+                attempts[index] += 1
+                started = loop.time()
+                try:
+                    values = await server.client.score(requests[index])
+                except ServerUnavailable as error:
+                    queue.put_nowait(index)
+                    retries += 1
+                    server.errors.append(str(error))
+                    if attempts[index] >= max_attempts:
+                        fatal.append(ScoringError(
+                            f"request {index} failed {attempts[index]} times; last: {error}"))
+                        finished.set()
+                        return
+                    server.failures += 1
+                    if server.healthy.is_set():
+                        server.healthy.clear()
+                        probes.append(asyncio.create_task(probe(server)))
+                    continue
+                except (RequestRefused, ScoringError) as error:
+                    fatal.append(error)
+                    finished.set()
+                    return
+                server.failures = 0
+                times_answered[index] += 1
+                if results[index] is not None:
+                    fatal.append(AssertionError(f"request {index} was answered twice"))
+                    finished.set()
+                    return
+                results[index] = values
+                latencies.append(loop.time() - started)
+                server.answered += 1
+                remaining -= 1
+                if progress is not None:
+                    progress(1)
+                if on_answer is not None:
+                    on_answer(index, server.client.url)
+                if remaining == 0:
+                    finished.set()
+
+        tasks = [asyncio.create_task(worker(s)) for s in servers for _ in range(self.max_in_flight)]
+        watcher = asyncio.create_task(finished.wait())
+        try:
+            pending_tasks = set(tasks)
+            while not finished.is_set() and pending_tasks:
+                done, pending_tasks = await asyncio.wait(
+                    pending_tasks | {watcher}, return_when=asyncio.FIRST_COMPLETED)
+                pending_tasks.discard(watcher)
+                for task in done:
+                    if task is not watcher and task.exception() is not None:
+                        fatal.append(task.exception())
+                        finished.set()
+        finally:
+            for task in [*tasks, watcher, *probes]:
+                task.cancel()
+            await asyncio.gather(*tasks, watcher, *probes, return_exceptions=True)
+            for server in servers:
+                await server.client.aclose()
+        self.stats = PoolStats(
+            answered_by={s.client.url: s.answered for s in servers}, retries=retries,
+            dead_servers=[s.client.url for s in servers if s.dead], latencies=latencies,
+            answered_once=all(n == 1 for n in times_answered))
+        if fatal:
+            raise fatal[0]
+        if remaining:
+            last = "; ".join(f"{s.client.url}: {s.errors[-1]}" for s in servers if s.errors)
+            raise ServerUnavailable(f"every server failed with {remaining} of {len(requests)} "
+                                    f"requests unanswered ({last})")
+        return results  # type: ignore[return-value]
+
+    def score_sync(self, requests: Sequence[ScoreRequest],
+                   progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+        """`score` from synchronous code (runs its own event loop)."""
+        return asyncio.run(self.score(requests, progress))
+
+
+async def _first_answer(urls: Sequence[str], call: Callable[[ScoringClient], Any],
+                        api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> Any:
+    """`call(client)` on the first server that answers (for tokenize/model/version)."""
+    errors = []
+    for url in urls:
+        async with ScoringClient(url, api_key=api_key, timeout=timeout) as client:
+            try:
+                return await call(client)
+            except ServerUnavailable as error:
+                errors.append(str(error))
+    raise ServerUnavailable("no server answered: " + "; ".join(errors))
+
+
+async def describe_servers(urls: Sequence[str], api_key: str | None = None,
+                           timeout: float = 60.0) -> list[dict[str, Any]]:
+    """Each server's model id, max_model_len and vLLM version (ServerUnavailable if one is down)."""
+    described = []
+    for url in urls:
+        async with ScoringClient(url, api_key=api_key, timeout=timeout) as client:
+            model = await client.model()
+            described.append({"url": client.url, "model": model.get("id"),
+                              "max_model_len": model.get("max_model_len"),
+                              "vllm_version": await client.version()})
+    return described
+
+
+def tokenize(urls: Sequence[str], text: str, api_key: str | None = None,
+             timeout: float = DEFAULT_TIMEOUT) -> list[int]:
+    """Token ids of `text` from the first server that answers."""
+    return asyncio.run(_first_answer(urls, lambda c: c.tokenize(text), api_key, timeout))
+
+
+def percentiles(latencies: Sequence[float], qs: Sequence[float] = (50, 90, 99)) -> dict[str, float]:
+    """Latency percentiles in seconds, keyed p50/p90/p99 (NaN with no samples)."""
+    if not latencies:
+        return {f"p{q:g}": math.nan for q in qs}
+    values = np.percentile(np.asarray(latencies, dtype=np.float64), qs)
+    return {f"p{q:g}": float(v) for q, v in zip(qs, values)}

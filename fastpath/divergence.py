@@ -1,0 +1,225 @@
+"""KL divergence of a model against a base model from top-K scores: the statistics, in numpy.
+
+Per scored token the base pass stores the base model's top-K log-probs (and ids); the model
+pass scores the model on exactly those ids. The divergence is computed over K + 1 outcomes:
+the K ids, and one tail bucket holding everything else (base mass `1 - sum(top-K)`, model
+mass `1 - sum(model on those ids)`). Merging outcomes never increases a KL divergence (the
+log-sum inequality), so this is a lower bound of the full-vocabulary KLD, equal to it when
+K is the vocabulary; growing K never lowers it. All arithmetic is float64, and where the
+float32 inputs cannot resolve a tail mass the tail term errs low (see `topk_kld`).
+
+Statistics follow llama.cpp's `llama-perplexity --kl-divergence` (mean KLD with its
+uncertainty, percentiles, same top token, delta-p, PPL of both and ln of their ratio with
+the covariance), computed with numpy; sums that must not depend on order use math.fsum.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+PERCENTILES = (99.9, 99.0, 95.0, 90.0, 50.0, 10.0, 5.0, 1.0, 0.1)
+LOWER_BOUND_NOTE = (
+    "KLD is over the base model's top-K tokens plus one tail bucket: a lower bound of the "
+    "full-vocabulary KLD (equal when K is the vocabulary)")
+# Per-token KLD histogram kept in every JSON report: a bin for values below 1e-8 (zero
+# included), then quarter-decade bins up to 100.
+HISTOGRAM_EDGES = np.concatenate([[0.0], 10.0 ** np.arange(-8.0, 2.01, 0.25)])
+
+
+def _logsumexp(values: np.ndarray) -> np.ndarray:
+    """log(sum(exp)) over the last axis, float64, -inf for an all -inf row."""
+    top = values.max(axis=-1, keepdims=True)
+    safe = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        return (np.log(np.exp(values - safe).sum(axis=-1)) + safe[..., 0])
+
+
+def tail_mass(logprobs: np.ndarray) -> np.ndarray:
+    """1 - sum(exp(logprobs)) per row, in [0, 1] (float64)."""
+    return np.clip(-np.expm1(_logsumexp(logprobs.astype(np.float64))), 0.0, 1.0)
+
+
+def tail_resolution(logprobs: np.ndarray, vocab_size: int | None = None) -> np.ndarray:
+    """How well `tail_mass` is known per row: two ulps (of the input's float type) of the
+    scales its error comes from, the rounding of the K log-probs (sum p |log p|) and of the
+    log-softmax's normalizer (at most log of the vocabulary; 16 where it is not given)."""
+    eps = float(np.finfo(logprobs.dtype if logprobs.dtype.kind == "f" else np.float64).eps)
+    values = logprobs.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        spread = np.where(np.isfinite(values), -np.exp(values) * values, 0.0).sum(axis=-1)
+    normalizer = math.log(vocab_size) if vocab_size else 16.0
+    return 2 * eps * (normalizer + spread)
+
+
+def generalized_kl(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """x log(x/y) - x + y, elementwise: >= 0, zero only where x == y (0 log 0 = 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        value = np.where(x > 0, x * (np.log(x) - np.log(y)), 0.0) - x + y
+    return np.maximum(value, 0.0)
+
+
+def topk_kld(base_logprobs: np.ndarray, model_logprobs: np.ndarray,
+             full_vocabulary: bool = False, vocab_size: int | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-row KL(base || model) over the K scored ids + one tail bucket (float64).
+
+    Returns (kld, base tail mass, model tail mass). Written as a sum of generalized KL
+    terms, p log(p/q) - p + q over the K ids and over the tail bucket, each >= 0: the same
+    value as the plain sum when both sides sum to one, and insensitive (to first order) to
+    a log-softmax normalizer that is off by a rounding error. The tail masses are known
+    only within `tail_resolution`; the tail term is taken at the point of that uncertainty
+    closest to equality (zero where it includes equality), so it never overstates. With
+    `full_vocabulary` (K is the whole vocabulary) there is no tail bucket.
+    """
+    if np.shape(base_logprobs) != np.shape(model_logprobs) or np.ndim(base_logprobs) != 2:
+        raise ValueError(f"base and model scores must both be [rows, K]: "
+                         f"{np.shape(base_logprobs)} vs {np.shape(model_logprobs)}")
+    base = np.asarray(base_logprobs, dtype=np.float64)
+    model = np.asarray(model_logprobs, dtype=np.float64)
+    kld = generalized_kl(np.exp(base), np.exp(model)).sum(axis=1)
+    if full_vocabulary:
+        zeros = np.zeros(base.shape[0])
+        return kld, zeros, zeros
+    tail_base, tail_model = tail_mass(base), tail_mass(model)
+    delta_base = tail_resolution(np.asarray(base_logprobs), vocab_size)
+    delta_model = tail_resolution(np.asarray(model_logprobs), vocab_size)
+    direction = np.sign(tail_base - tail_model)
+    resolved = np.abs(tail_base - tail_model) > delta_base + delta_model
+    x = np.clip(tail_base - direction * delta_base, 0.0, 1.0)
+    y = np.clip(tail_model + direction * delta_model, 0.0, 1.0)
+    tail = np.where(resolved, generalized_kl(x, y), 0.0)
+    return kld + tail, tail_base, tail_model
+
+
+def mean_stderr(values: np.ndarray) -> tuple[float, float]:
+    """Mean (math.fsum) and its standard error (sample std / sqrt(n))."""
+    n = values.size
+    mean = math.fsum(values.tolist()) / n if n else float("nan")
+    stderr = float(values.std(ddof=1)) / math.sqrt(n) if n > 1 else float("nan")
+    return mean, stderr
+
+
+@dataclass
+class Divergence:
+    """Per-token figures of one model against its base, and their statistics."""
+
+    kld: np.ndarray  # float64 [n]
+    base_logprobs: np.ndarray  # float32 [n]: base log-prob of the target
+    model_logprobs: np.ndarray  # float32 [n]: model log-prob of the target
+    same_top: np.ndarray  # bool [n]: the model's top token is the base's top token
+    tail_mass_base: np.ndarray  # float64 [n]
+    top1_outside_base_topk: int = 0  # rows whose model top token is not a base top-K id
+    top1_undecided: int = 0
+    ppl: float = float("nan")  # computed by PerplexityResult (protocol weighting included)
+    ppl_base: float = float("nan")
+    mean_nll: float = float("nan")
+    mean_nll_base: float = float("nan")
+    top_k: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def delta_p(self) -> np.ndarray:
+        """p_model(target) - p_base(target), float64."""
+        return (np.exp(self.model_logprobs.astype(np.float64))
+                - np.exp(self.base_logprobs.astype(np.float64)))
+
+    def summary(self) -> dict[str, Any]:
+        """Every statistic, JSON-able (llama.cpp's names where it has them)."""
+        n = int(self.kld.size)
+        kld_mean, kld_stderr = mean_stderr(self.kld)
+        agree = float(self.same_top.mean()) if n else float("nan")
+        agree_stderr = math.sqrt(agree * (1 - agree) / (n - 1)) if n > 1 else float("nan")
+        nll = -self.model_logprobs.astype(np.float64)
+        nll_base = -self.base_logprobs.astype(np.float64)
+        ratio_stderr = float((nll - nll_base).std(ddof=1)) / math.sqrt(n) if n > 1 else float("nan")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            correlation = float(np.corrcoef(nll, nll_base)[0, 1]) if n > 1 else float("nan")
+        dp = self.delta_p
+        dp2_mean, dp2_stderr = mean_stderr(dp * dp)
+        rms = math.sqrt(dp2_mean)
+        dp_mean, dp_stderr = mean_stderr(dp)
+        counts, _ = np.histogram(np.clip(self.kld, 0.0, None), bins=HISTOGRAM_EDGES)
+        return {
+            "scored_tokens": n,
+            "top_k": self.top_k,
+            "kld_mean": kld_mean,
+            "kld_mean_stderr": kld_stderr,
+            "kld_max": float(self.kld.max()) if n else float("nan"),
+            "kld_min": float(self.kld.min()) if n else float("nan"),
+            "kld_median": float(np.percentile(self.kld, 50)) if n else float("nan"),
+            "kld_percentiles": {_label(q): float(np.percentile(self.kld, q)) for q in PERCENTILES}
+            if n else {},
+            "kld_is_lower_bound": True,
+            "kld_note": LOWER_BOUND_NOTE,
+            "tail_mass_mean": mean_stderr(self.tail_mass_base)[0],
+            "tail_mass_max": float(self.tail_mass_base.max()) if n else float("nan"),
+            "top1_agreement": agree,
+            "top1_agreement_stderr": agree_stderr,
+            "top1_undecided": self.top1_undecided,
+            "top1_outside_base_topk": self.top1_outside_base_topk,
+            "ppl": self.ppl,
+            "ppl_base": self.ppl_base,
+            "ppl_ratio": self.ppl / self.ppl_base,
+            "ln_ppl_ratio": self.mean_nll - self.mean_nll_base,
+            "ln_ppl_ratio_stderr": ratio_stderr,
+            "ln_ppl_correlation": correlation,
+            "delta_p_mean": dp_mean,
+            "delta_p_mean_stderr": dp_stderr,
+            "delta_p_max": float(dp.max()) if n else float("nan"),
+            "delta_p_min": float(dp.min()) if n else float("nan"),
+            "delta_p_percentiles": {_label(q): float(np.percentile(dp, q)) for q in PERCENTILES}
+            if n else {},
+            "rms_delta_p": rms,
+            "rms_delta_p_stderr": 0.5 / rms * dp2_stderr if rms > 0 else 0.0,
+            "kld_histogram": {"edges": HISTOGRAM_EDGES.tolist(), "counts": counts.tolist()},
+            **self.extra,
+        }
+
+    def per_token(self) -> dict[str, np.ndarray]:
+        """Arrays for --save-per-token."""
+        return {"kld": self.kld, "delta_p": self.delta_p,
+                "logprob_base": self.base_logprobs, "logprob_model": self.model_logprobs,
+                "tail_mass_base": self.tail_mass_base, "same_top": self.same_top}
+
+
+def _label(q: float) -> str:
+    return f"{q:g}"
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The statistics as llama-perplexity prints them (values in % where it uses %)."""
+    lines = [
+        "====== Perplexity statistics ======",
+        f"Mean PPL(Q)                   : {s['ppl']:10.6f}",
+        f"Mean PPL(base)                : {s['ppl_base']:10.6f}",
+        f"Cor(ln(PPL(Q)), ln(PPL(base))): {100 * s['ln_ppl_correlation']:6.2f}%",
+        f"Mean ln(PPL(Q)/PPL(base))     : {s['ln_ppl_ratio']:10.6f} ± "
+        f"{s['ln_ppl_ratio_stderr']:10.6f}",
+        f"Mean PPL(Q)/PPL(base)         : {s['ppl_ratio']:10.6f}",
+        "",
+        f"====== KL divergence statistics (top-{s['top_k']} + tail bucket) ======",
+        f"Mean    KLD: {s['kld_mean']:10.6f} ± {s['kld_mean_stderr']:10.6f}",
+        f"Maximum KLD: {s['kld_max']:10.6f}",
+    ]
+    for q, value in s["kld_percentiles"].items():
+        name = "Median " if q == "50" else f"{float(q):4.1f}%  "
+        lines.append(f"{name} KLD: {value:10.6f}")
+    lines += [
+        f"Minimum KLD: {s['kld_min']:10.6f}",
+        f"Base tail mass (outside top-{s['top_k']}): mean {s['tail_mass_mean']:.3e}, "
+        f"max {s['tail_mass_max']:.3e}",
+        f"Note: {LOWER_BOUND_NOTE}.",
+        "",
+        "====== Token probability statistics ======",
+        f"Mean    Δp: {100 * s['delta_p_mean']:6.3f} ± {100 * s['delta_p_mean_stderr']:5.3f} %",
+        f"Maximum Δp: {100 * s['delta_p_max']:6.3f}%",
+        f"Minimum Δp: {100 * s['delta_p_min']:6.3f}%",
+        f"RMS Δp    : {100 * s['rms_delta_p']:6.3f} ± {100 * s['rms_delta_p_stderr']:5.3f} %",
+        f"Same top p: {100 * s['top1_agreement']:6.3f} ± "
+        f"{100 * s['top1_agreement_stderr']:5.3f} %  (undecided rows: {s['top1_undecided']})",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,84 @@
+"""Explicit flags win: only flags the user did not give get fastpath's engine defaults."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastpath import cli, scoring
+
+
+@pytest.fixture(scope="module")
+def parsers():
+    return cli.build_parser()
+
+
+def given(parsers, *words: str) -> set[str]:
+    return cli.given_flags(parsers[1], words)
+
+
+@pytest.mark.parametrize("words, dests", [
+    ((), set()),
+    (("--dtype", "auto"), {"dtype"}),
+    (("--dtype=auto",), {"dtype"}),
+    (("--max-logprobs", "20"), {"max_logprobs"}),
+    (("--max_logprobs", "20"), {"max_logprobs"}),  # FlexibleArgumentParser's underscore form
+    (("--max_logprobs=20",), {"max_logprobs"}),
+    (("--max-logp", "20"), {"max_logprobs"}),  # argparse abbreviation
+    (("-tp", "1"), {"tensor_parallel_size"}),
+    (("--kv-cache-memory-bytes", "1G"), {"kv_cache_memory_bytes"}),
+    (("--no-enable-prefix-caching",), {"enable_prefix_caching"}),
+    (("--enforce-eager",), {"enforce_eager"}),
+    (("--compilation-config.mode", "0"), {"compilation_config"}),  # dotted form
+    (("--seed", "0", "--stride", "512", "--path", "fast"), {"seed", "stride", "path"}),
+])
+def test_given_flags_reads_every_spelling(parsers, words, dests):
+    assert given(parsers, *words) == dests
+
+
+def test_given_flags_reads_a_config_file(parsers, tmp_path):
+    config = tmp_path / "engine.yaml"
+    config.write_text("dtype: auto\nmax_logprobs: 20\n")
+    assert given(parsers, "--config", str(config)) == {"dtype", "max_logprobs"}
+
+
+def test_given_flags_needs_the_subcommand_parser(parsers):
+    with pytest.raises(TypeError, match="subcommand"):
+        cli.given_flags(parsers[0], ["ppl"])
+
+
+def engine_args(parsers, *words: str):
+    args = parsers[0].parse_args(["ppl", *words])
+    return cli._engine_args(args, given(parsers, *words))
+
+
+def test_typed_values_equal_to_vllms_defaults_are_kept(parsers):
+    """`--dtype auto` and `--max-logprobs 20` are vLLM's defaults, and what the user asked for."""
+    fastpath = scoring.default_engine_kwargs()
+    typed = engine_args(parsers, "--dtype", "auto", "--max-logprobs", "20",
+                        "--no-enforce-eager", "--kv-cache-memory-bytes", "256M")
+    assert (typed.dtype, typed.max_logprobs, typed.enforce_eager) == ("auto", 20, False)
+    assert typed.kv_cache_memory_bytes == 256 * 2**20
+    assert typed.disable_log_stats == fastpath["disable_log_stats"]  # not given: fastpath's
+    untouched = engine_args(parsers)
+    for key, value in fastpath.items():
+        assert getattr(untouched, key) == value, key
+
+
+def test_main_hands_the_given_flags_to_ppl(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(cli, "run_ppl", lambda args, given: seen.update(given=given) or 0)
+    assert cli.main(["ppl", "--dtype", "auto", "--max_logprobs=20", "-tp", "1"]) == 0
+    assert seen["given"] == {"dtype", "max_logprobs", "tensor_parallel_size"}
+
+
+def test_given_flags_on_vllms_server_parser():
+    """`fastpath serve` reuses it on vLLM's own server parser (positional model, append flags)."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser())
+    assert cli.given_flags(parser, []) == set()
+    words = ["--port", "8000", "--middleware", "a.b", "--dtype=auto", "--max_logprobs", "20",
+             "--enable-scale-out"]
+    assert cli.given_flags(parser, words) == {"port", "middleware", "dtype", "max_logprobs",
+                                              "enable_scale_out"}

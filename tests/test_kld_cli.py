@@ -1,0 +1,52 @@
+"""`fastpath kld` and `ppl --protocol` flags, without an engine: refusals by name, and the
+base engine's flags (the model's, with the --base-* overrides)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastpath import cli, kld
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["ppl", "--protocol", "lm-eval", "--stride", "10"], "--stride does not apply to --protocol lm-eval"),
+    (["ppl", "--protocol", "llama.cpp", "--context-length", "2"], "--context-length must be at least 3"),
+    (["ppl", "--protocol", "hf", "--context-length", "64", "--stride", "65"], "--stride must be in"),
+    (["kld", "--model", "m"], "--base-model is required unless --base-cache"),
+    (["kld", "--base-model", "b"], "--model is required"),
+    (["kld", "--base-model", "b", "--model", "m", "--top-k", "0"], "--top-k must be a positive"),
+    (["kld", "--base-model", "b", "--model", "m", "--protocol", "llama.cpp", "--stride", "4"],
+     "--stride does not apply"),
+    (["kld", "--base-model", "b", "--model", "m", "--max-batch-windows", "0"],
+     "--max-batch-windows must be positive"),
+])
+def test_cli_flag_errors_before_any_engine(argv, fragment, capsys):
+    assert cli.main(argv) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+
+
+def test_kld_corrupt_base_file_refused(tmp_path, capsys):
+    bad = tmp_path / "base.npz"
+    bad.write_bytes(b"junk")
+    assert cli.main(["kld", "--model", "m", "--base-cache", str(bad)]) == cli.EXIT_USAGE
+    assert "is not a fastpath kld base file" in capsys.readouterr().err
+
+
+def test_base_engine_flags_are_the_models_with_overrides():
+    parser, _, kld_parser, _ = cli.build_parser()
+    words = ["--base-model", "/b", "--model", "/q", "--quantization", "awq", "--dtype",
+             "bfloat16", "--base-quantization", "none", "--tokenizer", "/q-tok"]
+    args = parser.parse_args(["kld", *words])
+    given = cli.given_flags(kld_parser, words)
+    base, base_given = kld.base_namespace(args, given)
+    assert (base.model, base.quantization, base.dtype, base.tokenizer) == ("/b", None,
+                                                                            "bfloat16", None)
+    assert {"quantization", "dtype"} <= base_given and "tokenizer" not in base_given
+    assert (args.model, args.quantization, args.tokenizer) == ("/q", "awq", "/q-tok")
+    args = parser.parse_args(["kld", "--base-model", "/b", "--model", "/q",
+                              "--base-dtype", "float16", "--base-tensor-parallel-size", "2"])
+    base, base_given = kld.base_namespace(args, set())
+    assert (base.dtype, base.tensor_parallel_size) == ("float16", 2)
+    assert base_given == {"dtype", "tensor_parallel_size"}
+    assert cli._engine_args(base, base_given).dtype == "float16"

@@ -1,0 +1,52 @@
+"""`fastpath report` on `fastpath kld --json` reports: kld.csv and the KLD plots."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+
+from fastpath import cli, divergence
+from fastpath.report import is_kld_report
+
+
+def kld_report(path, model: str, scale: float, seed: int) -> None:
+    """A report as `fastpath kld` writes it, from a Divergence of synthetic figures."""
+    rng = np.random.default_rng(seed)
+    n = 500
+    base_lp = -rng.exponential(2.0, n).astype(np.float32)
+    model_lp = (base_lp - rng.normal(0.0, scale, n)).astype(np.float32)
+    kld = np.concatenate([np.zeros(5), rng.exponential(scale, n - 5)])
+    nll, nll_base = -model_lp.astype(np.float64), -base_lp.astype(np.float64)
+    result = divergence.Divergence(
+        kld=kld, base_logprobs=base_lp, model_logprobs=model_lp, same_top=rng.random(n) < 0.9,
+        tail_mass_base=rng.random(n) * 0.1, ppl=math.exp(nll.mean()),
+        ppl_base=math.exp(nll_base.mean()), mean_nll=nll.mean(), mean_nll_base=nll_base.mean(),
+        top_k=32)
+    report = {"kind": "fastpath-kld", "model": model, "base_model": "/models/base",
+              "protocol": "fastpath", "context_length": 2048, "stride": 512,
+              "base_file_bytes_per_token": 264.0, **result.summary()}
+    path.write_text(json.dumps(report))
+
+
+def test_kld_reports_to_csv_and_plots(tmp_path, capsys):
+    runs = []
+    for i, (name, scale) in enumerate([("w8a16", 1e-4), ("w4a16", 1e-2), ("w3a16", 5e-2)]):
+        runs.append(tmp_path / f"{name}.json")
+        kld_report(runs[-1], f"/models/{name}", scale, i)
+    assert all(is_kld_report(p) for p in runs)
+    out = tmp_path / "out"
+    assert cli.main(["report", *map(str, runs), "--out", str(out)]) == 0
+    table = pd.read_csv(out / "kld.csv")
+    assert list(table["label"]) == ["w8a16", "w4a16", "w3a16"]
+    assert table["kld_mean"].is_monotonic_increasing
+    for column in ("kld_p99.9", "kld_p50", "kld_p0.1", "top1_agreement", "tail_mass_mean",
+                   "ln_ppl_ratio", "base_file_bytes_per_token"):
+        assert column in table.columns, column
+    expected = json.loads(runs[1].read_text())
+    assert table.loc[1, "kld_p99"] == expected["kld_percentiles"]["99"]
+    for plot in ("kld_histogram.png", "kld_percentiles.png"):
+        assert (out / plot).stat().st_size > 10_000
+    assert "kld.csv" in capsys.readouterr().out

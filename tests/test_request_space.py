@@ -1,0 +1,419 @@
+"""Stateful property: every score any request receives was computed for that request.
+
+A Hypothesis state machine drives a live engine step by step (`LLMEngine`: requests added
+with chosen ids, `step()`, `abort_request`), over engine settings drawn per run
+(chunked prefill budget, prefix caching, a KV cache small enough to preempt), with random
+sequences of: `target_token_ids` (with and without `target_start`, with `fastpath_top_k`),
+upstream's 2-D `prompt_logprob_token_ids` with -1 padding, standard `prompt_logprobs=K`,
+plain generation and sample logprobs; prompts that share prefixes; the caller's
+`skip_reading_prefix_cache` drawn from None/True/False; aborts, and resubmission under an
+aborted or finished request's id (internal ids kept: request-id randomization is off).
+
+Invariant: every returned prompt score is bitwise the value the standard path
+(`prompt_logprobs=-1`) gives for that (prompt, row, id) in a separate cold engine with no
+prefix cache and no chunking; a top-K answer is that reference's top-K; or the request was
+refused with a clear error at submission. The engine keeps serving throughout.
+`HYPOTHESIS_PROFILE=nightly` runs many more and longer sequences.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+from vllm import SamplingParams
+from vllm.exceptions import VLLMValidationError
+
+from fastpath import scoring, zoo
+from fastpath.scoring import split_top_k
+from tests.conftest import assert_bitwise_equal, engine_kwargs
+
+pytestmark = [pytest.mark.correctness, pytest.mark.engine]
+
+MODEL = "tiny-llama"
+VOCAB = 2048
+MAX_PROMPT = 150
+LONG = 100  # output tokens of a burst's requests: enough to outgrow the small KV cache
+
+
+@dataclass(frozen=True)
+class EngineSetting:
+    """Engine flags drawn per run: each exercises a different way rows reach the runner."""
+
+    name: str
+    max_num_batched_tokens: int
+    enable_prefix_caching: bool
+    kv_cache_memory_bytes: int = 64 << 20
+
+    def kwargs(self) -> dict[str, Any]:
+        return engine_kwargs(max_num_batched_tokens=self.max_num_batched_tokens,
+                             enable_prefix_caching=self.enable_prefix_caching,
+                             kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+                             block_size=32, max_model_len=480, max_num_seqs=8,
+                             disable_log_stats=False)  # the preemption counter
+
+
+SETTINGS = (
+    # chunked prefill in 32-token pieces, prefix cache shared by the prompts
+    EngineSetting("chunk32-cache", 32, True),
+    # tiny-llama keeps 2 KiB of KV per token: 1.4 MiB is ~22 blocks of 32, so a few
+    # long prompts with long decodes force preemption and recomputation
+    EngineSetting("preempt-cache", 64, True, kv_cache_memory_bytes=1400 << 10),
+    # one step per prompt, no cache
+    EngineSetting("whole-nocache", 2048, False),
+)
+CI_SETTINGS = ("chunk32-cache", "preempt-cache")
+
+
+def _settings_for_this_run() -> list[EngineSetting]:
+    if os.environ.get("HYPOTHESIS_PROFILE") == "nightly":
+        return list(SETTINGS)
+    return [s for s in SETTINGS if s.name in CI_SETTINGS]
+
+
+class Reference:
+    """The cold standard path: full-vocabulary prompt logprobs, one engine, cached per prompt."""
+
+    def __init__(self, llm: Any):
+        self.llm = llm
+        self.cache: dict[tuple[int, ...], np.ndarray] = {}
+
+    def logprobs(self, prompt: tuple[int, ...]) -> np.ndarray:
+        """float32 [len(prompt) - 1, VOCAB]: row r predicts prompt[r + 1]."""
+        if prompt not in self.cache:
+            (out,) = self.llm.generate([{"prompt_token_ids": list(prompt)}],
+                                       SamplingParams(max_tokens=1, prompt_logprobs=-1),
+                                       use_tqdm=False)
+            table = np.full((len(prompt) - 1, VOCAB), np.nan, dtype=np.float32)
+            for row, entries in enumerate(out.prompt_logprobs[1:]):
+                ids = np.fromiter(entries.keys(), dtype=np.int64, count=len(entries))
+                table[row, ids] = np.fromiter((e.logprob for e in entries.values()),
+                                              dtype=np.float32, count=len(entries))
+            assert not np.isnan(table).any()
+            self.cache[prompt] = table
+        return self.cache[prompt]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    with scoring.engine(str(zoo.get_model(MODEL)),
+                        **engine_kwargs(max_num_batched_tokens=2048, enable_prefix_caching=False,
+                                        max_model_len=480)) as llm:
+        yield Reference(llm)
+
+
+@pytest.fixture(scope="module", params=_settings_for_this_run(), ids=lambda s: s.name)
+def engine_under_test(request):
+    saved = os.environ.get("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION")
+    os.environ["VLLM_DISABLE_REQUEST_ID_RANDOMIZATION"] = "1"  # ids reach the runner as given
+    try:
+        with scoring.engine(str(zoo.get_model(MODEL)), **request.param.kwargs()) as llm:
+            yield request.param, llm
+    finally:
+        if saved is None:
+            os.environ.pop("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION", None)
+        else:
+            os.environ["VLLM_DISABLE_REQUEST_ID_RANDOMIZATION"] = saved
+
+
+# Prompts that share prefixes: three roots, each cut and extended in several ways.
+_ROOTS = [np.random.default_rng(s).integers(0, VOCAB, MAX_PROMPT).tolist() for s in (1, 2, 3)]
+prompts = st.builds(
+    lambda root, cut, tail_seed, tail: tuple(
+        (_ROOTS[root][:cut] + np.random.default_rng(tail_seed).integers(0, VOCAB, tail).tolist())
+        [:MAX_PROMPT]),
+    root=st.integers(0, 2), cut=st.sampled_from([1, 2, 32, 33, 64, 149]),
+    tail_seed=st.integers(0, 1), tail=st.sampled_from([0, 1, 17]),
+).filter(lambda p: len(p) >= 2)
+REUSE = st.one_of(st.none(), st.integers(0, 50))
+token = st.one_of(st.sampled_from([0, VOCAB - 1]), st.integers(0, VOCAB - 1))
+
+
+@dataclass
+class Submitted:
+    """What was asked, so the answer can be checked against the reference."""
+
+    prompt: tuple[int, ...]
+    kind: str
+    ids: np.ndarray | None = None  # [rows, n] fixed ids (-1 = padding)
+    start: int = 0
+    top_k: int = 0
+    prompt_logprobs: int | None = None
+    aborted: bool = False
+    seen: list[Any] = field(default_factory=list)
+
+
+class RequestSpace(RuleBasedStateMachine):
+    """Random submissions, steps and aborts against one live engine."""
+
+    setting: EngineSetting
+    llm: Any
+    reference: Reference
+    stats: dict[str, int]
+
+    def __init__(self):
+        super().__init__()
+        self.engine = self.llm.llm_engine
+        self.live: dict[str, Submitted] = {}
+        self.used: list[str] = []  # every id submitted so far, in order
+        # Aborted ids wait one engine step before reuse: an abort and an add of the same id
+        # sent back to back can reach the engine core's scheduler in the other order, and
+        # vLLM then stops on "duplicate request id" (upstream; ids are randomized by default).
+        self.abort_in_flight: set[str] = set()
+        self.ids = itertools.count()
+        _drain(self.engine)  # what an earlier, failed sequence left in flight
+
+    # ---- submissions -------------------------------------------------------------------
+
+    def _submit(self, req_id: str, prompt: tuple[int, ...], params: SamplingParams,
+                sub: Submitted, extra: dict[str, Any] | None = None) -> None:
+        engine_prompt = {"prompt_token_ids": list(prompt), **(extra or {})}
+        try:
+            self.engine.add_request(req_id, engine_prompt, params)
+        except VLLMValidationError as error:
+            assert error.parameter, f"refusal without a parameter name: {error}"
+            self.stats["refused"] += 1
+            return
+        self.live[req_id] = sub
+        self.stats[sub.kind] += 1
+
+    def _new_id(self, reuse: int | None) -> str:
+        """A fresh id, or (reuse = an index) an earlier request's id if it is not in flight.
+
+        What is drawn never depends on the engine's progress (Hypothesis replays the draws),
+        only what the draw selects does.
+        """
+        if reuse is not None and self.used:
+            old = self.used[reuse % len(self.used)]
+            if old not in self.live or (self.live[old].aborted
+                                        and old not in self.abort_in_flight):
+                self.stats["reused_id"] += 1
+                return old
+        req_id = f"r{next(self.ids)}"
+        self.used.append(req_id)
+        return req_id
+
+    KINDS = ("targets", "targets", "two_dimensional", "standard", "plain", "bad_length")
+
+    @rule(kind=st.sampled_from(KINDS), prompt=prompts, data=st.data())
+    def submit(self, kind, prompt, data):
+        """One request of a kind drawn evenly (Hypothesis draws rules less evenly)."""
+        getattr(self, f"_submit_{kind}")(prompt, data)
+
+    @rule(count=st.integers(3, 6), data=st.data())
+    def burst(self, count, data):
+        """Several long requests at once: the small-cache setting must preempt."""
+        for _ in range(count):
+            kind = data.draw(st.sampled_from(self.KINDS[:-1]))
+            getattr(self, f"_submit_{kind}")(data.draw(prompts), data, long=True)
+
+    def _submit_targets(self, prompt, data, long=False):
+        reuse = data.draw(REUSE)
+        skip = data.draw(st.sampled_from([None, True, False]))
+        max_tokens = LONG if long else data.draw(st.sampled_from([1, 3, 40]))
+        top_k = data.draw(st.sampled_from([0, 0, 1, 4]))
+        start = data.draw(st.sampled_from(sorted({0, 1, len(prompt) // 2, len(prompt) - 2})))
+        start = min(start, len(prompt) - 2)
+        targets = data.draw(st.lists(token, min_size=len(prompt) - 1 - start,
+                                     max_size=len(prompt) - 1 - start))
+        extra = {"target_token_ids": targets}
+        if start or data.draw(st.booleans()):
+            extra["target_start"] = start
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                skip_reading_prefix_cache=skip,
+                                extra_args={"fastpath_top_k": top_k} if top_k else None)
+        sub = Submitted(prompt, "targets", np.asarray(targets)[:, None], start, top_k)
+        self._submit(self._new_id(reuse), prompt, params, sub, extra)
+
+    def _submit_two_dimensional(self, prompt, data, long=False):
+        reuse = data.draw(REUSE)
+        skip = data.draw(st.sampled_from([None, True, False]))
+        width = data.draw(st.integers(1, 3))
+        start = data.draw(st.integers(0, len(prompt) - 2))
+        rows = len(prompt) - 1 - start
+        ids = data.draw(st.lists(st.lists(st.one_of(token, st.just(-1)), min_size=width,
+                                          max_size=width), min_size=rows, max_size=rows))
+        top_k = data.draw(st.sampled_from([0, 1, 3]))  # the kld model pass asks for top-1
+        params = SamplingParams(max_tokens=LONG if long else 2, temperature=0.0,
+                                extra_args={"fastpath_top_k": top_k} if top_k else None,
+                                prompt_logprob_token_ids=ids,
+                                prompt_logprob_start=start or None,
+                                skip_reading_prefix_cache=skip)
+        sub = Submitted(prompt, "two_dimensional", np.asarray(ids), start, top_k)
+        self._submit(self._new_id(reuse), prompt, params, sub)
+
+    def _submit_standard(self, prompt, data, long=False):
+        k = data.draw(st.sampled_from([0, 1, 5]))
+        reuse = data.draw(REUSE)
+        skip = data.draw(st.sampled_from([None, True]))
+        params = SamplingParams(max_tokens=LONG if long else 2, temperature=0.0, prompt_logprobs=k,
+                                skip_reading_prefix_cache=skip)
+        self._submit(self._new_id(reuse), prompt, params,
+                     Submitted(prompt, "standard", prompt_logprobs=k))
+
+    def _submit_plain(self, prompt, data, long=False):
+        logprobs = data.draw(st.sampled_from([None, 2]))
+        max_tokens = LONG if long else data.draw(st.sampled_from([1, 30]))
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=logprobs)
+        kind = "plain" if logprobs is None else "sample_logprobs"
+        self._submit(self._new_id(None), prompt, params, Submitted(prompt, kind))
+
+    def _submit_bad_length(self, prompt, data, long=False):
+        """A wrong target count is refused at submission, naming the parameter."""
+        wrong = data.draw(st.sampled_from([-1, 1]))
+        targets = list(prompt[1:]) + [0] if wrong > 0 else list(prompt[2:])
+        with pytest.raises(VLLMValidationError, match="target_token_ids"):
+            self.engine.add_request(self._new_id(None), {"prompt_token_ids": list(prompt),
+                                                          "target_token_ids": targets},
+                                    SamplingParams(max_tokens=1))
+        self.stats["refused"] += 1
+
+    # ---- engine steps and aborts ---------------------------------------------------------
+
+    @rule(steps=st.integers(1, 6))
+    def step(self, steps):
+        for _ in range(steps):
+            if not self.engine.has_unfinished_requests():
+                break
+            for output in self.engine.step():
+                self._receive(output)
+            self.abort_in_flight.clear()
+
+    @precondition(lambda self: self.used)
+    @rule(pick=st.integers(0, 50))
+    def abort(self, pick):
+        """Abort an earlier request: in flight (then it must never answer) or already done."""
+        req_id = self.used[pick % len(self.used)]
+        self.engine.abort_request([req_id])
+        if req_id in self.live and not self.live[req_id].aborted:
+            self.live[req_id].aborted = True
+            self.abort_in_flight.add(req_id)
+            self.stats["aborted"] += 1
+
+    def _receive(self, output: Any) -> None:
+        sub = self.live.get(output.request_id)
+        assert sub is not None, f"output for a request not in flight: {output.request_id}"
+        assert not sub.aborted, f"aborted request {output.request_id} still answered"
+        self.check(output, sub)
+        if output.finished:
+            del self.live[output.request_id]
+
+    # ---- the invariant ---------------------------------------------------------------
+
+    def check(self, output: Any, sub: Submitted) -> None:
+        what = f"{self.setting.name} {output.request_id} {sub.kind} len={len(sub.prompt)}"
+        if output.outputs and output.outputs[0].finish_reason == "error":
+            raise AssertionError(f"{what}: finished with an error")
+        scores = output.prompt_token_id_logprobs
+        if sub.ids is None:
+            assert scores is None, f"{what}: scores it never asked for"
+        elif scores is not None:
+            self._check_fixed_ids(scores, sub, what)
+            self.stats["checked_rows"] += scores.shape[0]
+        elif output.finished:
+            raise AssertionError(f"{what}: finished without its scores")
+        if sub.prompt_logprobs is not None and output.prompt_logprobs is not None:
+            self._check_standard(output.prompt_logprobs, sub, what, output.finished)
+
+    def _check_fixed_ids(self, scores: np.ndarray, sub: Submitted, what: str) -> None:
+        table = self.reference.logprobs(sub.prompt)[sub.start:]
+        num_ids = sub.ids.shape[1]
+        if sub.top_k:
+            scores, values, top_ids = split_top_k(scores, num_ids, sub.top_k)
+            ref_ids = np.argsort(-table, axis=1, kind="stable")[:, : sub.top_k]
+            assert_bitwise_equal(values, np.take_along_axis(table, ref_ids, 1),
+                                 what=f"{what} top-{sub.top_k} values")
+            assert_bitwise_equal(np.take_along_axis(table, top_ids.astype(np.int64), 1), values,
+                                 what=f"{what} top-{sub.top_k} ids")
+        expected = np.take_along_axis(table, sub.ids.clip(min=0), 1)
+        expected[sub.ids < 0] = -np.inf
+        assert_bitwise_equal(scores, expected, what=what)
+
+    def _check_standard(self, prompt_logprobs: list, sub: Submitted, what: str,
+                        finished: bool) -> None:
+        """Every value upstream's standard path returned is the reference's (it may return
+        fewer rows than the prompt has: counted, since no value is wrong then)."""
+        table = self.reference.logprobs(sub.prompt)
+        assert prompt_logprobs[0] is None and len(prompt_logprobs) <= len(sub.prompt)
+        if finished and len(prompt_logprobs) < len(sub.prompt):
+            self.stats["standard_incomplete"] += 1
+        for row, entries in enumerate(prompt_logprobs[1:]):
+            ids = np.fromiter(entries.keys(), dtype=np.int64, count=len(entries))
+            got = np.fromiter((e.logprob for e in entries.values()), dtype=np.float32,
+                              count=len(entries))
+            assert_bitwise_equal(got, table[row, ids], what=f"{what} standard row {row}")
+        self.stats["checked_rows"] += len(sub.prompt) - 1
+
+    @invariant()
+    def engine_serves(self):
+        assert self.engine.engine_core is not None
+
+    def teardown(self):
+        """Finish everything in flight; every answer is checked on the way."""
+        for _ in range(10_000):
+            if not self.engine.has_unfinished_requests():
+                break
+            for output in self.engine.step():
+                self._receive(output)
+        assert not self.engine.has_unfinished_requests(), "requests never finished"
+        leftover = [r for r, s in self.live.items() if not s.aborted]
+        assert not leftover, f"requests that never answered: {leftover}"
+
+
+def _drain(engine: Any) -> None:
+    """Abort every request still in flight and step until the engine is idle."""
+    leftover = list(engine.output_processor.request_states)
+    if leftover:
+        engine.abort_request(leftover)
+    for _ in range(1000):
+        if not engine.has_unfinished_requests():
+            return
+        engine.step()
+    raise AssertionError("the engine did not become idle")
+
+
+STATS_KEYS = ("targets", "two_dimensional", "standard", "plain", "sample_logprobs", "refused",
+              "aborted", "reused_id", "checked_rows", "standard_incomplete")
+
+
+def test_request_space(engine_under_test, reference, record_property):
+    setting, llm = engine_under_test
+    stats = dict.fromkeys(STATS_KEYS, 0)
+    preempted_before = _preemptions(llm)
+    machine = type("RequestSpaceRun", (RequestSpace,),
+                   {"setting": setting, "llm": llm, "reference": reference, "stats": stats})
+    run_state_machine_as_test(machine, settings=_run_settings())
+    stats["preemptions"] = int(_preemptions(llm) - preempted_before)
+    print(f"request space [{setting.name}]: {stats}")
+    record_property(f"request_space_{setting.name}", stats)
+    assert stats["checked_rows"] > 0, "no score was ever checked: the test is not testing"
+    if setting.kv_cache_memory_bytes < (2 << 20):
+        assert stats["preemptions"] > 0, "the small-cache setting never preempted"
+
+
+def _run_settings() -> settings:
+    """Sequences per engine setting: a few short ones by default, many long ones nightly."""
+    if os.environ.get("HYPOTHESIS_PROFILE") == "nightly":
+        return settings(settings(), max_examples=60, stateful_step_count=80)
+    return settings(settings(), max_examples=int(os.environ.get("FASTPATH_STATEFUL_RUNS", 6)),
+                    stateful_step_count=25)
+
+
+def _preemptions(llm: Any) -> float:
+    try:
+        return sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+    except Exception:
+        return float("nan")

@@ -1,0 +1,59 @@
+"""Row-subset invariance of the lm_head kernel vLLM's CPU backend really runs.
+
+On CPU vLLM does not call `torch.nn.functional.linear` for the lm_head: at load it
+dispatches the layer to oneDNN (`onednn_mm`), or to sgl-kernel's `weight_packed_linear` for
+16-bit weights on AMX CPUs (`vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm`).
+This sweeps that kernel (`fastpath.rowsubset`, kernel `vllm-cpu`) at every zoo lm_head
+shape in float32, what fastpath's CPU engines run: every subset of two or more rows must
+give each row its bits (asserted), at the runner's chunk size of 1024 rows. 16-bit weights
+are measured and bounded: on AMX CPUs sgl-kernel was seen to round a row differently among
+fewer rows, so a 16-bit CPU engine cannot rely on the invariance.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fastpath import rowsubset
+from tests.test_row_subset import CHUNK, EPS32, SHAPES, cpu_plan, describe, shape_id
+
+pytest.importorskip("vllm")
+
+
+def _vllm_on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+pytestmark = pytest.mark.skipif(not _vllm_on_cpu(), reason="vLLM's platform here is not CPU")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_vllm_cpu_lm_head_is_row_subset_invariant_in_float32(shape):
+    report = rowsubset.sweep(*shape, kernel="vllm-cpu", device="cpu",
+                             **cpu_plan(*shape, chunk=CHUNK))
+    print(rowsubset.summary(report))
+    assert report["invariant"], describe(report)
+    assert report["log_softmax_invariant"], describe(report)
+
+
+def test_vllm_cpu_lm_head_is_row_subset_invariant_on_one_thread():
+    """A TP worker on these machines runs one thread per core: the same, on one thread."""
+    report = rowsubset.sweep(128, 2048, kernel="vllm-cpu", threads=1, **cpu_plan(128, 2048))
+    assert report["threads"] == 1
+    assert report["invariant"] and report["log_softmax_invariant"], describe(report)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_vllm_cpu_lm_head_in_16_bit_differs_by_rounding_at_most(dtype):
+    """Measured, not relied on: 1100 rows, where AMX's bf16 kernel rounded a row differently."""
+    report = rowsubset.sweep(128, 2048, rows=1100, chunk=CHUNK, dtype=dtype, kernel="vllm-cpu",
+                             counts=(2, 3, 8, 255, 1024))
+    print(describe(report))
+    assert report["log_softmax_invariant"], describe(report)
+    unit = 2.0**-8 if dtype == "bfloat16" else 2.0**-11  # 16-bit rounding of the output
+    diffs = [m["max_abs_diff"] for m in report["mismatches"] + report["lone_row_mismatches"]
+             if m["stage"] == "logits"]
+    bound = (unit + 128 * EPS32) * report["max_abs_logit"]
+    assert max(diffs, default=0.0) <= bound, describe(report)
