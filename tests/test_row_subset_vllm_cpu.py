@@ -12,6 +12,11 @@ fewer rows, so a 16-bit CPU engine cannot rely on the invariance.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from fastpath import rowsubset
@@ -39,8 +44,16 @@ def test_vllm_cpu_lm_head_is_row_subset_invariant_in_float32(shape):
 
 
 def test_vllm_cpu_lm_head_is_row_subset_invariant_on_one_thread():
-    """A TP worker on these machines runs one thread per core: the same, on one thread."""
-    report = rowsubset.sweep(128, 2048, kernel="vllm-cpu", threads=1, **cpu_plan(128, 2048))
+    """A TP worker on these machines runs one thread per core: the same, on one thread.
+
+    In a fresh process: where vLLM already set up its CPU threads, torch keeps that count.
+    """
+    code = ("import json; from fastpath import rowsubset; from tests.test_row_subset import "
+            "cpu_plan; print(json.dumps(rowsubset.sweep(128, 2048, kernel='vllm-cpu', "
+            "threads=1, **cpu_plan(128, 2048))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, cwd=Path(__file__).resolve().parent.parent, timeout=600)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["threads"] == 1
     assert report["invariant"] and report["log_softmax_invariant"], describe(report)
 

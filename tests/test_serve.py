@@ -101,6 +101,10 @@ def score_one(url: str, request: ScoreRequest) -> np.ndarray:
 
 def test_quiet_by_default_and_verbose_reaches_engine_processes(servers):
     a, b = servers
+    # the line comes from serve's own /health poll, which may trail the fixture's
+    deadline = time.monotonic() + 60
+    while "ready at " + a.url not in a.log_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert "ready at " + a.url in a.log_text()
     assert not VLLM_INFO_LINE.findall(a.log_text()), VLLM_INFO_LINE.findall(a.log_text())[:3]
     assert "(EngineCore pid=" in "".join(l for l in b.log_text().splitlines() if " INFO " in l)
