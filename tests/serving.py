@@ -19,6 +19,8 @@ from pathlib import Path
 
 import httpx
 
+from fastpath.flags import LOG_LEVEL_ENV
+
 START_TIMEOUT = 600.0  # seconds: ~30 s on an idle 2-core machine, minutes when it is shared
 VLLM_INFO_LINE = re.compile(r"^\(\w+ pid=\d+\) INFO ", re.MULTILINE)
 
@@ -40,10 +42,13 @@ class Server:
         self.log = log
         command = [sys.executable, "-m", "fastpath.cli", "serve", model, "--host", "127.0.0.1",
                    "--port", str(self.port), *flags]
+        # The level an in-process `fastpath` command of an earlier test left in os.environ
+        # would pass for the user's own and silence -v: servers start from the user's env.
+        inherited = {k: v for k, v in os.environ.items() if k != LOG_LEVEL_ENV}
         with open(log, "w") as out:
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                             start_new_session=True,
-                                            env={**os.environ, **(env or {})})
+                                            env={**inherited, **(env or {})})
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
