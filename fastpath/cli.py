@@ -8,6 +8,7 @@ default: a zoo model trained on the bundled text.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -42,6 +43,11 @@ def _add_ppl_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-batch-windows", type=int, default=16,
                        help="windows submitted together: bounds front-end memory and sets "
                        "how often the progress bar moves (default 16)")
+    group.add_argument("--model-runner", choices=("auto", "v1", "v2"), default="auto",
+                       help="vLLM's model runner: auto (vLLM's choice: V1 on CPU, V2 on CUDA; "
+                       "VLLM_USE_V2_MODEL_RUNNER is honoured), v1 or v2. On CPU, v2 runs "
+                       "V2's Triton kernels in Triton's interpreter (~30x slower): a check "
+                       "of V2's logic, not of a GPU's bits")
     group.add_argument("--json", dest="json_path", help="write every figure to this JSON file")
     group.add_argument("--save-logprobs", help="write per-token logprobs (float32 .npy)")
 
@@ -90,14 +96,11 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 
 def run_ppl(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> int:
-    import vllm
-    from tqdm import tqdm
-
-    from fastpath import data, perplexity, scoring, zoo
-    from fastpath.measure import device_name
-    from fastpath.windows import WindowError, count_windows
+    from fastpath import data, zoo
+    from fastpath.testing import v2cpu
 
     _check_flags(args)
+    _check_runner(args.model_runner)
     try:
         text, source = data.load_text(args.dataset, args.dataset_config, args.text_file,
                                       args.num_samples, split=args.dataset_split)
@@ -111,6 +114,39 @@ def run_ppl(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> int:
     else:
         model_name = args.model
     engine_args = _engine_args(args, parser_defaults)
+    with contextlib.ExitStack() as stack:
+        if args.model_runner != "auto":
+            # Kept for the engine's life: vLLM's front end reads it at every request.
+            stack.enter_context(v2cpu.runner_environment(args.model_runner))
+        return _score(args, engine_args, model_name, text, source)
+
+
+def _check_runner(runner: str) -> None:
+    """Refuse --model-runner v2 on CPU where the stand-in Triton backend came too late."""
+    from fastpath.testing import v2cpu
+
+    if runner != "v2" or not v2cpu.cpu_build():
+        return
+    from vllm.triton_utils import HAS_TRITON
+
+    if not HAS_TRITON:
+        raise UsageError("--model-runner v2 on CPU needs fastpath's stand-in Triton backend "
+                         "registered before vLLM is imported (fastpath.testing.v2cpu."
+                         "prepare_process); run it as the `fastpath` command")
+    print("fastpath ppl: V2 runner on CPU: Triton kernels run in Triton's interpreter "
+          "(slow; checks V2's logic, says nothing about a GPU's bits)", file=sys.stderr)
+
+
+def _score(args: argparse.Namespace, engine_args: Any, model_name: str, text: str,
+           source: str) -> int:
+    """Build the engine, score on each path asked for, report; the engine always stops."""
+    import vllm
+    from tqdm import tqdm
+
+    from fastpath import perplexity, scoring
+    from fastpath.measure import device_name
+    from fastpath.windows import WindowError, count_windows
+
     llm = scoring.build_llm_from_engine_args(engine_args)
     try:
         max_len = llm.llm_engine.model_config.max_model_len
@@ -186,8 +222,21 @@ def _print_summary(report: dict[str, Any], results: dict[str, Any]) -> None:
               f"({report['bitwise_mismatches']} of {report['scored_tokens']} differ)")
 
 
+def _prepare_runner(argv: list[str]) -> None:
+    """`--model-runner v2` on CPU: register the stand-in Triton backend before vLLM is
+    imported (the full parser imports vLLM), as vLLM decides V2 support at import."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model-runner", "--model_runner", dest="model_runner")
+    known, _ = pre.parse_known_args(argv)
+    if known.model_runner == "v2":
+        from fastpath.testing import v2cpu
+
+        v2cpu.prepare_process()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _prepare_runner(argv)
     parser, ppl_parser = build_parser()
     args = parser.parse_args(argv)
     try:
