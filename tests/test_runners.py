@@ -1,7 +1,7 @@
 """vLLM's V2 model runner beside V1 on CPU: what holds across the two runners.
 
-The cross-runner tests run in every session (the V2 subset CI runs); `pytest --runner v2`
-runs the whole correctness suite on V2, the `fastpath ppl` command on V2 below included.
+These run in every session, whatever `--runner` says: they are the V2 subset CI runs
+(about 2 minutes on 2 cores; `pytest --runner v2` runs the whole correctness suite on V2).
 On CPU the V2 runner's Triton kernels run in Triton's interpreter (fastpath/testing/v2cpu.py):
 this checks V2's logic and fastpath's mapping of `target_token_ids` onto upstream's
 `prompt_logprob_token_ids`, not a GPU's bits.
@@ -137,15 +137,11 @@ def test_v2_within_stated_bound_of_v1_in_raw_logprobs(scores):
     assert worst <= RAW_LOGPROBS_MAX_ABS_DIFF and worst_ulps <= RAW_LOGPROBS_MAX_ULPS
 
 
-def test_cli_ppl_both_on_v2(tmp_path, runner):
+def test_cli_ppl_both_on_v2(tmp_path):
     """`fastpath ppl --path both --model-runner v2` as a user runs it: V2, bitwise equal.
 
-    A fresh process must register the stand-in Triton backend itself, before vLLM is
-    imported. About two minutes on 2 cores, so it runs with the V2 suite, not in CI's subset.
+    A fresh process must register the stand-in Triton backend itself, before vLLM is imported.
     """
-    if runner != "v2":
-        pytest.skip("runs under --runner v2 or both (tox -e v2): a fresh V2 process costs "
-                    "about two minutes on 2 cores")
     out_json = tmp_path / "ppl.json"
     command = [sys.executable, "-m", "fastpath.cli", "ppl", "--path", "both", "--model-runner",
                "v2", "--num-samples", "4", "--context-length", "128", "--stride", "48",
