@@ -1,4 +1,4 @@
-"""Project-wide pytest setup: Hypothesis profiles, GPU skips, and engine-friendly defaults."""
+"""Project-wide pytest setup: Hypothesis profiles, GPU skips, the model runner(s) under test."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import os
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+from fastpath.testing import v2cpu
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -17,6 +19,43 @@ settings.register_profile("nightly", max_examples=300, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--runner", choices=("v1", "v2", "both"), default=None,
+        help="vLLM model runner(s) the engine fixtures use (default: v2 where "
+        "VLLM_USE_V2_MODEL_RUNNER=1, else v1). On CPU, V2 runs its Triton kernels in "
+        "Triton's interpreter (fastpath/testing/v2cpu.py).")
+
+
+def runners(config: pytest.Config) -> tuple[str, ...]:
+    """The runners asked for: --runner, else what VLLM_USE_V2_MODEL_RUNNER says, else v1."""
+    choice = config.getoption("runner")
+    if choice is None:
+        choice = "v2" if os.environ.get(v2cpu.RUNNER_ENV, "").lower() in ("1", "true") else "v1"
+    return v2cpu.RUNNERS if choice == "both" else (choice,)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Before any test module imports vLLM: lets this process drive V2 engines on CPU
+    # (the V2 tests run in every session); engines stay V1 unless a test asks for V2.
+    v2cpu.prepare_process()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Engine tests run once per runner asked for (ids gain [v1]/[v2] when one is asked for)."""
+    explicit = metafunc.config.getoption("runner") is not None or runners(metafunc.config) != ("v1",)
+    if "runner" in metafunc.fixturenames and explicit:
+        metafunc.parametrize("runner", runners(metafunc.config), indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
+def runner(request: pytest.FixtureRequest):
+    """The model runner of this test's engines; its environment is set while it lives."""
+    name = getattr(request, "param", "v1")
+    with v2cpu.runner_environment(name):
+        yield name
+
+
 def _has_cuda() -> bool:
     try:
         import torch
@@ -26,8 +65,21 @@ def _has_cuda() -> bool:
         return False
 
 
+def _runner_of(item: pytest.Item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("runner") if callspec else None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip `gpu` tests with the reason where no CUDA device is present."""
+    """Skip `gpu` tests without CUDA and `v1_only` tests on V2, each with its reason; run
+    the tests of one runner before the other's, so one runner's engines live at a time."""
+    order = {name: i for i, name in enumerate(v2cpu.RUNNERS)}
+    items.sort(key=lambda item: order.get(_runner_of(item), -1))
+    for item in items:
+        marker = item.get_closest_marker("v1_only")
+        if marker and _runner_of(item) == "v2":
+            reason = marker.kwargs.get("reason") or (marker.args[0] if marker.args else "")
+            item.add_marker(pytest.mark.skip(reason=f"V1 runner only: {reason}"))
     if _has_cuda():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (marker gpu); this machine has none")

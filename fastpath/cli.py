@@ -14,6 +14,7 @@ All are quiet by default (vLLM warnings and errors only); `-v` shows vLLM's INFO
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -58,6 +59,11 @@ def _add_ppl_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-batch-windows", type=int, default=16,
                        help="windows submitted together: bounds front-end memory and sets "
                        "how often the progress bar moves (default 16)")
+    group.add_argument("--model-runner", choices=("auto", "v1", "v2"), default="auto",
+                       help="vLLM's model runner: auto (vLLM's choice: V1 on CPU, V2 on CUDA; "
+                       "VLLM_USE_V2_MODEL_RUNNER is honoured), v1 or v2. On CPU, v2 runs "
+                       "V2's Triton kernels in Triton's interpreter (~30x slower): a check "
+                       "of V2's logic, not of a GPU's bits")
     group.add_argument("--json", dest="json_path", help="write every figure to this JSON file")
     group.add_argument("--save-logprobs", help="write per-token logprobs (float32 .npy)")
     remote = parser.add_argument_group("scoring on servers (fastpath serve)")
@@ -201,13 +207,13 @@ def _context_limit_error(context_length: int, max_len: int, where: str) -> Usage
 
 def run_ppl(args: argparse.Namespace, given: set[str]) -> int:
     import vllm
-    from tqdm import tqdm
 
-    from fastpath import perplexity, scoring, zoo
+    from fastpath import perplexity, zoo
     from fastpath.measure import device_name
-    from fastpath.windows import WindowError
+    from fastpath.testing import v2cpu
 
     _check_flags(args)
+    _check_runner(args.model_runner)
     text, source = _load_text(args)
     if args.model is None:
         args.model = str(zoo.get_model(zoo.DEFAULT_MODEL))
@@ -215,28 +221,13 @@ def run_ppl(args: argparse.Namespace, given: set[str]) -> int:
     else:
         model_name = args.model
     engine_args = _engine_args(args, given)
-    llm = scoring.build_llm_from_engine_args(engine_args)
-    try:
-        max_len = llm.llm_engine.model_config.max_model_len
-        if args.context_length > max_len - 1:
-            raise _context_limit_error(args.context_length, max_len, "this engine")
-        try:
-            layout = protocols.build(args.protocol, llm.get_tokenizer(), text,
-                                     args.context_length, args.stride)
-        except WindowError as error:
-            raise UsageError(f"{source}: {error}") from None
-        tokens = layout.tokens
-        paths = ("fast", "standard") if args.path == "both" else (args.path,)
-        perplexity.warm_up(llm, tokens, args.context_length, args.stride, layout.windows)
-        results = {}
-        for path in paths:
-            with tqdm(total=len(layout.windows), desc=f"windows ({path})", unit="window") as bar:
-                results[path] = perplexity.score_layout(
-                    llm, layout, path=path, standard_k=args.standard_k,
-                    max_batch_windows=args.max_batch_windows, progress=bar.update)
-        runner = "V2" if llm.llm_engine.vllm_config.use_v2_model_runner else "V1"
-    finally:
-        scoring.shutdown(llm)
+    with contextlib.ExitStack() as stack:
+        if args.model_runner != "auto":
+            # Kept for the engine's life: vLLM's front end reads it at every request.
+            stack.enter_context(v2cpu.runner_environment(args.model_runner))
+        results, runner, layout = _score_locally(args, engine_args, text, source)
+    tokens = layout.tokens
+    paths = tuple(results)
 
     main = results[paths[0]]
     report: dict[str, Any] = {
@@ -263,6 +254,56 @@ def run_ppl(args: argparse.Namespace, given: set[str]) -> int:
     return exit_code
 
 
+def _score_locally(args: argparse.Namespace, engine_args: Any, text: str, source: str
+                   ) -> tuple[dict[str, Any], str, Any]:
+    """Build the engine, score the layout on each path asked for; the engine always stops.
+    Returns the results per path, the runner that scored ("V1"/"V2") and the layout."""
+    from tqdm import tqdm
+
+    from fastpath import perplexity, scoring
+    from fastpath.windows import WindowError
+
+    llm = scoring.build_llm_from_engine_args(engine_args)
+    try:
+        max_len = llm.llm_engine.model_config.max_model_len
+        if args.context_length > max_len - 1:
+            raise _context_limit_error(args.context_length, max_len, "this engine")
+        try:
+            layout = protocols.build(args.protocol, llm.get_tokenizer(), text,
+                                     args.context_length, args.stride)
+        except WindowError as error:
+            raise UsageError(f"{source}: {error}") from None
+        tokens = layout.tokens
+        paths = ("fast", "standard") if args.path == "both" else (args.path,)
+        perplexity.warm_up(llm, tokens, args.context_length, args.stride, layout.windows)
+        results = {}
+        for path in paths:
+            with tqdm(total=len(layout.windows), desc=f"windows ({path})", unit="window") as bar:
+                results[path] = perplexity.score_layout(
+                    llm, layout, path=path, standard_k=args.standard_k,
+                    max_batch_windows=args.max_batch_windows, progress=bar.update)
+        runner = "V2" if llm.llm_engine.vllm_config.use_v2_model_runner else "V1"
+    finally:
+        scoring.shutdown(llm)
+    return results, runner, layout
+
+
+def _check_runner(runner: str) -> None:
+    """Refuse --model-runner v2 on CPU where the stand-in Triton backend came too late."""
+    from fastpath.testing import v2cpu
+
+    if runner != "v2" or not v2cpu.cpu_build():
+        return
+    from vllm.triton_utils import HAS_TRITON
+
+    if not HAS_TRITON:
+        raise UsageError("--model-runner v2 on CPU needs fastpath's stand-in Triton backend "
+                         "registered before vLLM is imported (fastpath.testing.v2cpu."
+                         "prepare_process); run it as the `fastpath` command")
+    print("fastpath ppl: V2 runner on CPU: Triton kernels run in Triton's interpreter "
+          "(slow; checks V2's logic, says nothing about a GPU's bits)", file=sys.stderr)
+
+
 def run_ppl_servers(args: argparse.Namespace, given: set[str]) -> int:
     """`fastpath ppl --server URL ...`: the same windows and report, scored by servers."""
     import asyncio
@@ -279,6 +320,10 @@ def run_ppl_servers(args: argparse.Namespace, given: set[str]) -> int:
     if args.path != "fast":
         raise UsageError(f"--path {args.path} needs a local engine; servers answer the fast "
                          "path (drop --server, or --path fast)")
+    if args.model_runner != "auto":
+        raise UsageError(f"--model-runner {args.model_runner} applies to a local engine; a "
+                         "server runs the runner it was started with (VLLM_USE_V2_MODEL_RUNNER "
+                         "in fastpath serve's environment)")
     engine_flags = sorted(f"--{d.replace('_', '-')}" for d in given
                           if d in _engine_dests() and d not in _CLIENT_SIDE_ENGINE_FLAGS)
     if engine_flags:
@@ -399,6 +444,18 @@ def _print_summary(report: dict[str, Any], results: dict[str, Any]) -> None:
               f"({report['bitwise_mismatches']} of {report['scored_tokens']} differ)")
 
 
+def _prepare_runner(argv: list[str]) -> None:
+    """`--model-runner v2` on CPU: register the stand-in Triton backend before vLLM is
+    imported (the full parser imports vLLM), as vLLM decides V2 support at import."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model-runner", "--model_runner", dest="model_runner")
+    known, _ = pre.parse_known_args(argv)
+    if known.model_runner == "v2":
+        from fastpath.testing import v2cpu
+
+        v2cpu.prepare_process()
+
+
 def main(argv: list[str] | None = None) -> int:
     from fastpath import flags
 
@@ -408,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return check_vllm.main(argv[1:])
     flags.quiet_vllm(flags.verbose_requested(argv))  # before vLLM is imported
+    _prepare_runner(argv)  # before vLLM is imported
     if argv[:1] == ["lm-eval"]:  # the rest is lm-eval's own command line
         from fastpath.lm_eval_model import cli_main
 

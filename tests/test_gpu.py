@@ -10,20 +10,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastpath import scoring, zoo
+from fastpath import zoo
 from fastpath.scoring import ScoreRequest, score
-from tests.conftest import assert_bitwise_equal, engine_kwargs, random_prompt
+from tests.conftest import assert_bitwise_equal, engine_kwargs, random_prompt, runner_engine
 
 pytestmark = [pytest.mark.gpu, pytest.mark.correctness, pytest.mark.engine]
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_fast_equals_standard_in_half_precision(dtype):
-    with scoring.engine(str(zoo.get_model("llama3-8b-twin")),
-                        **engine_kwargs(dtype=dtype, max_model_len=4096,
-                                        max_num_batched_tokens=1024,
-                                        gpu_memory_utilization=0.3,
-                                        kv_cache_memory_bytes=None)) as llm:
+def test_fast_equals_standard_in_half_precision(dtype, runner):
+    with runner_engine(str(zoo.get_model("llama3-8b-twin")), runner,
+                       **engine_kwargs(dtype=dtype, max_model_len=4096,
+                                       max_num_batched_tokens=1024,
+                                       gpu_memory_utilization=0.3,
+                                       kv_cache_memory_bytes=None)) as llm:
         rng = np.random.default_rng(11)
         prompts = [random_prompt(rng, n, 128256) for n in (2, 100, 1500, 2048)]
         requests = [ScoreRequest(p, p[1:]) for p in prompts]

@@ -67,12 +67,12 @@ def test_trained_model_perplexity_far_below_vocabulary():
     assert perplexity.PerplexityResult(logprobs, 1).perplexity < 2048 / 20
 
 
-def test_cli_both_on_embedded_default(tmp_path, capsys):
+def test_cli_both_on_embedded_default(tmp_path, capsys, runner):
     """`fastpath ppl --path both` end to end: JSON with every figure, per-token file."""
     out_json, out_npy = tmp_path / "ppl.json", tmp_path / "logprobs.npy"
     code = cli.main(["ppl", "--path", "both", "--num-samples", "40", "--context-length", "128",
                      "--stride", "48", "--max-batch-windows", "7", "--json", str(out_json),
-                     "--save-logprobs", str(out_npy)])
+                     "--save-logprobs", str(out_npy), "--model-runner", runner])
     assert code == 0
     report = json.loads(out_json.read_text())
     assert report["bitwise_equal"] is True and report["bitwise_mismatches"] == 0
@@ -80,7 +80,7 @@ def test_cli_both_on_embedded_default(tmp_path, capsys):
                 "seconds_per_window", "tokens_per_second", "model", "vllm_version", "runner",
                 "device", "flags"):
         assert key in report, key
-    assert report["runner"] == "V1" and report["flags"]["stride"] == 48
+    assert report["runner"] == runner.upper() and report["flags"]["stride"] == 48
     logprobs = np.load(out_npy)
     assert logprobs.dtype == np.float32 and logprobs.size == report["scored_tokens"]
     assert report["scored_tokens"] == report["stream_tokens"] - 1

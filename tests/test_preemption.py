@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from vllm import SamplingParams
 
-from fastpath import scoring, zoo
+from fastpath import zoo
 from fastpath.scoring import ScoreRequest, fast_prompt, score, target_logprobs
-from tests.conftest import assert_bitwise_equal, engine_kwargs, random_prompt
+from tests.conftest import assert_bitwise_equal, engine_kwargs, random_prompt, runner_engine
 
 pytestmark = [pytest.mark.correctness, pytest.mark.engine]
 
@@ -22,9 +22,9 @@ def _preemptions(llm) -> float:
     return sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
 
 
-def test_scores_exact_under_preemption():
-    with scoring.engine(
-        str(zoo.get_model("tiny-llama")),
+def test_scores_exact_under_preemption(runner):
+    with runner_engine(
+        str(zoo.get_model("tiny-llama")), runner,
         **engine_kwargs(kv_cache_memory_bytes=SMALL_KV_BYTES, enable_prefix_caching=False,
                         disable_log_stats=False, max_model_len=480),
     ) as llm:
