@@ -75,11 +75,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     the tests of one runner before the other's, so one runner's engines live at a time."""
     order = {name: i for i, name in enumerate(v2cpu.RUNNERS)}
     items.sort(key=lambda item: order.get(_runner_of(item), -1))
+    v1_asked = "v1" in runners(config)
     for item in items:
         marker = item.get_closest_marker("v1_only")
         if marker and _runner_of(item) == "v2":
             reason = marker.kwargs.get("reason") or (marker.args[0] if marker.args else "")
             item.add_marker(pytest.mark.skip(reason=f"V1 runner only: {reason}"))
+        elif (not v1_asked and item.get_closest_marker("engine")
+              and "runner" not in getattr(item, "fixturenames", ())):
+            # It would start a V1 engine in a run asked to check V2: say so, never pass it.
+            item.add_marker(pytest.mark.skip(
+                reason="starts its own engine on the default (V1) runner, not on the runner "
+                "asked for (--runner); run it without --runner v2"))
     if _has_cuda():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (marker gpu); this machine has none")

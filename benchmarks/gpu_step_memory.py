@@ -22,27 +22,15 @@ import sys
 
 import torch
 
-HIDDEN, VOCAB = 4096, 128_256
+try:
+    from gpu_floor import HIDDEN, VOCAB, timed  # run as a script
+except ImportError:
+    from benchmarks.gpu_floor import HIDDEN, VOCAB, timed
+
 STEPS = (2048, 8192)
 CHUNKS = (1024, 512, 1000, 256)
 SMALL_CHUNKS = (2, 1)  # checked on the first rows only (slow: one GEMM per chunk)
 SMALL_ROWS = 64
-
-
-def timed(fn, repeat: int = 10, warmup: int = 2) -> float:
-    """Median milliseconds of fn() measured with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def peak_bytes(fn) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -297,7 +298,21 @@ def _progress(total: int, desc: str):
 
 
 def run_kld(args: argparse.Namespace, given: set[str]) -> int:
-    """The `fastpath kld` command: base pass (or base file), model pass, statistics."""
+    """The `fastpath kld` command on vLLM's V1 model runner, the one that computes the top-K
+    extension (V2, CUDA's default, refuses `fastpath_top_k`); a V2 request is refused."""
+    from fastpath.testing import v2cpu
+
+    if os.environ.get(v2cpu.RUNNER_ENV, "").lower() in ("1", "true"):
+        raise _usage_error(f"fastpath kld needs vLLM's V1 model runner: the base pass's top-K "
+                           f"(fastpath_top_k) is computed by fastpath's V1 runner patch, and "
+                           f"{v2cpu.RUNNER_ENV}={os.environ[v2cpu.RUNNER_ENV]} asks for V2; "
+                           f"unset it (fastpath kld then runs V1, on CUDA too)")
+    with v2cpu.runner_environment("v1"):
+        return _run_kld(args, given)
+
+
+def _run_kld(args: argparse.Namespace, given: set[str]) -> int:
+    """Base pass (or base file), model pass, statistics."""
     import vllm
 
     from fastpath import data

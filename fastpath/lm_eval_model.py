@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import inspect
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -144,6 +145,20 @@ def continuation_answer(scores: np.ndarray) -> tuple[float, bool]:
     return sum(values.tolist()), bool(np.all(values == top1[:, 0]))
 
 
+def _use_v1_runner() -> None:
+    """Pin vLLM's V1 model runner for this process (V2, CUDA's default, refuses the top-K
+    extension `is_greedy` needs); refuse where V2 was asked for. Left set: vLLM's front end
+    reads it at every request."""
+    from fastpath.testing.v2cpu import RUNNER_ENV
+
+    asked = os.environ.get(RUNNER_ENV, "")
+    if asked.lower() in ("1", "true"):
+        raise ValueError(f"fastpath-vllm needs vLLM's V1 model runner: is_greedy comes from "
+                         f"fastpath's top-K extension ({TOP_K_ARG}), which the V1 runner patch "
+                         f"computes, and {RUNNER_ENV}={asked} asks for V2; unset it")
+    os.environ[RUNNER_ENV] = "0"
+
+
 @register_model(MODEL_NAME)
 class FastpathVLLM(VLLM):
     """lm-eval's `vllm` model; `loglikelihood(_rolling)` scored through `target_token_ids`."""
@@ -156,6 +171,7 @@ class FastpathVLLM(VLLM):
                 "runs engines in Ray actors, which fastpath-vllm does not drive); use "
                 "tensor_parallel_size, or one lm-eval run per device"
             )
+        _use_v1_runner()
         scoring.ensure_active()
         super().__init__(*args, **kwargs)
 

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from vllm import SamplingParams
+from vllm.exceptions import VLLMValidationError
 
 from fastpath.scoring import (
     ScoreRequest,
@@ -182,12 +183,17 @@ def test_negative_control_check_fails_when_exactness_breaks(llama_llm):
 
 @pytest.mark.parametrize("top_k", [1, 5])
 def test_top_k_columns_equal_standard_top_k(llama_llm, top_k):
-    """fastpath_top_k gives the standard path's top-K ids and log-probs, bit for bit."""
+    """fastpath_top_k gives the standard path's top-K ids and log-probs, bit for bit (V1);
+    V2, which has no top-K extension, refuses it at submission, naming it."""
     rng = np.random.default_rng(12)
     prompt = random_prompt(rng, 150, vocab_size(llama_llm))
     request = ScoreRequest(prompt, prompt[21:], start=20)
     params = SamplingParams(max_tokens=1, prompt_logprobs=top_k,
                             extra_args={"fastpath_top_k": top_k})
+    if llama_llm.llm_engine.vllm_config.use_v2_model_runner:
+        with pytest.raises(VLLMValidationError, match="fastpath_top_k needs the V1 model runner"):
+            llama_llm.generate([fast_prompt(request)], params, use_tqdm=False)
+        return
     (out,) = llama_llm.generate([fast_prompt(request)], params, use_tqdm=False)
     scores, values, ids = split_top_k(out.prompt_token_id_logprobs, 1, top_k)
     assert_bitwise_equal(scores[:, 0], standard_logprobs(out, request), what="targets")
