@@ -447,7 +447,7 @@ def _print_summary(report: dict[str, Any], results: dict[str, Any]) -> None:
 def _prepare_runner(argv: list[str]) -> None:
     """`--model-runner v2` on CPU: register the stand-in Triton backend before vLLM is
     imported (the full parser imports vLLM), as vLLM decides V2 support at import."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--model-runner", "--model_runner", dest="model_runner")
     known, _ = pre.parse_known_args(argv)
     if known.model_runner == "v2":

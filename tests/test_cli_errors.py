@@ -20,6 +20,8 @@ from fastpath import cli
     (["--max-batch-windows", "0"], "--max-batch-windows must be positive"),
     (["--standard-k", "-2"], "--standard-k must be"),
     (["--dataset", "surely-not-a-dataset-xyz", "--text-file", "x.txt"], "not both"),
+    (["--server", "http://127.0.0.1:9", "--model-runner", "v1"],
+     "--model-runner v1 applies to a local engine"),
 ])
 def test_flag_errors_before_any_engine(flags, fragment, capsys):
     assert cli.main(["ppl", *flags]) == cli.EXIT_USAGE

@@ -160,6 +160,7 @@ def test_command_line_self_then_quantized_with_base_file(tmp_path, capsys, quant
     report = json.loads(first.read_text())
     assert report["kld_mean"] == 0.0 and report["top1_agreement"] == 1.0
     assert report["base_file_reused"] is False and report["ppl"] == report["ppl_base"]
+    assert report["runner"] == "V1"  # the top-K extension's runner, whatever the default
     assert report["base_file_bytes_per_token"] < 4 + 8 * 16 + 64
     second = tmp_path / "int4.json"
     per_token = tmp_path / "per_token.npz"
@@ -182,3 +183,11 @@ def test_command_line_self_then_quantized_with_base_file(tmp_path, capsys, quant
     assert "holds the top-16, this run asks for --top-k 8" in capsys.readouterr().err
     assert cli.main(["kld", "--model", quantized_path, *common, "--stride", "48"]) == 2
     assert "--stride 32, this run uses fastpath, 96, 48" in capsys.readouterr().err
+
+
+def test_v2_runner_asked_for_is_refused(monkeypatch, capsys):
+    """VLLM_USE_V2_MODEL_RUNNER=1 cannot give top-K: refused before any engine, saying why."""
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    assert cli.main(["kld", "--base-model", "/nonexistent", "--model", "/nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert "needs vLLM's V1 model runner" in err and "VLLM_USE_V2_MODEL_RUNNER=1" in err

@@ -297,6 +297,12 @@ def test_data_parallel_refused():
         fl.FastpathVLLM(pretrained="/nonexistent", data_parallel_size=2)
 
 
+def test_v2_runner_asked_for_is_refused(monkeypatch):
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(ValueError, match="needs vLLM's V1 model runner"):
+        fl.FastpathVLLM(pretrained="/nonexistent")
+
+
 def test_registered_and_entry_point():
     from lm_eval.api.registry import get_model
 
