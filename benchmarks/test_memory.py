@@ -4,9 +4,10 @@ One whole window fills one step (`max_num_batched_tokens` = 2048 or 8192; the wi
 as long as the step allows, every row scored), on the 8B model (the Llama-3 shape twin
 on CPU, vocabulary 128,256). Settings per step size:
 - `prefill`: no prompt logprobs (what the forward pass alone needs);
-- `fast` with FASTPATH_SCORE_CHUNK_ROWS unset (the runner's default chunk: the 'after');
+- `fast` with FASTPATH_SCORE_CHUNK_ROWS unset (the runner's default chunk, 64 rows on CPU and
+  1024 on CUDA: the 'after');
 - `fast` with a chunk larger than the step (nothing is chunked: the 'before');
-- `fast` with chunks of 64 and 256 rows (the sweep behind the default: memory and time);
+- `fast` with chunks of 64, 256 and 1024 rows (the sweep behind the defaults: memory and time);
 - `standard-k0`: `prompt_logprobs=0`, vLLM's own path.
 The figure is the worker's peak above what it held right before the step
 (`fastpath.measure.WorkerPeakMemory`: the kernel's RSS high-water mark on CPU,
@@ -34,7 +35,7 @@ CHUNK_ENV = "FASTPATH_SCORE_CHUNK_ROWS"
 INSECURE_ENV = "VLLM_ALLOW_INSECURE_SERIALIZATION"  # lets collective_rpc send a function
 STEPS = (2048, 8192)
 MAX_MODEL_LEN = 8192  # the twin's own; caps a real model's KV-cache needs
-SWEEP_ROWS = (64, 256)
+SWEEP_ROWS = (64, 256, 1024)
 # (step tokens, chunk setting, path). "default": the variable unset; "unchunked": a chunk
 # of twice the step's tokens, more rows than any step can score; "rows-N": N rows.
 CASES = [

@@ -227,9 +227,8 @@ def run_ppl(args: argparse.Namespace, given: set[str]) -> int:
             stack.enter_context(v2cpu.runner_environment(args.model_runner))
         results, runner, layout = _score_locally(args, engine_args, text, source)
     tokens = layout.tokens
-    paths = tuple(results)
 
-    main = results[paths[0]]
+    main = results["fast" if args.path == "both" else args.path]
     report: dict[str, Any] = {
         "model": model_name, "model_path": args.model, "source": source,
         "vllm_version": vllm.__version__, "runner": runner, "device": device_name(),

@@ -21,7 +21,9 @@ from fastpath.scoring import (
     standard_logprobs,
     target_logprobs,
 )
-from tests.conftest import CHUNK, assert_bitwise_equal, random_prompt, vocab_size
+from fastpath import zoo
+from tests.conftest import (CHUNK, assert_bitwise_equal, engine_kwargs, random_prompt,
+                            runner_engine, vocab_size)
 
 pytestmark = [pytest.mark.correctness, pytest.mark.engine]
 
@@ -206,3 +208,28 @@ def test_top_k_columns_equal_standard_top_k(llama_llm, top_k):
     greedy = scores[:, 0] == values[:, 0]
     ranks = [out.prompt_logprobs[p][t].rank for p, t in zip(range(21, 150), prompt[21:])]
     assert greedy.tolist() == [r == 1 for r in ranks]
+
+
+# Rows of one request in one step: more than the runner's row chunk (64 on CPU), so the fast
+# path scores them in several lm_head calls where the standard path makes one; 64k + 1 rows
+# leave a lone last row, computed beside its predecessor.
+BIG_STEP = 512
+ROW_CHUNK_LENGTHS = (66, 130, 64 * 5 + 2, BIG_STEP - 1)
+
+
+def test_row_chunks_inside_one_step_equal_standard(runner):
+    """Whole prompts (and a late start) prefilled in one step of up to 511 rows: bitwise."""
+    with runner_engine(str(zoo.get_model("tiny-llama")), runner,
+                       **engine_kwargs(max_num_batched_tokens=BIG_STEP)) as llm:
+        rng = np.random.default_rng(21)
+        prompts = [random_prompt(rng, n, vocab_size(llm)) for n in ROW_CHUNK_LENGTHS]
+        requests = [ScoreRequest(p, p[1:]) for p in prompts]
+        long = prompts[-1]
+        late = [ScoreRequest(long, long[s + 1:], start=s) for s in (63, 64, 300)]
+        standard = score(llm, requests, "standard", k=0)
+        for request, fast, full in zip(requests, score(llm, requests, "fast"), standard,
+                                       strict=True):
+            assert_bitwise_equal(fast, full, what=f"len={len(request.prompt_token_ids)}")
+        for request, fast in zip(late, score(llm, late, "fast"), strict=True):
+            assert_bitwise_equal(fast, standard[-1][request.start:],
+                                 what=f"start={request.start}")

@@ -130,7 +130,7 @@ def split(total: int, cuts: list[int]) -> list[int]:
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(patch, "chunk_rows_setting", lambda: 3)
+    monkeypatch.setattr(patch, "chunk_rows_setting", lambda device_type: 3)
 
 
 @given(prompt_len=st.integers(2, 14), data=st.data())

@@ -22,9 +22,9 @@ recorded; a request whose scored rows were not all written is never answered wit
 the runner emits `FAILED_SCORES` instead, which the scheduler patch turns into an error
 finish for that request alone (the engine keeps serving).
 
-Memory: rows are scored at most `FASTPATH_SCORE_CHUNK_ROWS` (default 1024) at a time, so
-the logits and log-softmax a step materialises are bounded by the chunk, not by
-`max_num_batched_tokens`.
+Memory: rows are scored at most `FASTPATH_SCORE_CHUNK_ROWS` at a time (default: 64 on CPU,
+1024 elsewhere, as measured below), so the logits and log-softmax a step materialises are
+bounded by the chunk, not by `max_num_batched_tokens`.
 Exactness: each value is a gather from the fp32 log-softmax of the same logits the standard
 path computes. The standard path computes a request's rows of a step in one lm_head call;
 here they may be computed in chunks, or (with `prompt_logprob_start > 0`) only the scored
@@ -59,16 +59,22 @@ _original_get_prompt_logprobs_dict = GPUModelRunner._get_prompt_logprobs_dict
 _original_sample_tokens = GPUModelRunner.sample_tokens
 
 CHUNK_ROWS_ENV = "FASTPATH_SCORE_CHUNK_ROWS"
-DEFAULT_CHUNK_ROWS = 1024
+# Measured defaults (benchmarks/test_memory.py; benchmarks/gpu_step_memory.py). CPU, 8B twin,
+# fp32, 8,192-token whole-window step: 64 rows 6.2 s and 0.12 GiB, 256 rows 8.3 s, 1024 rows
+# 8.2 s and 1.47 GiB, unchunked 11.6 s and 7.8 GiB (a chunk's logits stay in cache). H200,
+# 8B head in bf16: 1024 rows 1.13x the unchunked time, 256 rows 1.19x (fewer rows per GEMM).
+DEFAULT_CHUNK_ROWS = {"cpu": 64}
+DEFAULT_CHUNK_ROWS_ELSEWHERE = 1024
 _SCORER = "_fastpath_scorer"  # runner attribute: the FixedIdScorer
 _STEP_OUTPUT = "_fastpath_step_output"  # runner attribute: this step's finished scores
 
 
-def chunk_rows_setting() -> int:
-    """Rows scored per lm_head/log-softmax call (env FASTPATH_SCORE_CHUNK_ROWS, >= 2)."""
+def chunk_rows_setting(device_type: str) -> int:
+    """Rows scored per lm_head/log-softmax call: env FASTPATH_SCORE_CHUNK_ROWS (>= 2), else
+    the measured default for the device type."""
     raw = os.environ.get(CHUNK_ROWS_ENV, "")
     if not raw:
-        return DEFAULT_CHUNK_ROWS
+        return DEFAULT_CHUNK_ROWS.get(device_type, DEFAULT_CHUNK_ROWS_ELSEWHERE)
     try:
         value = int(raw)
     except ValueError:
@@ -230,7 +236,8 @@ def scorer(runner: GPUModelRunner) -> FixedIdScorer:
     found = runner.__dict__.get(_SCORER)
     if found is None:
         exact = row_subsets_exact(runner.device.type, runner.model_config.dtype)
-        found = runner.__dict__[_SCORER] = FixedIdScorer(runner.device, chunk_rows_setting(),
+        found = runner.__dict__[_SCORER] = FixedIdScorer(runner.device,
+                                                         chunk_rows_setting(runner.device.type),
                                                          exact)
     return found
 

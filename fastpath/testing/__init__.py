@@ -1,1 +1,2 @@
-"""Support for fastpath's own test suite; nothing here is used by the plugin at run time."""
+"""Support for checking vLLM's V2 runner on CPU (the tests, `fastpath ppl --model-runner`) and
+the runner environment variable `fastpath kld` and lm-eval pin; the plugin does not use it."""
