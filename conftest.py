@@ -82,6 +82,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             reason = marker.kwargs.get("reason") or (marker.args[0] if marker.args else "")
             item.add_marker(pytest.mark.skip(reason=f"V1 runner only: {reason}"))
         elif (not v1_asked and item.get_closest_marker("engine")
+              and not item.get_closest_marker("v2")  # these choose their runners themselves
               and "runner" not in getattr(item, "fixturenames", ())):
             # It would start a V1 engine in a run asked to check V2: say so, never pass it.
             item.add_marker(pytest.mark.skip(
