@@ -9,6 +9,11 @@ front-end check in the way), and the failure guard behind it.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from vllm import SamplingParams
@@ -19,6 +24,7 @@ from tests.conftest import assert_bitwise_equal, engine_kwargs, runner_engine
 
 pytestmark = [pytest.mark.correctness, pytest.mark.engine]
 
+ROOT = Path(__file__).resolve().parents[1]
 IDS = list(range(5, 205))  # the issue's prompt: 200 tokens, many full 32-token blocks
 
 
@@ -97,27 +103,39 @@ def test_hand_built_engine_core_request_is_recomputed(cached_llm):
 
 @pytest.mark.v1_only(reason="the guard is fastpath's V1 runner patch; on V2 the engine-core "
                      "fix above is what keeps cached rows out (its tests run on V2)")
-def test_guard_fails_a_request_whose_rows_were_not_computed(monkeypatch):
+def test_guard_fails_a_request_whose_rows_were_not_computed():
     """With the engine-core fix lifted, the runner's guard fails the request alone.
 
-    The engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so the test
-    can put upstream's add_request back: the cache is then read and rows go uncomputed.
+    The engine core runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so upstream's
+    add_request can be put back: the cache is then read and rows go uncomputed. It runs in a
+    fresh interpreter: this test process carries the stand-in Triton backend of the V2 tests
+    (fastpath/testing/v2cpu.py), which an in-process V1 engine would try to compile with.
     """
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    done = subprocess.run([sys.executable, "-c", "from tests.test_prefix_cache import "
+                           "guard_scenario; guard_scenario(); print('GUARD-SCENARIO-OK')"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "GUARD-SCENARIO-OK" in done.stdout, done.stderr[-4000:]
+
+
+def guard_scenario() -> None:
+    """The guard test's body; asserts, so a failure exits the interpreter non-zero."""
     from vllm.v1.core.sched.scheduler import Scheduler
 
     from fastpath.patches import scheduler as scheduler_patch
 
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     ids = list(range(900, 1100))
     with scoring.engine(str(zoo.get_model("tiny-llama")),
                         **engine_kwargs(block_size=32, enable_prefix_caching=True)) as llm:
         (cold,) = llm.generate([{"prompt_token_ids": ids}], _fixed_ids(ids), use_tqdm=False)
         _warm(llm, ids)
-        monkeypatch.setattr(Scheduler, "add_request", scheduler_patch._original_add_request)
-        (failed,) = llm.generate([{"prompt_token_ids": ids}],
-                                 _fixed_ids(ids, skip_reading_prefix_cache=False),
-                                 use_tqdm=False)
-        monkeypatch.setattr(Scheduler, "add_request", scheduler_patch.add_request)
+        Scheduler.add_request = scheduler_patch._original_add_request
+        try:
+            (failed,) = llm.generate([{"prompt_token_ids": ids}],
+                                     _fixed_ids(ids, skip_reading_prefix_cache=False),
+                                     use_tqdm=False)
+        finally:
+            Scheduler.add_request = scheduler_patch.add_request
         assert failed.prompt_token_id_logprobs is None
         assert failed.outputs[0].finish_reason == "error"
         with pytest.raises(scoring.ScoringFailed, match="finished with an error"):
