@@ -36,6 +36,15 @@ def timed(fn, repeat: int = 20, warmup: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def emit(result: dict) -> None:
+    """Print the figures as JSON, and write them to the path given on the command line."""
+    text = json.dumps(result, indent=2)
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], "w") as out:
+            out.write(text + "\n")
+    print(text)
+
+
 def main() -> None:
     torch.manual_seed(0)
     device = torch.device("cuda")
@@ -98,11 +107,7 @@ def main() -> None:
             (sub_lp.gather(-1, targets[scored]) - logprobs[scored].gather(-1, targets[scored]))
             .abs().max()),
     }
-    text = json.dumps(result, indent=2)
-    if len(sys.argv) > 1:
-        with open(sys.argv[1], "w") as out:
-            out.write(text + "\n")
-    print(text)
+    emit(result)
 
 
 if __name__ == "__main__":

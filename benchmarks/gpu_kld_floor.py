@@ -13,15 +13,12 @@ gathered, and ids survive the float32 round trip. Writes JSON to the path given.
 
 from __future__ import annotations
 
-import json
-import sys
-
 import torch
 
 try:
-    from gpu_floor import HIDDEN, ROWS, SCORED, VOCAB, timed  # run as a script
+    from gpu_floor import HIDDEN, ROWS, SCORED, VOCAB, emit, timed  # run as a script
 except ImportError:
-    from benchmarks.gpu_floor import HIDDEN, ROWS, SCORED, VOCAB, timed
+    from benchmarks.gpu_floor import HIDDEN, ROWS, SCORED, VOCAB, emit, timed
 
 TOP_K = 32
 
@@ -79,11 +76,7 @@ def main() -> None:
                 torch.equal(reference[:, 1 + TOP_K :].long(), ids.cpu())),
         },
     }
-    text = json.dumps(result, indent=2)
-    if len(sys.argv) > 1:
-        with open(sys.argv[1], "w") as out:
-            out.write(text + "\n")
-    print(text)
+    emit(result)
 
 
 if __name__ == "__main__":

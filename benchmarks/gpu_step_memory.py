@@ -17,15 +17,12 @@ question: cuBLAS may choose another kernel for another row count).
 
 from __future__ import annotations
 
-import json
-import sys
-
 import torch
 
 try:
-    from gpu_floor import HIDDEN, VOCAB, timed  # run as a script
+    from gpu_floor import HIDDEN, VOCAB, emit, timed  # run as a script
 except ImportError:
-    from benchmarks.gpu_floor import HIDDEN, VOCAB, timed
+    from benchmarks.gpu_floor import HIDDEN, VOCAB, emit, timed
 
 STEPS = (2048, 8192)
 CHUNKS = (1024, 512, 1000, 256)
@@ -116,11 +113,7 @@ def main() -> None:
         result["steps"][str(step)] = figures
         del hidden, targets, reference
         torch.cuda.empty_cache()
-    text = json.dumps(result, indent=2)
-    if len(sys.argv) > 1:
-        with open(sys.argv[1], "w") as out:
-            out.write(text + "\n")
-    print(text)
+    emit(result)
 
 
 if __name__ == "__main__":
