@@ -161,8 +161,9 @@ def _engine_args(args: argparse.Namespace, given: set[str]):
     return EngineArgs.from_cli_args(args)
 
 
-def _check_flags(args: argparse.Namespace) -> None:
-    """Refuse bad fastpath flags before any engine starts."""
+def check_window_flags(args: argparse.Namespace) -> None:
+    """Refuse bad window flags (`ppl` and `kld` share them): protocol, context, stride, and
+    --max-batch-windows; fills in the protocol's stride."""
     from fastpath.windows import WindowError
 
     try:
@@ -171,6 +172,11 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UsageError(str(error)) from None
     if args.max_batch_windows < 1:
         raise UsageError(f"--max-batch-windows must be positive, got {args.max_batch_windows}")
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse bad fastpath flags before any engine starts."""
+    check_window_flags(args)
     if args.standard_k < -1:
         raise UsageError(f"--standard-k must be -1 (full vocabulary) or >= 0, got {args.standard_k}")
     if args.max_in_flight < 1:

@@ -238,16 +238,11 @@ def base_namespace(args: argparse.Namespace, given: set[str]
 
 
 def _check_flags(args: argparse.Namespace) -> None:
-    from fastpath.windows import WindowError
+    from fastpath.cli import check_window_flags
 
-    try:
-        args.stride = protocols.check_protocol(args.protocol, args.context_length, args.stride)
-    except WindowError as error:
-        raise _usage_error(str(error)) from None
+    check_window_flags(args)
     if args.top_k < 1:
         raise _usage_error(f"--top-k must be a positive integer, got {args.top_k}")
-    if args.max_batch_windows < 1:
-        raise _usage_error(f"--max-batch-windows must be positive, got {args.max_batch_windows}")
     if args.model is None:
         raise _usage_error("--model is required: the model to compare with the base model")
     reuse = args.base_cache and Path(args.base_cache).is_file()
