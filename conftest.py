@@ -37,7 +37,10 @@ def runners(config: pytest.Config) -> tuple[str, ...]:
 
 def pytest_configure(config: pytest.Config) -> None:
     # Before any test module imports vLLM: lets this process drive V2 engines on CPU
-    # (the V2 tests run in every session); engines stay V1 unless a test asks for V2.
+    # (the V2 tests run in every session); engines stay V1 unless a test asks for V2. An
+    # engine core run in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) would see the
+    # stand-in too and try to compile V1's Triton kernels: run such a test in a fresh
+    # interpreter (tests/test_prefix_cache.py does).
     v2cpu.prepare_process()
 
 
