@@ -34,9 +34,8 @@ class UsageError(ValueError):
     """Bad flags or input: printed as one line, exit code 2, no traceback."""
 
 
-def _add_ppl_flags(parser: argparse.ArgumentParser) -> None:
-    """The original script's flags and fastpath's own (engine flags come from EngineArgs)."""
-    group = parser.add_argument_group("perplexity (fastpath)")
+def add_text_flags(group: Any) -> None:
+    """The text and window flags `ppl` and `kld` share (checked by `check_window_flags`)."""
     group.add_argument("--dataset", help="a `datasets` dataset name, e.g. wikitext")
     group.add_argument("--dataset-config", help="its configuration, e.g. wikitext-2-raw-v1")
     group.add_argument("--dataset-split", default="test", help="split to score (default test)")
@@ -51,14 +50,20 @@ def _add_ppl_flags(parser: argparse.ArgumentParser) -> None:
                        help="whose windows to use: fastpath (default), hf (the Hugging Face "
                        "guide's loop), lm-eval (loglikelihood_rolling), llama.cpp "
                        "(llama-perplexity's chunks); see the README")
+    group.add_argument("--max-batch-windows", type=int, default=16,
+                       help="windows submitted together: bounds front-end memory and sets "
+                       "how often the progress bar moves (default 16)")
+
+
+def _add_ppl_flags(parser: argparse.ArgumentParser) -> None:
+    """The original script's flags and fastpath's own (engine flags come from EngineArgs)."""
+    group = parser.add_argument_group("perplexity (fastpath)")
+    add_text_flags(group)
     group.add_argument("--path", choices=("fast", "standard", "both"), default="fast",
                        help="fast: target_token_ids; standard: prompt_logprobs=K dicts; "
                        "both: run both and check every logprob is bitwise equal")
     group.add_argument("--standard-k", type=int, default=0,
                        help="K of prompt_logprobs on the standard path (default 0)")
-    group.add_argument("--max-batch-windows", type=int, default=16,
-                       help="windows submitted together: bounds front-end memory and sets "
-                       "how often the progress bar moves (default 16)")
     group.add_argument("--model-runner", choices=("auto", "v1", "v2"), default="auto",
                        help="vLLM's model runner: auto (vLLM's choice: V1 on CPU, V2 on CUDA; "
                        "VLLM_USE_V2_MODEL_RUNNER is honoured), v1 or v2. On CPU, v2 runs "
@@ -190,7 +195,7 @@ _CLIENT_SIDE_ENGINE_FLAGS = {"tokenizer", "tokenizer_mode", "tokenizer_revision"
                              "trust_remote_code"}
 
 
-def _load_text(args: argparse.Namespace) -> tuple[str, str]:
+def load_text(args: argparse.Namespace) -> tuple[str, str]:
     """The text to score and a description of its source; UsageError if there is none."""
     from fastpath import data
 
@@ -204,7 +209,7 @@ def _load_text(args: argparse.Namespace) -> tuple[str, str]:
     return text, source
 
 
-def _context_limit_error(context_length: int, max_len: int, where: str) -> UsageError:
+def context_limit_error(context_length: int, max_len: int, where: str) -> UsageError:
     return UsageError(
         f"--context-length {context_length} exceeds what {where} can score: "
         f"max_model_len is {max_len} and one output token is always scheduled, so "
@@ -220,7 +225,7 @@ def run_ppl(args: argparse.Namespace, given: set[str]) -> int:
 
     _check_flags(args)
     _check_runner(args.model_runner)
-    text, source = _load_text(args)
+    text, source = load_text(args)
     if args.model is None:
         args.model = str(zoo.get_model(zoo.DEFAULT_MODEL))
         model_name = f"{zoo.DEFAULT_MODEL} (embedded default)"
@@ -272,7 +277,7 @@ def _score_locally(args: argparse.Namespace, engine_args: Any, text: str, source
     try:
         max_len = llm.llm_engine.model_config.max_model_len
         if args.context_length > max_len - 1:
-            raise _context_limit_error(args.context_length, max_len, "this engine")
+            raise context_limit_error(args.context_length, max_len, "this engine")
         try:
             layout = protocols.build(args.protocol, llm.get_tokenizer(), text,
                                      args.context_length, args.stride)
@@ -334,7 +339,7 @@ def run_ppl_servers(args: argparse.Namespace, given: set[str]) -> int:
     if engine_flags:
         raise UsageError(f"engine flags {', '.join(engine_flags)} apply to a local engine; with "
                          "--server the servers' own flags apply (give them to fastpath serve)")
-    text, source = _load_text(args)
+    text, source = load_text(args)
     urls = [u.rstrip("/") for u in args.servers]
     if len(set(urls)) != len(urls):
         raise UsageError(f"--server lists a server twice: {urls}")
@@ -349,7 +354,7 @@ def run_ppl_servers(args: argparse.Namespace, given: set[str]) -> int:
               "token ids are compared below, their weights are not", file=sys.stderr)
     max_len = min(d["max_model_len"] for d in described)
     if args.context_length > max_len - 1:
-        raise _context_limit_error(args.context_length, max_len, "these servers")
+        raise context_limit_error(args.context_length, max_len, "these servers")
     try:
         if args.tokenizer:
             from vllm.tokenizers import get_tokenizer

@@ -167,6 +167,8 @@ def compare(layout: protocols.Layout, base: basefile.BaseScores,
 
 def add_kld_flags(parser: argparse.ArgumentParser) -> None:
     """fastpath's flags of `kld` (engine flags come from EngineArgs and apply to both)."""
+    from fastpath.cli import add_text_flags
+
     group = parser.add_argument_group("KL divergence (fastpath)")
     group.add_argument("--base-model", help="the reference model (unquantized); optional "
                        "when --base-cache names an existing base file")
@@ -181,23 +183,9 @@ def add_kld_flags(parser: argparse.ArgumentParser) -> None:
                        "tokens, windows, K and tokenizer, else written here")
     group.add_argument("--save-per-token", help="write per-token KLD, Δp and both log-probs "
                        "(.npz)")
-    _add_text_flags(group)
+    add_text_flags(group)
 
 
-def _add_text_flags(group: Any) -> None:
-    group.add_argument("--dataset", help="a `datasets` dataset name, e.g. wikitext")
-    group.add_argument("--dataset-config", help="its configuration, e.g. wikitext-2-raw-v1")
-    group.add_argument("--dataset-split", default="test", help="split to score (default test)")
-    group.add_argument("--text-file", help="local text, JSONL or parquet file (column 'text')")
-    group.add_argument("--num-samples", type=int, help="keep only the first N rows/lines")
-    group.add_argument("--context-length", type=int, default=2048, help="tokens per window")
-    group.add_argument("--stride", type=int, default=None,
-                       help=f"protocols fastpath and hf: new tokens per window (default "
-                       f"{protocols.DEFAULT_STRIDE})")
-    group.add_argument("--protocol", choices=protocols.PROTOCOLS,
-                       default=protocols.DEFAULT_PROTOCOL, help="whose windows to use")
-    group.add_argument("--max-batch-windows", type=int, default=16,
-                       help="windows submitted together (default 16)")
     group.add_argument("--json", dest="json_path", help="write every figure to this JSON file")
 
 
@@ -273,12 +261,11 @@ def _engine(args: argparse.Namespace, given: set[str]):
 def _layout(llm: Any, args: argparse.Namespace, text: str, source: str) -> protocols.Layout:
     from fastpath.windows import WindowError
 
+    from fastpath.cli import context_limit_error
+
     max_len = llm.llm_engine.model_config.max_model_len
     if args.context_length > max_len - 1:
-        raise _usage_error(
-            f"--context-length {args.context_length} exceeds what this engine can score: "
-            f"max_model_len is {max_len} and one output token is always scheduled, so the "
-            f"context length can be at most {max_len - 1}")
+        raise context_limit_error(args.context_length, max_len, "this engine")
     try:
         return protocols.build(args.protocol, llm.get_tokenizer(), text, args.context_length,
                                args.stride)
@@ -310,17 +297,11 @@ def _run_kld(args: argparse.Namespace, given: set[str]) -> int:
     """Base pass (or base file), model pass, statistics."""
     import vllm
 
-    from fastpath import data
+    from fastpath.cli import load_text
     from fastpath.measure import device_name
 
     _check_flags(args)
-    try:
-        text, source = data.load_text(args.dataset, args.dataset_config, args.text_file,
-                                      args.num_samples, split=args.dataset_split)
-    except data.DataError as error:
-        raise _usage_error(str(error)) from None
-    if not text.strip():
-        raise _usage_error(f"the text from {source} is empty")
+    text, source = load_text(args)
 
     base: basefile.BaseScores | None = None
     base_file_bytes = None
