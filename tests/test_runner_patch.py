@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.worker.gpu_model_runner import AsyncGPUModelRunnerOutput
 
+from fastpath import rowsubset
 from fastpath.patches import _scores as _base
 from fastpath.patches import gpu_model_runner as patch
 from fastpath.patches import scheduler as scheduler_patch
@@ -57,11 +58,13 @@ class FakeRunner:
 
     requests: dict[str, FakeRequest] = field(default_factory=dict)
     calls: list[int] = field(default_factory=list)
-    dtype: torch.dtype = torch.float32  # CPU float32: row subsets are exact
+    dtype: torch.dtype = torch.float32
 
     def __post_init__(self):
         self.device = torch.device("cpu")
-        self.model_config = SimpleNamespace(logprobs_mode="raw_logprobs", dtype=self.dtype)
+        self.max_num_tokens = 64
+        self.model_config = SimpleNamespace(logprobs_mode="raw_logprobs", dtype=self.dtype,
+                                            get_hidden_size=lambda: HIDDEN)
         self.model = SimpleNamespace(compute_logits=self._compute_logits)
         self.sampler = SimpleNamespace(
             compute_logprobs=lambda logits: torch.log_softmax(logits, -1, dtype=torch.float32))
@@ -128,9 +131,14 @@ def split(total: int, cuts: list[int]) -> list[int]:
     return [b - a for a, b in zip(edges, edges[1:])]
 
 
+VERIFIED = patch.RowMode("verified", "the fake's integer lm_head is exact", 3)
+
+
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
+    """Row chunks of 3, and the fake's lm_head taken as verified (its sums are exact)."""
     monkeypatch.setattr(patch, "chunk_rows_setting", lambda device_type: 3)
+    monkeypatch.setattr(patch, "decide_rows", lambda runner, chunk_rows: VERIFIED)
 
 
 @given(prompt_len=st.integers(2, 14), data=st.data())
@@ -172,21 +180,60 @@ def test_row_chunk_remainder_of_one_borrows_a_row():
     assert runner.calls == [3, 3, 2]
 
 
-def test_where_subsets_are_not_exact_every_step_row_is_computed_at_once():
-    """bf16 on CPU (and fp32 on CUDA): the standard path's rows of the step, one call."""
-    runner = FakeRunner(dtype=torch.bfloat16)
+def test_by_construction_every_step_row_is_computed_at_once(monkeypatch):
+    """Where the probe failed: the standard path's rows of the step, in one call."""
+    construction = patch.RowMode("construction", "probe failed", 3)
+    monkeypatch.setattr(patch, "decide_rows", lambda runner, chunk_rows: construction)
+    runner = FakeRunner()
     targets = add(runner, "r", prompt_len=12, start=7, seed=8)
     outputs = run_schedule(runner, "r", [5, 7])
     assert runner.calls == [6]  # rows 5..10 of the second step, not only the scored 7..10
-    assert_bitwise_equal(outputs[1]["r"].numpy(), expected(8, 12, 7, targets), what="bf16")
+    assert_bitwise_equal(outputs[1]["r"].numpy(), expected(8, 12, 7, targets),
+                         what="construction")
 
 
-@pytest.mark.parametrize("device, dtype, exact", [
-    ("cpu", torch.float32, True), ("cpu", torch.float16, True), ("cpu", torch.bfloat16, False),
-    ("cuda", torch.bfloat16, True), ("cuda", torch.float16, True), ("cuda", torch.float32, False),
-    ("xpu", torch.bfloat16, False)])
-def test_row_subset_verdicts(device, dtype, exact):
-    assert patch.row_subsets_exact(device, dtype) is exact
+def _row_by_row(hidden: torch.Tensor) -> torch.Tensor:
+    """An lm_head exact among any rows by construction: each row is its own 1-row product."""
+    return torch.stack([LM_HEAD @ row for row in hidden])
+
+
+def _odd_counts_round_up(hidden: torch.Tensor) -> torch.Tensor:
+    """An lm_head whose last bit depends on the number of rows, as some GEMMs' do."""
+    out = _row_by_row(hidden)
+    return out.nextafter(out + 1) if len(hidden) % 2 else out
+
+
+@pytest.mark.parametrize("logits_of, mode", [(_row_by_row, "verified"),
+                                             (_odd_counts_round_up, "construction")])
+def test_the_probe_decides_the_mode_on_the_real_lm_head(monkeypatch, logits_of, mode):
+    monkeypatch.undo()  # the real decide_rows
+    monkeypatch.delenv(patch.EXACTNESS_ENV, raising=False)
+    runner = FakeRunner()
+    runner.model.compute_logits = logits_of
+    decided = patch.decide_rows(runner, chunk_rows=8)
+    assert decided.mode == mode and decided.chunk_rows == 8
+    assert decided.probe["piece_sizes"] == "2-8" and decided.probe["exact"] is (mode == "verified")
+    if mode == "construction":
+        assert "differs" in decided.reason and decided.probe["mismatches"]
+
+
+def test_probe_checks_every_piece_size_the_scorer_uses():
+    rows, references, checked = rowsubset.probe_plan(budget=512, chunk=64)
+    sizes = {stop - start for start, stop, _ in checked}
+    assert set(range(2, 65)) <= sizes and rows == 512
+    assert {65, 511, 512} <= set(references)
+    assert rowsubset.probe_plan(budget=40, chunk=64)[0] == 40  # never more rows than a step
+
+
+def test_construction_setting_skips_the_probe(monkeypatch):
+    monkeypatch.undo()
+    monkeypatch.setenv(patch.EXACTNESS_ENV, "construction")
+    runner = FakeRunner()
+    decided = patch.decide_rows(runner, chunk_rows=3)
+    assert decided.mode == "construction" and decided.probe is None and runner.calls == []
+    monkeypatch.setenv(patch.EXACTNESS_ENV, "fastest")
+    with pytest.raises(ValueError, match="FASTPATH_EXACTNESS must be one of"):
+        patch.decide_rows(runner, chunk_rows=3)
 
 
 def test_resume_after_preemption_mid_prompt_recomputes_and_emits_once(monkeypatch):

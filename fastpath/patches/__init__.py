@@ -2,7 +2,9 @@
 
 One module per patched upstream component. Each module defines `REPLACEMENTS` (what it
 binds, with the fingerprints of the upstream functions it was checked against) and a
-header saying what it replaces, why, which versions, and when it can go. The register
+header saying what it replaces, why, which versions, and when it can go; a module may
+also define `ADDITIONS`, names it adds to an upstream class (refused where upstream has
+the name). The register
 below repeats those facts for review; `tests/test_patch_register.py` keeps it in step
 with the modules.
 
@@ -17,7 +19,7 @@ import importlib
 import logging
 from dataclasses import dataclass
 
-from fastpath.patches._base import Borrowed, PatchRefused, Replacement, fingerprint
+from fastpath.patches._base import Addition, Borrowed, PatchRefused, Replacement, fingerprint
 
 logger = logging.getLogger("fastpath")
 
@@ -79,6 +81,17 @@ REGISTER: tuple[PatchEntry, ...] = (
         "or V1 is retired.",
     ),
     PatchEntry(
+        module="worker",
+        component="vllm/v1/worker/worker_base.py WorkerBase",
+        why="Whether a worker may compute fewer rows than the standard path (row chunks, "
+        "only the scored rows) is decided on the worker by a probe of its own lm_head; the "
+        "front end must report which mode answered.",
+        how="Add WorkerBase.fastpath_exactness (refused if upstream defines the name), an "
+        "RPC target for collective_rpc that returns the worker's row mode and probe report.",
+        upstream_pr="none: an upstream V1 implementation would report it as engine state",
+        removal_plan="Remove with the V1 runner patch.",
+    ),
+    PatchEntry(
         module="scheduler",
         component="vllm/v1/core/sched/scheduler.py Scheduler",
         why="A caller's skip_reading_prefix_cache=False let fixed-id scoring requests read "
@@ -113,6 +126,9 @@ BORROWED: tuple[Borrowed, ...] = (
     Borrowed(_WORKER, "GPUModelRunner.query_start_loc", "gpu_model_runner"),
     Borrowed(_WORKER, "GPUModelRunner.input_batch", "gpu_model_runner"),
     Borrowed(_WORKER, "GPUModelRunner.requests", "gpu_model_runner"),
+    Borrowed(_WORKER, "GPUModelRunner.max_num_tokens", "gpu_model_runner"),
+    Borrowed(_WORKER, "GPUModelRunner.sampler", "gpu_model_runner"),
+    Borrowed("vllm.v1.worker.worker_base", "WorkerBase.model_runner", "worker"),
     Borrowed("vllm.v1.utils", "CpuGpuBuffer.np", "gpu_model_runner"),
     Borrowed("vllm.v1.worker.gpu_input_batch", "InputBatch.req_id_to_index", "gpu_model_runner"),
     Borrowed("vllm.v1.worker.gpu_input_batch", "CachedRequestState.num_computed_tokens",
@@ -150,6 +166,15 @@ def replacements() -> list[Replacement]:
     return found
 
 
+def additions() -> list[Addition]:
+    """Every name the patch modules add to upstream classes, in register order."""
+    found: list[Addition] = []
+    for entry in REGISTER:
+        module = importlib.import_module(f"{__name__}.{entry.module}")
+        found.extend(getattr(module, "ADDITIONS", ()))
+    return found
+
+
 def borrowed() -> list[Borrowed]:
     """Every private upstream name the patches rely on without replacing it."""
     return list(BORROWED)
@@ -163,12 +188,17 @@ def apply() -> list[str]:
     import vllm
 
     todo = replacements()
+    added = additions()
     for replacement in todo:
         replacement.check(vllm.__version__)
+    for addition in added:
+        addition.check(vllm.__version__)
     for name in borrowed():
         name.check(vllm.__version__)
     for replacement in todo:
         replacement.bind()
+    for addition in added:
+        addition.bind()
     _applied = True
     logger.info("fastpath: patched %d vLLM functions", len(todo))
     return applied()
@@ -183,11 +213,13 @@ def applied() -> list[str]:
 
 __all__ = [
     "BORROWED",
+    "Addition",
     "REGISTER",
     "SUPPORTED_VLLM",
     "Borrowed",
     "PatchEntry",
     "PatchRefused",
+    "additions",
     "apply",
     "applied",
     "borrowed",

@@ -118,3 +118,33 @@ class Borrowed:
             f"{self.used_by} patch relies on, {what}. Upgrade fastpath, pin a supported vLLM "
             "(see fastpath.patches.SUPPORTED_VLLM), or run without it: FASTPATH_DISABLE=1."
         )
+
+
+@dataclass(frozen=True)
+class Addition:
+    """A name fastpath adds to an upstream class (an RPC target), never one upstream has:
+    refused where the installed vLLM already defines it, so nothing upstream is shadowed."""
+
+    owner: type
+    name: str
+    new: Callable[..., Any]
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.owner.__module__}.{self.owner.__qualname__}.{self.name}"
+
+    def check(self, vllm_version: str) -> None:
+        """Raise PatchRefused where upstream itself defines the name."""
+        existing = inspect.getattr_static(self.owner, self.name, None)
+        if existing is not None and not getattr(existing, "__fastpath_patch__", False):
+            raise PatchRefused(
+                f"fastpath refuses to add {self.qualname} in vLLM {vllm_version}: upstream "
+                "defines that name already. Upgrade fastpath, pin a supported vLLM (see "
+                "fastpath.patches.SUPPORTED_VLLM), or run without it: FASTPATH_DISABLE=1.")
+
+    def bind(self) -> None:
+        self.new.__fastpath_patch__ = True  # type: ignore[attr-defined]
+        setattr(self.owner, self.name, self.new)
+
+    def is_bound(self) -> bool:
+        return getattr(self.owner.__dict__.get(self.name), "__fastpath_patch__", False)

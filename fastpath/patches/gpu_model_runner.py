@@ -25,15 +25,23 @@ finish for that request alone (the engine keeps serving).
 Memory: rows are scored at most `FASTPATH_SCORE_CHUNK_ROWS` at a time (default: 64 on CPU,
 1024 elsewhere, as measured below), so the logits and log-softmax a step materialises are
 bounded by the chunk, not by `max_num_batched_tokens`.
-Exactness: each value is a gather from the fp32 log-softmax of the same logits the standard
-path computes. The standard path computes a request's rows of a step in one lm_head call;
-here they may be computed in chunks, or (with `prompt_logprob_start > 0`) only the scored
-rows. Both rely on a row's logits having the same bits among fewer rows, which
-`fastpath.rowsubset` sweeps per backend and dtype (`row_subsets_exact` below records the
-verdicts); a one-row GEMM never qualifies, so a lone row is computed beside its
-predecessor. Where the sweep failed (bf16 on CPU, fp32 on CUDA) the patch computes every
-row of the step, as the standard path does, unchunked: exact, but memory is then bounded
-by the step.
+Exactness, for the same schedule (the same rows in the same steps): each value is a gather
+from the fp32 log-softmax of logits of the same hidden states the standard path uses. The
+standard path computes a request's rows of a step in one lm_head call; chunking, and
+computing only the scored rows (`prompt_logprob_start > 0`), call it on fewer rows, which
+is exact only where the kernel gives a row the same bits among fewer rows. That is a fact
+about one machine's kernels, so the scorer decides it on the machine, once per worker,
+before it scores (`RowMode`):
+- `verified`: a probe on the real lm_head and log-softmax (`fastpath.rowsubset.probe`:
+  every piece size the scorer uses, against steps of several sizes, in the model's dtype,
+  on this worker's threads) found every row bitwise equal: rows are chunked and only the
+  scored rows computed;
+- `construction`: the probe found a difference, or `FASTPATH_EXACTNESS=construction`: every
+  row of the step from the request's first row of the step, in one lm_head and one
+  log-softmax call, exactly as the standard path calls them; exact by construction, memory
+  bounded by the step.
+With tensor parallelism the ranks agree on the mode (any rank's mismatch means
+`construction` for all). `WorkerBase.fastpath_exactness` (patches/worker.py) reports it.
 Checked against: vLLM 0.32.0 and 0.33.0 (fingerprints below).
 Removal: when upstream's V1 runner answers `prompt_logprob_token_ids` itself, or V1 is retired.
 """
@@ -59,6 +67,8 @@ _original_get_prompt_logprobs_dict = GPUModelRunner._get_prompt_logprobs_dict
 _original_sample_tokens = GPUModelRunner.sample_tokens
 
 CHUNK_ROWS_ENV = "FASTPATH_SCORE_CHUNK_ROWS"
+EXACTNESS_ENV = "FASTPATH_EXACTNESS"
+EXACTNESS_CHOICES = ("auto", "construction")  # auto: probe, fall back to construction
 # Measured defaults (benchmarks/test_memory.py; benchmarks/gpu_step_memory.py). CPU, 8B twin,
 # fp32, 8,192-token whole-window step: 64 rows 6.2 s and 0.12 GiB, 256 rows 8.3 s, 1024 rows
 # 8.2 s and 1.47 GiB, unchunked 11.6 s and 7.8 GiB (a chunk's logits stay in cache). H200,
@@ -101,14 +111,87 @@ class _RequestScores:
         self.written[:] = False
 
 
+@dataclass(frozen=True)
+class RowMode:
+    """How the scorer computes rows on this worker, and why (see the module docstring)."""
+
+    mode: str  # "verified" | "construction"
+    reason: str
+    chunk_rows: int
+    probe: dict[str, Any] | None = None
+
+    @property
+    def subsets_exact(self) -> bool:
+        return self.mode == "verified"
+
+    def report(self) -> dict[str, Any]:
+        return {"lm_head_rows": self.mode, "reason": self.reason,
+                "chunk_rows": self.chunk_rows, "probe": self.probe}
+
+
+def exactness_setting() -> str:
+    """FASTPATH_EXACTNESS: `auto` (default: probe the lm_head) or `construction`."""
+    value = os.environ.get(EXACTNESS_ENV, "auto").strip().lower() or "auto"
+    if value not in EXACTNESS_CHOICES:
+        raise ValueError(f"{EXACTNESS_ENV} must be one of {EXACTNESS_CHOICES}, got {value!r}")
+    return value
+
+
+def decide_rows(runner: Any, chunk_rows: int) -> RowMode:
+    """Probe this worker's lm_head unless told not to; agree across tensor-parallel ranks."""
+    if exactness_setting() == "construction":
+        return RowMode("construction", f"{EXACTNESS_ENV}=construction", chunk_rows)
+    from fastpath import rowsubset
+
+    report = rowsubset.probe(runner.model.compute_logits, runner.sampler.compute_logprobs,
+                             runner.model_config.get_hidden_size(), runner.model_config.dtype,
+                             runner.device, runner.max_num_tokens, chunk_rows)
+    exact = _all_ranks_agree(report["exact"])
+    if exact:
+        reason = (f"probe on this worker's lm_head: pieces of {report['piece_sizes']} rows "
+                  f"against steps of {report['references']} rows, {report['dtype']}: "
+                  "every row bitwise equal")
+    elif report["exact"]:
+        reason = "another tensor-parallel rank's probe found a row that differs"
+    else:
+        first = report["mismatches"][0]
+        reason = (f"probe on this worker's lm_head: {first['subset']} differs in "
+                  f"{first['rows']} rows (max |diff| {first['max_abs_diff']:.3g})")
+    if not exact:
+        logger.warning("fastpath: %s; computing every row of a step as the standard path "
+                       "does (exact by construction, memory bounded by the step)", reason)
+    return RowMode("verified" if exact else "construction", reason, chunk_rows, report)
+
+
+def _all_ranks_agree(exact: bool) -> bool:
+    """Whether every rank of this worker's tensor-parallel group found its rows exact."""
+    if not torch.distributed.is_initialized():
+        return exact  # one process, no group to ask
+    from vllm.distributed.parallel_state import get_tp_group
+
+    group = get_tp_group()
+    if group.world_size == 1:
+        return exact
+    flag = torch.tensor([int(exact)], dtype=torch.int32)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN,
+                                 group=group.cpu_group)
+    return bool(flag.item())
+
+
 class FixedIdScorer:
     """Owns the fixed-id scoring state of every request of one runner."""
 
-    def __init__(self, device: torch.device, chunk_rows: int, row_subsets_exact: bool = True):
+    def __init__(self, device: torch.device, chunk_rows: int):
         self.device = device
         self.chunk_rows = chunk_rows
-        self.row_subsets_exact = row_subsets_exact
+        self.row_mode: RowMode | None = None  # decided on first use (`rows_for`)
         self.requests: dict[str, _RequestScores] = {}
+
+    def rows_for(self, runner: Any) -> RowMode:
+        """This worker's RowMode, probed once, before the first scored row."""
+        if self.row_mode is None:
+            self.row_mode = decide_rows(runner, self.chunk_rows)
+        return self.row_mode
 
     def add_request(self, req_id: str, sampling_params: Any) -> None:
         """A new request: fresh state, whatever an earlier request of this id left."""
@@ -138,6 +221,7 @@ class FixedIdScorer:
                    num_scheduled_tokens: dict[str, int]) -> dict[str, torch.Tensor]:
         """Score this step's rows of every tracked request; return the finished requests'."""
         raw_logits = runner.model_config.logprobs_mode in ("raw_logits", "processed_logits")
+        exact = self.rows_for(runner).subsets_exact if self.requests else False
         finished: dict[str, _RequestScores] = {}
         copied = False
         for req_id, state in self.requests.items():
@@ -152,7 +236,7 @@ class FixedIdScorer:
                 continue  # decoding; the prompt was answered (or failed) already
             offset = int(runner.query_start_loc.np[runner.input_batch.req_id_to_index[req_id]])
             lo, hi = max(state.start, chunk_start), min(chunk_end, prompt_len - 1)
-            for a, b, first in self._pieces(lo, hi, chunk_start):
+            for a, b, first in self._pieces(lo, hi, chunk_start, exact):
                 rows = hidden_states[offset + first - chunk_start : offset + b - chunk_start]
                 logits = runner.model.compute_logits(rows)
                 scores = (logits.to(torch.float32) if raw_logits
@@ -169,16 +253,18 @@ class FixedIdScorer:
             output[req_id] = self._emit(req_id, state)
         return output
 
-    def _pieces(self, lo: int, hi: int, chunk_start: int) -> list[tuple[int, int, int]]:
+    def _pieces(self, lo: int, hi: int, chunk_start: int,
+                subsets_exact: bool) -> list[tuple[int, int, int]]:
         """(a, b, first): write rows [a, b) from an lm_head call over rows [first, b).
 
-        Where subsets are exact: chunks of `chunk_rows`, a lone row computed beside its
-        predecessor (a one-row GEMM rounds differently). Elsewhere: every row of the step
-        from `chunk_start`, in one call, exactly as the standard path computes them.
+        Where subsets are exact (`verified`): chunks of `chunk_rows`, a lone row computed
+        beside its predecessor (a one-row GEMM rounds differently). Otherwise
+        (`construction`): every row of the step from `chunk_start`, in one call, exactly as
+        the standard path computes them.
         """
         if lo >= hi:
             return []
-        if not self.row_subsets_exact:
+        if not subsets_exact:
             return [(lo, hi, chunk_start)]
         pieces = []
         for a in range(lo, hi, self.chunk_rows):
@@ -216,29 +302,12 @@ class FixedIdScorer:
         return state.scores
 
 
-def row_subsets_exact(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether the lm_head gives a row the same bits among any >= 2 rows, as swept.
-
-    CPU (vLLM's oneDNN lm_head): yes in float32 and float16; no in bfloat16, which goes to
-    another kernel that rounded a row of a 3-row run differently. CUDA (cuBLAS, swept on an
-    H200 at hidden 4096 x vocabulary 128,256): yes in bfloat16 and float16; no in float32,
-    where runs of 2-8 rows differ from the same rows among 2048. Unknown backends: no.
-    """
-    if device_type == "cpu":
-        return dtype in (torch.float32, torch.float16)
-    if device_type == "cuda":
-        return dtype in (torch.bfloat16, torch.float16)
-    return False
-
-
 def scorer(runner: GPUModelRunner) -> FixedIdScorer:
     """The runner's FixedIdScorer, created on first use."""
     found = runner.__dict__.get(_SCORER)
     if found is None:
-        exact = row_subsets_exact(runner.device.type, runner.model_config.dtype)
         found = runner.__dict__[_SCORER] = FixedIdScorer(runner.device,
-                                                         chunk_rows_setting(runner.device.type),
-                                                         exact)
+                                                         chunk_rows_setting(runner.device.type))
     return found
 
 
