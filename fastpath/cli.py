@@ -236,7 +236,7 @@ def run_ppl(args: argparse.Namespace, given: set[str]) -> int:
         if args.model_runner != "auto":
             # Kept for the engine's life: vLLM's front end reads it at every request.
             stack.enter_context(v2cpu.runner_environment(args.model_runner))
-        results, runner, layout = _score_locally(args, engine_args, text, source)
+        results, runner, layout, exactness = _score_locally(args, engine_args, text, source)
     tokens = layout.tokens
 
     main = results["fast" if args.path == "both" else args.path]
@@ -247,6 +247,7 @@ def run_ppl(args: argparse.Namespace, given: set[str]) -> int:
         "protocol": args.protocol, "context_length": args.context_length,
         "stride": args.stride, "stream_tokens": len(tokens), **main.summary(),
         "paths": {path: r.summary() for path, r in results.items()},
+        "exactness": exactness,
     }
     exit_code = 0
     if args.path == "both":
@@ -265,9 +266,10 @@ def run_ppl(args: argparse.Namespace, given: set[str]) -> int:
 
 
 def _score_locally(args: argparse.Namespace, engine_args: Any, text: str, source: str
-                   ) -> tuple[dict[str, Any], str, Any]:
+                   ) -> tuple[dict[str, Any], str, Any, dict[str, Any]]:
     """Build the engine, score the layout on each path asked for; the engine always stops.
-    Returns the results per path, the runner that scored ("V1"/"V2") and the layout."""
+    Returns the results per path, the runner that scored ("V1"/"V2"), the layout and what
+    the bits rest on (`scoring.exactness`)."""
     from tqdm import tqdm
 
     from fastpath import perplexity, scoring
@@ -293,9 +295,10 @@ def _score_locally(args: argparse.Namespace, engine_args: Any, text: str, source
                     llm, layout, path=path, standard_k=args.standard_k,
                     max_batch_windows=args.max_batch_windows, progress=bar.update)
         runner = "V2" if llm.llm_engine.vllm_config.use_v2_model_runner else "V1"
+        exactness = scoring.exactness(llm)
     finally:
         scoring.shutdown(llm)
-    return results, runner, layout
+    return results, runner, layout, exactness
 
 
 def _check_runner(runner: str) -> None:
@@ -395,6 +398,7 @@ def run_ppl_servers(args: argparse.Namespace, given: set[str]) -> int:
         "context_length": args.context_length, "stride": args.stride,
         "stream_tokens": len(tokens), **result.summary(), "servers": described,
         "paths": {"fast": result.summary()},
+        "exactness": [{"url": d["url"], **d["exactness"]} for d in described],
     }
     report["flags"] = {k: v for k, v in vars(args).items() if _jsonable(v)}
     _print_summary(report, {"fast": result})
@@ -448,10 +452,31 @@ def _print_summary(report: dict[str, Any], results: dict[str, Any]) -> None:
         print(f"servers windows answered {report['answered_by']}, {report['retries']} retried, "
               f"latency p50 {lat['p50']:.3f} s, p90 {lat['p90']:.3f} s, p99 {lat['p99']:.3f} s"
               + (f"; given up: {report['dead_servers']}" if report["dead_servers"] else ""))
+    for line in exactness_lines(report.get("exactness")):
+        print(line)
     if "bitwise_equal" in report:
         verdict = "EQUAL" if report["bitwise_equal"] else "DIFFERENT"
         print(f"bitwise fast vs standard: {verdict} "
               f"({report['bitwise_mismatches']} of {report['scored_tokens']} differ)")
+
+
+def exactness_lines(exactness: dict[str, Any] | list | None) -> list[str]:
+    """The summary's lines on what the bits rest on: one per engine or server."""
+    if not exactness:
+        return []
+    lines = []
+    for one in exactness if isinstance(exactness, list) else [exactness]:
+        if "error" in one:
+            lines.append(f"exact   {one.get('url', '')}: unknown ({one['error']})")
+            continue
+        rows = one["lm_head_rows"]
+        how = {"verified": "row subsets verified on this machine",
+               "construction": "the standard path's rows (exact by construction)"}
+        where = f"{one['url']}: " if "url" in one else ""
+        lines.append(f"exact   {where}fast == standard for the same schedule: "
+                     f"{how.get(rows, rows) if isinstance(rows, str) else rows}; "
+                     f"schedule {one['schedule']}")
+    return lines
 
 
 def _prepare_runner(argv: list[str]) -> None:

@@ -33,6 +33,7 @@ import numpy as np
 from fastpath.scoring import ScoreRequest
 
 SCORE_ROUTE = "/inference/v1/generate"
+EXACTNESS_ROUTE = "/fastpath/exactness"  # fastpath serve: what the server's bits rest on
 DEFAULT_TIMEOUT = 600.0  # seconds per request: a long window on a busy CPU server
 DEFAULT_MAX_IN_FLIGHT = 8
 
@@ -161,6 +162,14 @@ class ScoringClient:
             return self._json("/version", await self._http.get("/version"))["version"]
         except (httpx.TransportError, KeyError, RequestRefused):
             return "unknown"
+
+    async def exactness(self) -> dict[str, Any]:
+        """What the server's bits rest on (`fastpath serve`'s /fastpath/exactness), or
+        {"error": why} from a server that does not say (not a fastpath serve)."""
+        try:
+            return self._json(EXACTNESS_ROUTE, await self._http.get(EXACTNESS_ROUTE))
+        except (httpx.TransportError, RequestRefused, ServerUnavailable) as error:
+            return {"error": str(error)}
 
     async def tokenize(self, text: str) -> list[int]:
         """Token ids from the server's own tokenizer (with its special tokens, as offline)."""
@@ -370,14 +379,16 @@ async def _first_answer(urls: Sequence[str], call: Callable[[ScoringClient], Any
 
 async def describe_servers(urls: Sequence[str], api_key: str | None = None,
                            timeout: float = 60.0) -> list[dict[str, Any]]:
-    """Each server's model id, max_model_len and vLLM version (ServerUnavailable if one is down)."""
+    """Each server's model id, max_model_len, vLLM version and what its bits rest on
+    (ServerUnavailable if one is down)."""
     described = []
     for url in urls:
         async with ScoringClient(url, api_key=api_key, timeout=timeout) as client:
             model = await client.model()
             described.append({"url": client.url, "model": model.get("id"),
                               "max_model_len": model.get("max_model_len"),
-                              "vllm_version": await client.version()})
+                              "vllm_version": await client.version(),
+                              "exactness": await client.exactness()})
     return described
 
 

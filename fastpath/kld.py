@@ -68,8 +68,8 @@ def base_pass(llm: Any, layout: protocols.Layout, top_k: int, max_batch_windows:
     started = time.perf_counter()
     for _, batch in _batches(layout.windows, max_batch_windows):
         requests = window_requests(layout.tokens, batch)
-        outputs = llm.generate([scoring.fast_prompt(r) for r in requests], params,
-                               use_tqdm=False)
+        outputs = scoring.submit_together(llm, [scoring.fast_prompt(r) for r in requests],
+                                          params)
         for window, output in zip(batch, outputs, strict=True):
             scores, logprobs, ids = split_top_k(scoring.fixed_id_scores(output), 1, top_k)
             if scores.shape != (window.num_scored, 1):
@@ -120,7 +120,7 @@ def model_pass(llm: Any, layout: protocols.Layout, base: basefile.BaseScores,
             params.append(model_params(np.ascontiguousarray(ids, dtype=np.int32),
                                        window.first_scored_row))
             rows.append((lo, hi))
-        outputs = llm.generate(prompts, params, use_tqdm=False)
+        outputs = scoring.submit_together(llm, prompts, params)
         for (lo, hi), output in zip(rows, outputs, strict=True):
             n_ids = k if full else k + 1
             scores, best, best_ids = split_top_k(scoring.fixed_id_scores(output), n_ids, 1)

@@ -173,6 +173,8 @@ class FastpathVLLM(VLLM):
             )
         _use_v1_runner()
         scoring.ensure_active()
+        for key, value in scoring.ISOLATED_SCHEDULE.items():  # fastpath's schedule, unless given
+            kwargs.setdefault(key, value)
         super().__init__(*args, **kwargs)
 
     def _loglikelihood_tokens(
@@ -242,9 +244,9 @@ class FastpathVLLM(VLLM):
                                 extra_args={TOP_K_ARG: GREEDY_K})
         prompts = [scoring.fast_prompt(scoring.ScoreRequest(inp, inp[ctxlen:], ctxlen - 1))
                    for inp, ctxlen in submitted]
-        outputs = iter(self.model.generate(prompts, sampling_params=params,
-                                           use_tqdm=self.batch_size == "auto",
-                                           lora_request=self.lora_request)
+        outputs = iter(scoring.submit_together(self.model, prompts, params,
+                                               use_tqdm=self.batch_size == "auto",
+                                               lora_request=self.lora_request)
                        if prompts else [])
         answers = []
         for inp, ctxlen in zip(inputs, ctxlens, strict=True):

@@ -21,6 +21,20 @@ from fastpath.targets import START_KEY, TARGET_KEY
 
 PATHS = ("fast", "standard", "prefill")
 
+# Each request alone in its step, its prompt never split across steps (vLLM's own settings;
+# the token budget then defaults to max_model_len). A row's bits depend on the schedule on
+# real kernels: vLLM's CPU attention tiles a prefill by where its chunk starts, and with
+# several threads splits a step's work by the whole batch (docs/exactness.md). Isolated, a
+# request is computed the same way whatever else the engine runs and whenever it arrives,
+# so a server's answers equal an offline run's, bit for bit, by construction.
+ISOLATED_SCHEDULE: dict[str, Any] = {"max_num_seqs": 1, "enable_chunked_prefill": False}
+SCHEDULE_MODES = {
+    "isolated": "each request alone in its step, its prompt in one step: the same bits "
+    "whatever else runs and however requests arrive (exact by construction)",
+    "batched": "requests share steps and long prompts may be split: a row's bits may depend "
+    "on the schedule (fast == standard still holds for the same schedule)",
+}
+
 # Defaults that suit the CPU backend (docs/vllm-facts.md, "CPU backend"): fp32 for exactness
 # checks, a KV cache sized in bytes (several engines may be alive at once; note that
 # VLLM_CPU_KVCACHE_SPACE, where set, overrides it), and eager mode (start-up without
@@ -32,8 +46,10 @@ CPU_ENGINE_DEFAULTS: dict[str, Any] = {
     "max_logprobs": -1,
     "seed": 0,
     "disable_log_stats": True,
+    **ISOLATED_SCHEDULE,
 }
-GPU_ENGINE_DEFAULTS: dict[str, Any] = {"max_logprobs": -1, "disable_log_stats": True}
+GPU_ENGINE_DEFAULTS: dict[str, Any] = {"max_logprobs": -1, "disable_log_stats": True,
+                                       **ISOLATED_SCHEDULE}
 
 
 @dataclass(frozen=True)
@@ -101,6 +117,53 @@ def engine(model: str, **engine_kwargs: Any) -> Iterator[Any]:
         yield llm
     finally:
         shutdown(llm)
+
+
+def schedule_mode(scheduler_config: Any) -> str:
+    """"isolated" (one request per step, prompts never split) or "batched": how an engine's
+    scheduler is set up, read from its own config (`vllm_config.scheduler_config`)."""
+    isolated = scheduler_config.max_num_seqs == 1 and not scheduler_config.enable_chunked_prefill
+    return "isolated" if isolated else "batched"
+
+
+def exactness_report(scheduler_config: Any, workers: Sequence[dict[str, Any]]
+                     ) -> dict[str, Any]:
+    """What the fast path's bits rest on in one engine: its schedule mode and, from every
+    worker (`collective_rpc("fastpath_exactness")`), how it computes the scored rows
+    (`verified` by a probe of its lm_head, or `construction`; see
+    fastpath/patches/gpu_model_runner.py)."""
+    mode = schedule_mode(scheduler_config)
+    rows = sorted({w["lm_head_rows"] for w in workers if w["lm_head_rows"] != "none"})
+    return {"schedule": mode, "schedule_detail": SCHEDULE_MODES[mode],
+            "lm_head_rows": rows[0] if len(rows) == 1 else rows, "workers": list(workers)}
+
+
+def exactness(llm: Any) -> dict[str, Any]:
+    """`exactness_report` of an offline engine (probes the workers not yet decided)."""
+    return exactness_report(llm.llm_engine.vllm_config.scheduler_config,
+                            llm.collective_rpc("fastpath_exactness"))
+
+
+def submit_together(llm: Any, prompts: Sequence[Any], params: Any,
+                    use_tqdm: bool = False, **enqueue_kwargs: Any) -> list[Any]:
+    """`llm.generate`, with every request in the scheduler's queue before its first step.
+
+    `LLM.generate` sends requests to the engine-core process one by one, and that process
+    starts stepping when the first arrives: which requests share a step, and where a long
+    prompt is split, then depend on timing (a busy machine changes them). Here the
+    scheduler is paused (vLLM's `sleep(level=0)`, which queues requests without scheduling
+    them) while they are added, so on an idle engine the schedule is a function of the
+    requests alone: the same call gives the same bits, and a fast batch and a standard batch
+    of the same prompts are computed in the same steps. Requests added before a refusal are
+    aborted (vLLM's `enqueue`), and scheduling always resumes. `enqueue_kwargs` go to
+    `LLM.enqueue` (`lora_request`, `priority`).
+    """
+    llm.sleep(level=0, mode="keep")
+    try:
+        llm.enqueue(prompts, params, use_tqdm=False, **enqueue_kwargs)
+    finally:
+        llm.wake_up(tags=["scheduling"])
+    return llm.wait_for_completion(use_tqdm=use_tqdm)
 
 
 def fast_prompt(request: ScoreRequest) -> dict[str, Any]:
@@ -183,12 +246,12 @@ def standard_logprobs(output: Any, request: ScoreRequest) -> np.ndarray:
 
 def generate(llm: Any, requests: Sequence[ScoreRequest], path: str, k: int = 0,
              use_tqdm: bool = False) -> list[Any]:
-    """Submit all requests together on one path (vLLM batches them); the RequestOutputs."""
+    """Submit all requests together on one path (`submit_together`); the RequestOutputs."""
     if path == "fast":
         prompts = [fast_prompt(r) for r in requests]
     else:
         prompts = [{"prompt_token_ids": list(r.prompt_token_ids)} for r in requests]
-    return llm.generate(prompts, scoring_params(path, k), use_tqdm=use_tqdm)
+    return submit_together(llm, prompts, scoring_params(path, k), use_tqdm=use_tqdm)
 
 
 def read_logprobs(outputs: Sequence[Any], requests: Sequence[ScoreRequest],

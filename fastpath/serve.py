@@ -11,6 +11,8 @@ dies looking up the version of a distribution named "vllm". What fastpath adds:
   server and an offline run with the same flags compute the same bits;
 - a request-body limit (`--max-request-bytes`, HTTP 413 naming it) through vLLM's own
   `--middleware` hook, so a huge body is refused before it is read;
+- `GET /fastpath/exactness` (the same hook): what the server's bits rest on, as
+  `fastpath ppl --json` reports it offline: the schedule mode and each worker's row mode;
 - quiet by default (warnings only; `-v` for vLLM's INFO lines) and one line saying where
   it listens once it answers.
 """
@@ -27,9 +29,10 @@ import time
 import urllib.request
 from typing import Any
 
+from fastpath.client import EXACTNESS_ROUTE, SCORE_ROUTE
+
 BODY_LIMIT_ENV = "FASTPATH_MAX_REQUEST_BYTES"
 DEFAULT_MAX_REQUEST_BYTES = 64 << 20  # a 128K-token window with its ids is about 3 MB
-SCORE_ROUTE = "/inference/v1/generate"
 
 
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:
@@ -99,6 +102,7 @@ def run_serve(args: argparse.Namespace, given: set[str]) -> int:
     if not args.tokens_only:
         args.enable_scale_out = True  # the scoring route is what fastpath serve is for
     os.environ[BODY_LIMIT_ENV] = str(args.max_request_bytes)
+    args.middleware = [*args.middleware, f"{__name__}.ExactnessRoute"]
     if args.max_request_bytes:
         args.middleware = [*args.middleware, f"{__name__}.BodyLimit"]
     args.subparser = "serve"
@@ -165,10 +169,39 @@ class BodyLimit:
         seen = f"{size} bytes" if complete else f"more than {self.limit} bytes"
         message = (f"request body of {seen} exceeds the limit of {self.limit} bytes "
                    "(fastpath serve --max-request-bytes)")
-        payload = json.dumps({"error": {"message": message, "type": "RequestTooLarge",
-                                        "param": "body", "code": 413}}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(payload)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": payload})
+        await _json(send, 413, {"error": {"message": message, "type": "RequestTooLarge",
+                                          "param": "body", "code": 413}}, close=True)
+
+
+class ExactnessRoute:
+    """ASGI middleware answering `GET /fastpath/exactness` with `scoring.exactness_report`
+    of this server's engine (its workers are asked over vLLM's collective RPC); every other
+    request goes to vLLM's app."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("path") != EXACTNESS_ROUTE:
+            await self.app(scope, receive, send)
+            return
+        from fastpath import scoring
+
+        if scope.get("method") != "GET":
+            await _json(send, 405, {"error": {"message": f"{EXACTNESS_ROUTE} takes GET",
+                                              "type": "MethodNotAllowed", "code": 405}})
+            return
+        engine = scope["app"].state.engine_client
+        workers = await engine.collective_rpc("fastpath_exactness")
+        report = scoring.exactness_report(engine.vllm_config.scheduler_config, workers)
+        await _json(send, 200, report)
+
+
+async def _json(send: Any, status: int, payload: dict[str, Any], close: bool = False) -> None:
+    """One complete JSON response (`close`: and the connection with it)."""
+    body = json.dumps(payload, default=str).encode()
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status,
+                "headers": headers + [(b"connection", b"close")] * close})
+    await send({"type": "http.response.body", "body": body})
