@@ -1,4 +1,6 @@
-"""Project-wide pytest setup: Hypothesis profiles, GPU skips, the model runner(s) under test."""
+"""Project-wide pytest setup: Hypothesis profiles, GPU skips, the model runner(s) under test,
+and the machine conditions under test: a forced CPU kernel build (--cpu-isa) and busy cores
+(--busy-cores)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, settings
 
-from fastpath.testing import v2cpu
+from fastpath.testing import kernels, v2cpu
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -27,6 +29,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "Triton's interpreter (fastpath/testing/v2cpu.py).")
 
 
+    parser.addoption(
+        "--cpu-isa", choices=kernels.ISAS, default=os.environ.get(kernels.ISA_ENV) or "native",
+        help="vLLM CPU kernel build every engine process loads: native (this CPU's best), "
+        "avx2 (vLLM's _C_AVX2, PyTorch, oneDNN and MKL capped at AVX2: what an AVX2-only "
+        f"machine runs) or avx512; default ${kernels.ISA_ENV} or native "
+        "(fastpath/testing/kernels.py)")
+    parser.addoption(
+        "--busy-cores", default=os.environ.get("FASTPATH_BUSY_CORES") or "0",
+        help="keep this many cores busy with other work for the whole run (a number, or "
+        "'all'): the tests' exactness must not depend on a quiet machine")
+
+
 def runners(config: pytest.Config) -> tuple[str, ...]:
     """The runners asked for: --runner, else what VLLM_USE_V2_MODEL_RUNNER says, else v1."""
     choice = config.getoption("runner")
@@ -42,6 +56,30 @@ def pytest_configure(config: pytest.Config) -> None:
     # stand-in too and try to compile V1's Triton kernels: run such a test in a fresh
     # interpreter (tests/test_prefix_cache.py does).
     v2cpu.prepare_process()
+    # Before any test imports vLLM: this process and every engine process load the kernel
+    # build asked for (the environment reaches vLLM's spawned processes).
+    isa = config.getoption("cpu_isa")
+    try:
+        os.environ.update(kernels.isa_env(isa))
+    except kernels.IsaUnavailable as error:
+        raise pytest.UsageError(str(error)) from None
+    kernels.apply_in_process()
+    try:
+        config.fastpath_busy_cores = kernels.busy_cores_setting(config.getoption("busy_cores"))
+    except ValueError as error:
+        raise pytest.UsageError(str(error)) from None
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return (f"fastpath: CPU kernels {config.getoption('cpu_isa')}, "
+            f"busy cores {config.fastpath_busy_cores}, runner(s) {'/'.join(runners(config))}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def busy_cores(request: pytest.FixtureRequest):
+    """Other work on the cores for the whole run, where --busy-cores asks for it."""
+    with kernels.busy(request.config.fastpath_busy_cores) as pids:
+        yield pids
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -6,7 +6,7 @@ once, when vLLM is imported, and PyPI's `triton` has no such backend. Three thin
 enough for the V2 runner to start and answer requests on CPU:
 - a stand-in "cpu" backend registered before vLLM is imported, in every process: the
   front end (`install_stand_in()`) and each engine process vLLM spawns (the
-  `v2cpu_site/sitecustomize.py` that `runner_env("v2")` puts on `PYTHONPATH`; it does
+  `engine_site/sitecustomize.py` that `runner_env("v2")` puts on `PYTHONPATH`; it does
   nothing unless `FASTPATH_V2_CPU=1`);
 - `TRITON_INTERPRET=1`: every `@triton.jit` kernel runs in Triton's numpy interpreter;
 - `VLLM_USE_V2_MODEL_RUNNER=1`.
@@ -27,13 +27,13 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import Any
+
+from fastpath.testing import SITE_DIR
 
 RUNNERS = ("v1", "v2")
 ENABLE_ENV = "FASTPATH_V2_CPU"
 RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
-SITE_DIR = Path(__file__).with_name("v2cpu_site")
 V2_RUNNER_CLASS = "vllm.v1.worker.cpu.model_runner.CPUModelRunner"
 # vLLM's `worker_extension_cls`: lets `collective_rpc("fastpath_model_runner")` ask each
 # worker which runner class it built, so nothing passes on V1 while claiming V2.

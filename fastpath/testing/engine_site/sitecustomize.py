@@ -1,9 +1,14 @@
 """Loaded at start-up by every Python process with this directory on PYTHONPATH.
 
-With FASTPATH_V2_CPU=1 it registers fastpath's stand-in "cpu" Triton backend before vLLM
-is imported, so vLLM's engine processes can run the V2 model runner on CPU through
-Triton's interpreter (see fastpath/testing/v2cpu.py). Without it, it does nothing but hand
-over to any other sitecustomize module further down the path.
+The test settings must reach the engine-core and worker processes vLLM spawns, before they
+import vLLM; the environment carries them, and this module acts on it:
+- FASTPATH_V2_CPU=1: register fastpath's stand-in "cpu" Triton backend, so vLLM's engine
+  processes can run the V2 model runner on CPU through Triton's interpreter
+  (fastpath/testing/v2cpu.py);
+- FASTPATH_CPU_ISA=avx2|avx512: make torch report only that instruction set, so vLLM loads
+  that kernel build (fastpath/testing/kernels.py).
+Without either it does nothing but hand over to any other sitecustomize module further
+down the path.
 """
 
 import importlib.util
@@ -14,6 +19,11 @@ if os.environ.get("FASTPATH_V2_CPU") == "1":
     from fastpath.testing.v2cpu import install_stand_in
 
     install_stand_in()
+
+if os.environ.get("FASTPATH_CPU_ISA", "native") not in ("", "native"):
+    from fastpath.testing.kernels import apply_in_process
+
+    apply_in_process()
 
 
 def _chain() -> None:
