@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fastpath import zoo
+from fastpath import scoring, zoo
 from fastpath.perplexity import bitwise_mismatches
 from fastpath.testing import v2cpu
 
@@ -18,7 +18,11 @@ CHUNK = 64  # max_num_batched_tokens: prompts longer than this are prefilled in 
 
 
 def engine_kwargs(**overrides):
-    """Test engines: chunked prefill forced by a small token budget, prefix caching on."""
+    """Batched test engines: requests share steps, chunked prefill forced by a small token
+    budget, prefix caching on. A row's bits may depend on this schedule (CPU attention
+    tiles a prefill by where its chunk starts), so a bitwise comparison on such an engine
+    compares batches the scheduler lays out alike: the same prompt lengths in the same
+    order, submitted together (`scoring.submit_together`) on an idle engine."""
     kwargs = dict(
         dtype="float32",  # also on GPU runners: the transformers bounds are fp32 bounds
         max_model_len=512,
@@ -28,6 +32,15 @@ def engine_kwargs(**overrides):
         enable_prefix_caching=True,
         kv_cache_memory_bytes=128 << 20,
     )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def isolated_engine_kwargs(**overrides):
+    """Isolated test engines (fastpath's default schedule): one request per step, prompts
+    never split, so a request's bits do not depend on what else runs or when it arrives;
+    comparisons across schedules (arrival order, server against offline) use these."""
+    kwargs = engine_kwargs(max_num_batched_tokens=None, **scoring.ISOLATED_SCHEDULE)
     kwargs.update(overrides)
     return kwargs
 

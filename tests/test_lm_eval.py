@@ -39,9 +39,12 @@ def engine(test):
 
 
 def model_args() -> dict:
+    """Both backends' engines; lm-eval's own `vllm` gets fastpath's isolated schedule too
+    (fastpath-vllm's default), so a request's bits do not depend on how each backend
+    batches its requests."""
     return dict(pretrained=str(zoo.get_model(MODEL)), dtype="float32",
                 kv_cache_memory_bytes=128 << 20, max_model_len=MAX_MODEL_LEN,
-                enforce_eager=True, seed=0)
+                enforce_eager=True, seed=0, **scoring.ISOLATED_SCHEDULE)
 
 
 def model_args_string() -> str:

@@ -7,7 +7,8 @@ import pytest
 from vllm import SamplingParams
 
 from fastpath import zoo
-from fastpath.scoring import ScoreRequest, fast_prompt, score, target_logprobs
+from fastpath.scoring import (ScoreRequest, fast_prompt, standard_logprobs, submit_together,
+                              target_logprobs)
 from tests.conftest import assert_bitwise_equal, engine_kwargs, random_prompt, runner_engine
 
 pytestmark = [pytest.mark.correctness, pytest.mark.engine]
@@ -23,6 +24,9 @@ def _preemptions(llm) -> float:
 
 
 def test_scores_exact_under_preemption(runner):
+    """A batch preempted and recomputed: each request's fast scores are the standard path's
+    in the same batch layout (the same prompts and decodes submitted together, so the same
+    steps and the same preemptions)."""
     with runner_engine(
         str(zoo.get_model("tiny-llama")), runner,
         **engine_kwargs(kv_cache_memory_bytes=SMALL_KV_BYTES, enable_prefix_caching=False,
@@ -30,12 +34,17 @@ def test_scores_exact_under_preemption(runner):
     ) as llm:
         rng = np.random.default_rng(9)
         prompts = [random_prompt(rng, 100, 2048) for _ in range(8)]
-        decode = SamplingParams(max_tokens=300, min_tokens=300, temperature=0.0)
+        decode = dict(max_tokens=300, min_tokens=300, temperature=0.0)
         before = _preemptions(llm)
-        outputs = llm.generate([fast_prompt(ScoreRequest(p, p[1:])) for p in prompts], decode,
-                               use_tqdm=False)
-        assert _preemptions(llm) > before, "the batch was never preempted: test is not testing"
-        for prompt, output in zip(prompts, outputs, strict=True):
-            (alone,) = score(llm, [ScoreRequest(prompt, prompt[1:])], "standard", k=0)
-            assert_bitwise_equal(target_logprobs(output), alone, what="after preemption")
+        outputs = submit_together(llm, [fast_prompt(ScoreRequest(p, p[1:])) for p in prompts],
+                                  SamplingParams(**decode))
+        fast_preempted = _preemptions(llm) - before
+        assert fast_preempted > 0, "the batch was never preempted: test is not testing"
+        standard = submit_together(llm, [{"prompt_token_ids": p} for p in prompts],
+                                   SamplingParams(prompt_logprobs=0, **decode))
+        assert _preemptions(llm) - before == 2 * fast_preempted, "not the same schedule"
+        for prompt, output, reference in zip(prompts, outputs, standard, strict=True):
+            assert_bitwise_equal(target_logprobs(output),
+                                 standard_logprobs(reference, ScoreRequest(prompt, prompt[1:])),
+                                 what="after preemption")
             assert len(output.outputs[0].token_ids) == 300

@@ -114,9 +114,11 @@ def test_server_tokenizer_is_the_offline_tokenizer(servers, tokens, text_file):
     assert client.tokenize([servers[0].url], text_file.read_text()) == tokens
 
 
+@pytest.mark.conditions
 def test_ppl_server_bitwise_equal_to_offline(servers, offline, tokens, text_file, tmp_path,
                                              monkeypatch):
-    """`fastpath ppl --server` (the CLI) against the offline path on the same engine flags."""
+    """`fastpath ppl --server` (the CLI) against the offline path on the same engine flags;
+    its JSON says what the server's bits rest on, as the offline engine reports it."""
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"))
     expected = perplexity.score_stream(offline, tokens, 128, 32, path="fast")
     for extra in ([], ["--tokenizer", model_path()]):
@@ -130,6 +132,11 @@ def test_ppl_server_bitwise_equal_to_offline(servers, offline, tokens, text_file
         assert summary["windows"] == expected.num_windows
         assert summary["scored_tokens"] == len(tokens) - 1
         assert summary["perplexity"] == expected.perplexity  # same bits, same fsum
+        (served,) = summary["exactness"]
+        offline_report = scoring.exactness(offline)
+        assert served["url"] == servers[0].url and served["schedule"] == "isolated"
+        assert served["lm_head_rows"] == offline_report["lm_head_rows"]
+        assert served["workers"][0]["kernels"] == offline_report["workers"][0]["kernels"]
 
 
 def window_stream(tokens, context_length, stride):
@@ -179,7 +186,16 @@ async def concurrent_clients(url: str, requests, clients: int):
     return answers, latencies
 
 
+def test_exactness_route_answers_get_only(servers):
+    reply = httpx.post(f"{servers[0].url}{client.EXACTNESS_ROUTE}", timeout=60)
+    assert reply.status_code == 405 and "takes GET" in reply.json()["error"]["message"]
+
+
+@pytest.mark.conditions
 def test_load_every_answer_correct(servers, offline):
+    """200 requests from 16 concurrent clients, each the offline engine's bits: both sides
+    run fastpath's isolated schedule, so whatever shares the server's steps and whenever a
+    request arrives, it is computed as offline."""
     requests = load_requests(vocab(offline), LOAD_REQUESTS)
     expected = scoring.score(offline, requests, "fast")
     started = time.perf_counter()
