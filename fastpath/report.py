@@ -74,7 +74,7 @@ def load_tables(path: Path) -> dict[str, pd.DataFrame]:
     pytest-benchmark's median. Benchmarks without fastpath figures are left out.
     """
     document = json.loads(path.read_text())
-    rows: dict[str, list[dict]] = {"results": [], "memory": [], "peers": []}
+    rows: dict[str, list[dict]] = {"results": [], "memory": [], "peers": [], "modes": []}
     for bench in document.get("benchmarks", []):
         info = dict(bench.get("extra_info", {}))
         table = info.pop("table", "results" if "path" in info else None)
@@ -167,6 +167,41 @@ def peers_table(frame: pd.DataFrame) -> pd.DataFrame:
     table["fastpath_speedup_tokens_per_s"] = (merged["_tps"] / merged["tokens_per_second"]).values
     table["seconds_vs_fastpath"] = (merged["seconds"] / merged["_s"]).values
     return table.sort_values(group + ["peer"]).reset_index(drop=True)
+
+
+def modes_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Exactness modes: seconds per window and the ratio to (isolated, verified), fastpath's
+    default, for the same run, model and window layout."""
+    group = ["run", "model", "context_length", "stride"]
+    default = frame[(frame["schedule"] == "isolated") & (frame["lm_head_rows"] == "verified")]
+    merged = frame.merge(default[group + ["seconds_per_window"]].rename(
+        columns={"seconds_per_window": "_default"}), on=group, how="left")
+    merged["time_vs_default"] = merged["seconds_per_window"] / merged.pop("_default")
+    columns = [*group, "schedule", "lm_head_rows", "seconds_per_window", "time_vs_default",
+               "probe_seconds", "windows"]
+    return merged[columns].sort_values(group + ["schedule", "lm_head_rows"]).reset_index(
+        drop=True)
+
+
+def plot_modes(table: pd.DataFrame, out: Path) -> Path:
+    """Bars of seconds per window: one group per window layout, one bar per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = table.assign(layout=[f"{m}\nctx {c} stride {s}" for m, c, s in
+                                 zip(table["model"], table["context_length"], table["stride"])],
+                         mode=table["schedule"] + " / " + table["lm_head_rows"])
+    pivot = table.pivot_table(index="layout", columns="mode", values="seconds_per_window")
+    axes = pivot.plot.bar(figsize=(8, 4.5), rot=0)
+    axes.set_ylabel("seconds per window")
+    axes.set_title("Exactness modes (schedule / lm_head rows)")
+    axes.figure.tight_layout()
+    path = out / "modes.png"
+    axes.figure.savefig(path, dpi=120)
+    plt.close(axes.figure)
+    return path
 
 
 def compare_runs(base: pd.DataFrame, new: pd.DataFrame, threshold: float) -> pd.DataFrame:
@@ -381,7 +416,7 @@ def run_report(args: argparse.Namespace) -> int:
     written = run_kld_report(kld_runs, args.out) if kld_runs else []
     loaded = [load_tables(path) for path in args.runs if path not in kld_runs]
     frames = {name: pd.concat([t[name] for t in loaded], ignore_index=True) if loaded
-              else pd.DataFrame() for name in ("results", "memory", "peers")}
+              else pd.DataFrame() for name in ("results", "memory", "peers", "modes")}
     args.out.mkdir(parents=True, exist_ok=True)
     if not frames["results"].empty:
         table = results_table(frames["results"])
@@ -413,6 +448,15 @@ def run_report(args: argparse.Namespace) -> int:
         for _, row in peers.iterrows():
             print(f"{row['run']}: {row['model']}: {row['peer']} {row['tokens_per_second']:.0f} "
                   f"tokens/s (fastpath {row['fastpath_speedup_tokens_per_s']:.2f}x)")
+    if not frames["modes"].empty:
+        modes = modes_table(frames["modes"])
+        written.append(args.out / "modes.csv")
+        modes.to_csv(written[-1], index=False)
+        written.append(plot_modes(modes, args.out))
+        for _, row in modes.iterrows():
+            print(f"{row['run']}: {row['model']} ctx {row['context_length']} stride "
+                  f"{row['stride']}: {row['schedule']} / {row['lm_head_rows']} "
+                  f"{row['seconds_per_window']:.3f} s/window ({row['time_vs_default']:.2f}x)")
     for path in written:
         print(f"wrote {path}")
     return 0
