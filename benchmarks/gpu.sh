@@ -21,3 +21,11 @@ for runner in 0 1; do
         --benchmark-save="$name-$tag" --benchmark-json="reports/gpu/$name-$tag.json"
 done
 fastpath report "reports/gpu/$name-v1.json" "reports/gpu/$name-v2.json" --out reports/gpu
+# What the exactness promise needs on this GPU (docs/exactness.md, "On a GPU"): which schedule
+# changes move bits on a batched engine, without and with vLLM's batch-invariant kernels
+# (each report also carries the workers' lm_head probe and kernels).
+for invariant in 0 1; do
+    echo "== schedule changes, VLLM_BATCH_INVARIANT=$invariant"
+    VLLM_BATCH_INVARIANT=$invariant python benchmarks/schedule_bits.py \
+        --json "reports/gpu/$name-schedule-bits-batch-invariant$invariant.json"
+done

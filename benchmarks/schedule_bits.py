@@ -73,6 +73,8 @@ def measure(model: str, lengths: list[int], cuts: list[int], fillers: list[int],
                                     **compare(got, alone)})
             results.append({"length": length, "change": "none (repeat)", **repeat})
         return {"model": model, "budget": budget, "kernels": worker["kernels"],
+                "lm_head_rows": worker["lm_head_rows"], "probe": worker.get("probe"),
+                "batch_invariant": os.environ.get("VLLM_BATCH_INVARIANT", "0"),
                 "cpu_isa_forced": os.environ.get("FASTPATH_CPU_ISA", "native"),
                 "threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
                 "results": results}

@@ -22,6 +22,12 @@ so it runs on a GPU machine that has torch and nothing else:
 prints a JSON list of reports (one per dtype x chunk) and exits 1 when any row computed among
 two or more rows differs; a lone row that differs is reported apart (`lone_row_mismatches`),
 since the patch never computes a lone row where the standard path computes several.
+
+`probe` is the same check on a live engine's own lm_head (`compute_logits`) and
+log-softmax, run by the V1 runner patch on each worker before it scores: the subsets it
+checks are exactly the piece sizes the scorer will use (`probe_plan`), and its verdict
+decides whether the worker chunks rows or computes the standard path's rows
+(docs/exactness.md). The sweeps here are measurements; the probe is the decision.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ dispatches the layer to oneDNN (`onednn_mm`), or to sgl-kernel's `weight_packed_
 This sweeps that kernel (`fastpath.rowsubset`, kernel `vllm-cpu`) at every zoo lm_head
 shape in float32, what fastpath's CPU engines run: every subset of two or more rows must
 give each row its bits (asserted), runs of 64 rows (the CPU default chunk) and chunks of
-1024 among them. 16-bit weights
+1024 among them. (A measurement on this machine's native kernels: engines do not rely on
+it, each worker probes its own lm_head before it scores.) 16-bit weights
 are measured and bounded: on AMX CPUs sgl-kernel was seen to round a row differently among
 fewer rows, so a 16-bit CPU engine cannot rely on the invariance.
 """
