@@ -188,7 +188,6 @@ def plot_modes(table: pd.DataFrame, out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     table = table.assign(layout=[f"{m}\nctx {c} stride {s}" for m, c, s in
                                  zip(table["model"], table["context_length"], table["stride"])],
@@ -197,10 +196,16 @@ def plot_modes(table: pd.DataFrame, out: Path) -> Path:
     axes = pivot.plot.bar(figsize=(8, 4.5), rot=0)
     axes.set_ylabel("seconds per window")
     axes.set_title("Exactness modes (schedule / lm_head rows)")
-    axes.figure.tight_layout()
-    path = out / "modes.png"
-    axes.figure.savefig(path, dpi=120)
-    plt.close(axes.figure)
+    return save_figure(axes.figure, out / "modes.png")
+
+
+def save_figure(figure, path: Path) -> Path:
+    """Lay out, write as PNG (120 dpi) and close a matplotlib figure; its path."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
     return path
 
 
@@ -229,7 +234,6 @@ def plot(table: pd.DataFrame, figure: str, out: Path, ylabel: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     data = table.assign(label=table["model"].str.split(" (", regex=False).str[0]
                         + "\nctx " + table["context_length"].astype(str)
@@ -246,11 +250,7 @@ def plot(table: pd.DataFrame, figure: str, out: Path, ylabel: str) -> Path:
     if "extrapolated" in data and data["extrapolated"].fillna(False).astype(bool).any():
         axes.annotate("standard-k-1: extrapolated from short windows", xy=(0.01, 0.97),
                       xycoords="axes fraction", va="top", fontsize=8)
-    axes.figure.tight_layout()
-    path = out / f"{figure}.png"
-    axes.figure.savefig(path, dpi=120)
-    plt.close(axes.figure)
-    return path
+    return save_figure(axes.figure, out / f"{figure}.png")
 
 
 def is_kld_report(path: Path) -> bool:
@@ -310,11 +310,7 @@ def plot_kld_histogram(reports: list[dict], out: Path) -> Path:
     axes.set_title(f"Per-token KLD against {', '.join(sorted(base))} (top-K + tail: lower "
                    "bound)", fontsize=10)
     axes.legend(fontsize=8)
-    figure.tight_layout()
-    path = out / "kld_histogram.png"
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save_figure(figure, out / "kld_histogram.png")
 
 
 def plot_kld_percentiles(table: pd.DataFrame, out: Path) -> Path:
@@ -322,7 +318,6 @@ def plot_kld_percentiles(table: pd.DataFrame, out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     columns = sorted((c for c in table.columns if c.startswith("kld_p")),
                      key=lambda c: float(c[len("kld_p"):]))
@@ -337,11 +332,7 @@ def plot_kld_percentiles(table: pd.DataFrame, out: Path) -> Path:
     if (data <= 1e-12).to_numpy().any():
         axes.annotate("bars at 1e-12: KLD <= 1e-12 (zero included)", xy=(0.01, 0.97),
                       xycoords="axes fraction", va="top", fontsize=8)
-    axes.figure.tight_layout()
-    path = out / "kld_percentiles.png"
-    axes.figure.savefig(path, dpi=120)
-    plt.close(axes.figure)
-    return path
+    return save_figure(axes.figure, out / "kld_percentiles.png")
 
 
 def plot_memory(table: pd.DataFrame, out: Path) -> Path:
@@ -349,7 +340,6 @@ def plot_memory(table: pd.DataFrame, out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     data = table.assign(
         setting=table["path"] + " (" + table["chunk_setting"].astype(str) + ")",
@@ -365,11 +355,7 @@ def plot_memory(table: pd.DataFrame, out: Path) -> Path:
     axes.set_ylabel(f"peak above the pre-step baseline, GiB ({kinds})")
     axes.set_xlabel("")
     axes.set_title("Worker memory of one\nwhole-window scoring step")
-    axes.figure.tight_layout()
-    path = out / "memory.png"
-    axes.figure.savefig(path, dpi=120)
-    plt.close(axes.figure)
-    return path
+    return save_figure(axes.figure, out / "memory.png")
 
 
 def run_kld_report(paths: list[Path], out: Path) -> list[Path]:
@@ -389,7 +375,6 @@ def plot_peers(table: pd.DataFrame, out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     data = table.assign(label=table["model"].str.split(" (", regex=False).str[0]
                         + "\nctx " + table["context_length"].astype(str))
@@ -404,11 +389,7 @@ def plot_peers(table: pd.DataFrame, out: Path) -> Path:
     axes.set_title("Perplexity: fastpath and peers\n(same model, text, window length)")
     for container in axes.containers:
         axes.bar_label(container, fmt="%.0f", fontsize=8)
-    axes.figure.tight_layout()
-    path = out / "peers.png"
-    axes.figure.savefig(path, dpi=120)
-    plt.close(axes.figure)
-    return path
+    return save_figure(axes.figure, out / "peers.png")
 
 
 def run_report(args: argparse.Namespace) -> int:

@@ -134,3 +134,27 @@ def test_memory_and_peers_tables(tmp_path, capsys):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "results.csv").exists()  # no scoring rows in this run
     assert "lm-eval-vllm 500 tokens/s (fastpath 4.00x)" in capsys.readouterr().out
+
+
+def _mode(schedule: str, rows: str, seconds: float, stride: int = 512) -> dict:
+    return {"name": f"test_mode[{schedule}-{rows}]", "stats": {"median": seconds * 4},
+            "extra_info": {"table": "modes", "model": "8B", "context_length": 2048,
+                           "stride": stride, "schedule": schedule, "lm_head_rows": rows,
+                           "seconds_per_window": seconds, "probe_seconds": 14.0,
+                           "windows": 4}}
+
+
+def test_modes_csv_gives_each_mode_against_the_default(tmp_path, capsys):
+    path = _write(tmp_path, "0003_modes.json", [
+        _mode("isolated", "verified", 1.0), _mode("batched", "verified", 1.1),
+        _mode("isolated", "construction", 5.0), _mode("isolated", "verified", 3.0, 2048),
+        _mode("isolated", "construction", 6.0, 2048)])
+    assert cli.main(["report", str(path), "--out", str(tmp_path / "out")]) == 0
+    table = pd.read_csv(tmp_path / "out" / "modes.csv")
+    ratio = {(r.schedule, r.lm_head_rows, r.stride): r.time_vs_default for r in table.itertuples()}
+    assert ratio == {("isolated", "verified", 512): 1.0, ("batched", "verified", 512): 1.1,
+                     ("isolated", "construction", 512): 5.0,
+                     ("isolated", "verified", 2048): 1.0,
+                     ("isolated", "construction", 2048): 2.0}
+    assert (tmp_path / "out" / "modes.png").stat().st_size > 0
+    assert "isolated / construction 5.000 s/window (5.00x)" in capsys.readouterr().out

@@ -39,6 +39,17 @@ def _prompts(llm, seed: int, lengths) -> list[list[int]]:
     return [random_prompt(rng, n, vocab) for n in lengths]
 
 
+def _assert_starts_equal_standard(llm, seed: int, lengths, starts, what: str) -> None:
+    """Fast requests with these starts against the standard path's full prompts, each
+    alone in its step (isolated engine): bit for bit from each start on."""
+    prompts = _prompts(llm, seed, lengths)
+    fast = score(llm, [ScoreRequest(p, p[s + 1:], start=s) for p, s in zip(prompts, starts)],
+                 "fast")
+    standard = score(llm, [ScoreRequest(p, p[1:]) for p in prompts], "standard")
+    for got, reference, start in zip(fast, standard, starts, strict=True):
+        assert_bitwise_equal(got, reference[start:], what=f"{what} start={start}")
+
+
 @pytest.mark.correctness
 @pytest.mark.engine
 @pytest.mark.conditions
@@ -99,13 +110,7 @@ def test_by_construction_mode_equals_standard(monkeypatch):
         report = scoring.exactness(llm)
         assert report["lm_head_rows"] == "construction"
         assert "FASTPATH_EXACTNESS=construction" in report["workers"][0]["reason"]
-        prompts = _prompts(llm, 33, [300, 150])
-        starts = (0, 100)
-        fast = score(llm, [ScoreRequest(p, p[s + 1:], start=s) for p, s in zip(prompts, starts)],
-                     "fast")
-        standard = score(llm, [ScoreRequest(p, p[1:]) for p in prompts], "standard")
-        for got, reference, start in zip(fast, standard, starts, strict=True):
-            assert_bitwise_equal(got, reference[start:], what=f"construction start={start}")
+        _assert_starts_equal_standard(llm, 33, [300, 150], (0, 100), what="construction")
 
 
 @pytest.mark.correctness
@@ -120,13 +125,7 @@ def test_oneDNN_without_avx2_the_probe_decides_and_bits_hold(monkeypatch):
         probe = worker["probe"]
         assert worker["lm_head_rows"] == ("verified" if probe["exact"] else "construction")
         print(f"oneDNN AVX: {worker['lm_head_rows']}: {worker['reason']}")
-        prompts = _prompts(llm, 34, [300, 150, 90])
-        starts = (0, 70, 88)
-        fast = score(llm, [ScoreRequest(p, p[s + 1:], start=s) for p, s in zip(prompts, starts)],
-                     "fast")
-        standard = score(llm, [ScoreRequest(p, p[1:]) for p in prompts], "standard")
-        for got, reference, start in zip(fast, standard, starts, strict=True):
-            assert_bitwise_equal(got, reference[start:], what=f"oneDNN AVX start={start}")
+        _assert_starts_equal_standard(llm, 34, [300, 150, 90], (0, 70, 88), what="oneDNN AVX")
 
 
 @pytest.mark.engine
