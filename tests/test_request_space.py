@@ -116,8 +116,10 @@ class Reference:
     def logprobs(self, prompt: tuple[int, ...]) -> np.ndarray:
         """float32 [len(prompt) - 1, VOCAB]: row r predicts prompt[r + 1]."""
         if prompt not in self.cache:
+            # detokenize=False: the values, without a string per (row, vocabulary entry)
             (out,) = self.llm.generate([{"prompt_token_ids": list(prompt)}],
-                                       SamplingParams(max_tokens=1, prompt_logprobs=-1),
+                                       SamplingParams(max_tokens=1, prompt_logprobs=-1,
+                                                      detokenize=False),
                                        use_tqdm=False)
             table = np.full((len(prompt) - 1, VOCAB), np.nan, dtype=np.float32)
             for row, entries in enumerate(out.prompt_logprobs[1:]):
