@@ -9,7 +9,8 @@ import os
 import pytest
 from hypothesis import HealthCheck, settings
 
-from fastpath.testing import kernels, v2cpu
+from fastpath.runners import RUNNER_ENV, RUNNERS, prepare_process, runner_environment
+from fastpath.testing import kernels
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -26,7 +27,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--runner", choices=("v1", "v2", "both"), default=None,
         help="vLLM model runner(s) the engine fixtures use (default: v2 where "
         "VLLM_USE_V2_MODEL_RUNNER=1, else v1). On CPU, V2 runs its Triton kernels in "
-        "Triton's interpreter (fastpath/testing/v2cpu.py).")
+        "Triton's interpreter (fastpath/runners.py).")
 
 
     parser.addoption(
@@ -45,8 +46,8 @@ def runners(config: pytest.Config) -> tuple[str, ...]:
     """The runners asked for: --runner, else what VLLM_USE_V2_MODEL_RUNNER says, else v1."""
     choice = config.getoption("runner")
     if choice is None:
-        choice = "v2" if os.environ.get(v2cpu.RUNNER_ENV, "").lower() in ("1", "true") else "v1"
-    return v2cpu.RUNNERS if choice == "both" else (choice,)
+        choice = "v2" if os.environ.get(RUNNER_ENV, "").lower() in ("1", "true") else "v1"
+    return RUNNERS if choice == "both" else (choice,)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -55,7 +56,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # engine core run in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) would see the
     # stand-in too and try to compile V1's Triton kernels: run such a test in a fresh
     # interpreter (tests/test_prefix_cache.py does).
-    v2cpu.prepare_process()
+    prepare_process()
     # Before any test imports vLLM: this process and every engine process load the kernel
     # build asked for (the environment reaches vLLM's spawned processes).
     isa = config.getoption("cpu_isa")
@@ -93,7 +94,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def runner(request: pytest.FixtureRequest):
     """The model runner of this test's engines; its environment is set while it lives."""
     name = getattr(request, "param", "v1")
-    with v2cpu.runner_environment(name):
+    with runner_environment(name):
         yield name
 
 
@@ -114,7 +115,7 @@ def _runner_of(item: pytest.Item) -> str | None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip `gpu` tests without CUDA and `v1_only` tests on V2, each with its reason; run
     the tests of one runner before the other's, so one runner's engines live at a time."""
-    order = {name: i for i, name in enumerate(v2cpu.RUNNERS)}
+    order = {name: i for i, name in enumerate(RUNNERS)}
     items.sort(key=lambda item: order.get(_runner_of(item), -1))
     v1_asked = "v1" in runners(config)
     for item in items:

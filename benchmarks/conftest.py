@@ -16,7 +16,7 @@ import pytest
 
 from fastpath import scoring, zoo
 from fastpath.data import bundled_text
-from fastpath.measure import device_name
+from fastpath.runners import device_name
 from fastpath.windows import make_windows
 
 

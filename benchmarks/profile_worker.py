@@ -2,7 +2,7 @@
 
 Starts an engine, scores steady-state windows in a loop (default: whole windows, context
 2048 = stride, every row scored, on the Llama-3 shape twin), finds the worker processes
-(`fastpath.measure.worker_pids`, by collective_rpc: the engine-core process itself where
+(`fastpath.testing.measure.worker_pids`, by collective_rpc: the engine-core process itself where
 one worker runs there), records each with `py-spy record --format raw` (collapsed stacks,
 non-blocking sampling, active samples only) and writes a text summary per worker:
 - each sample's step: `lm_head` (the model's `compute_logits`), `all_gather` (the
@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from fastpath import perplexity, scoring, zoo
     from fastpath.data import bundled_text
-    from fastpath.measure import device_name, worker_pids
+    from fastpath.runners import device_name
+    from fastpath.testing.measure import worker_pids
     from fastpath.windows import make_windows
 
     model = args.model or str(zoo.get_model(args.model_name))

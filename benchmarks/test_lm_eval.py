@@ -27,7 +27,8 @@ pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'fa
 
 from benchmarks.conftest import MODELS, resolve  # noqa: E402
 from fastpath import scoring  # noqa: E402
-from fastpath.measure import device_name, result_objects  # noqa: E402
+from fastpath.runners import device_name  # noqa: E402
+from fastpath.testing.measure import result_objects  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS_DIR = "tests/data/lm_eval_tasks"

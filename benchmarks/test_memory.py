@@ -10,7 +10,7 @@ on CPU, vocabulary 128,256). Settings per step size:
 - `fast` with chunks of 64, 256 and 1024 rows (the sweep behind the defaults: memory and time);
 - `standard-k0`: `prompt_logprobs=0`, vLLM's own path.
 The figure is the worker's peak above what it held right before the step
-(`fastpath.measure.WorkerPeakMemory`: the kernel's RSS high-water mark on CPU,
+(`fastpath.testing.measure.WorkerPeakMemory`: the kernel's RSS high-water mark on CPU,
 `torch.cuda.max_memory_allocated` on GPU), the largest over the timed rounds. The chunk
 setting is an environment variable read in the worker, so each (step, chunk) pair gets a
 fresh engine, started with the variable set; one engine is alive at a time.
@@ -29,7 +29,8 @@ import vllm
 
 from benchmarks.conftest import MODELS, resolve, selected_models, stream_tokens
 from fastpath import scoring
-from fastpath.measure import WorkerPeakMemory, device_name
+from fastpath.runners import device_name
+from fastpath.testing.measure import WorkerPeakMemory
 
 CHUNK_ENV = "FASTPATH_SCORE_CHUNK_ROWS"
 INSECURE_ENV = "VLLM_ALLOW_INSECURE_SERIALIZATION"  # lets collective_rpc send a function

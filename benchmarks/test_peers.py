@@ -25,7 +25,7 @@ import vllm
 from benchmarks.conftest import stream_tokens
 from benchmarks.test_scoring import CONTEXT, fit_context, floor_threads
 from fastpath import perplexity
-from fastpath.measure import device_name
+from fastpath.runners import device_name
 from fastpath.peers import PeerResult, hf_guide_nll, lm_eval_score
 
 PEERS = ("hf-transformers", "lm-eval-vllm", "fastpath-ppl")

@@ -18,8 +18,10 @@ import pytest
 import vllm
 
 from benchmarks.conftest import steady_windows, stream_tokens
+from benchmarks.measure import LogprobBytes, PeakRSS
 from fastpath import perplexity, scoring
-from fastpath.measure import LogprobBytes, PeakRSS, device_name, result_objects
+from fastpath.runners import device_name, runner_name
+from fastpath.testing.measure import result_objects
 
 CONTEXT, STRIDE = 2048, 512
 # (path, K, context, stride). The main shape for every path; context 1024 shows the fast
@@ -57,7 +59,7 @@ def _common_info(llm, path_name: str, context: int, stride: int) -> dict:
         "context_length": context, "stride": stride,
         "tensor_parallel_size": llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size,
         "device": device_name(), "vllm_version": vllm.__version__,
-        "runner": "V2" if llm.llm_engine.vllm_config.use_v2_model_runner else "V1",
+        "runner": runner_name(llm),
     }
 
 

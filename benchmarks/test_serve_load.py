@@ -19,7 +19,7 @@ import pytest
 from fastpath import client, scoring, zoo
 from fastpath.client import ScoringClient, ServerPool
 from fastpath.data import bundled_text
-from fastpath.measure import device_name
+from fastpath.runners import device_name
 from fastpath.perplexity import make_windows, window_requests
 from tests.serving import running
 

@@ -220,8 +220,7 @@ def run_ppl(args: argparse.Namespace, given: set[str]) -> int:
     import vllm
 
     from fastpath import perplexity, zoo
-    from fastpath.measure import device_name
-    from fastpath.testing import v2cpu
+    from fastpath.runners import device_name, runner_environment
 
     _check_flags(args)
     _check_runner(args.model_runner)
@@ -235,7 +234,7 @@ def run_ppl(args: argparse.Namespace, given: set[str]) -> int:
     with contextlib.ExitStack() as stack:
         if args.model_runner != "auto":
             # Kept for the engine's life: vLLM's front end reads it at every request.
-            stack.enter_context(v2cpu.runner_environment(args.model_runner))
+            stack.enter_context(runner_environment(args.model_runner))
         results, runner, layout, exactness = _score_locally(args, engine_args, text, source)
     tokens = layout.tokens
 
@@ -272,7 +271,7 @@ def _score_locally(args: argparse.Namespace, engine_args: Any, text: str, source
     the bits rest on (`scoring.exactness`)."""
     from tqdm import tqdm
 
-    from fastpath import perplexity, scoring
+    from fastpath import perplexity, runners, scoring
     from fastpath.windows import WindowError
 
     llm = scoring.build_llm_from_engine_args(engine_args)
@@ -294,7 +293,7 @@ def _score_locally(args: argparse.Namespace, engine_args: Any, text: str, source
                 results[path] = perplexity.score_layout(
                     llm, layout, path=path, standard_k=args.standard_k,
                     max_batch_windows=args.max_batch_windows, progress=bar.update)
-        runner = "V2" if llm.llm_engine.vllm_config.use_v2_model_runner else "V1"
+        runner = runners.runner_name(llm)
         exactness = scoring.exactness(llm)
     finally:
         scoring.shutdown(llm)
@@ -303,15 +302,15 @@ def _score_locally(args: argparse.Namespace, engine_args: Any, text: str, source
 
 def _check_runner(runner: str) -> None:
     """Refuse --model-runner v2 on CPU where the stand-in Triton backend came too late."""
-    from fastpath.testing import v2cpu
+    from fastpath.runners import cpu_build
 
-    if runner != "v2" or not v2cpu.cpu_build():
+    if runner != "v2" or not cpu_build():
         return
     from vllm.triton_utils import HAS_TRITON
 
     if not HAS_TRITON:
         raise UsageError("--model-runner v2 on CPU needs fastpath's stand-in Triton backend "
-                         "registered before vLLM is imported (fastpath.testing.v2cpu."
+                         "registered before vLLM is imported (fastpath.runners."
                          "prepare_process); run it as the `fastpath` command")
     print("fastpath ppl: V2 runner on CPU: Triton kernels run in Triton's interpreter "
           "(slow; checks V2's logic, says nothing about a GPU's bits)", file=sys.stderr)
@@ -486,9 +485,9 @@ def _prepare_runner(argv: list[str]) -> None:
     pre.add_argument("--model-runner", "--model_runner", dest="model_runner")
     known, _ = pre.parse_known_args(argv)
     if known.model_runner == "v2":
-        from fastpath.testing import v2cpu
+        from fastpath.runners import prepare_process
 
-        v2cpu.prepare_process()
+        prepare_process()
 
 
 def main(argv: list[str] | None = None) -> int:

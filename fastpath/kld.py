@@ -282,14 +282,14 @@ def _progress(total: int, desc: str):
 def run_kld(args: argparse.Namespace, given: set[str]) -> int:
     """The `fastpath kld` command on vLLM's V1 model runner, the one that computes the top-K
     extension (V2, CUDA's default, refuses `fastpath_top_k`); a V2 request is refused."""
-    from fastpath.testing import v2cpu
+    from fastpath import runners
 
-    if os.environ.get(v2cpu.RUNNER_ENV, "").lower() in ("1", "true"):
+    if runners.v2_requested():
         raise _usage_error(f"fastpath kld needs vLLM's V1 model runner: the base pass's top-K "
                            f"(fastpath_top_k) is computed by fastpath's V1 runner patch, and "
-                           f"{v2cpu.RUNNER_ENV}={os.environ[v2cpu.RUNNER_ENV]} asks for V2; "
+                           f"{runners.RUNNER_ENV}={os.environ[runners.RUNNER_ENV]} asks for V2; "
                            f"unset it (fastpath kld then runs V1, on CUDA too)")
-    with v2cpu.runner_environment("v1"):
+    with runners.runner_environment("v1"):
         return _run_kld(args, given)
 
 
@@ -298,7 +298,7 @@ def _run_kld(args: argparse.Namespace, given: set[str]) -> int:
     import vllm
 
     from fastpath.cli import load_text
-    from fastpath.measure import device_name
+    from fastpath.runners import device_name, runner_name
 
     _check_flags(args)
     text, source = load_text(args)
@@ -347,7 +347,7 @@ def _run_kld(args: argparse.Namespace, given: set[str]) -> int:
             raise _usage_error(str(error)) from None
         with _progress(len(layout.windows), "model pass") as bar:
             model = model_pass(llm, layout, base, args.max_batch_windows, bar.update)
-        runner = "V2" if llm.llm_engine.vllm_config.use_v2_model_runner else "V1"
+        runner = runner_name(llm)
     finally:
         scoring.shutdown(llm)
 

@@ -149,10 +149,10 @@ def _use_v1_runner() -> None:
     """Pin vLLM's V1 model runner for this process (V2, CUDA's default, refuses the top-K
     extension `is_greedy` needs); refuse where V2 was asked for. Left set: vLLM's front end
     reads it at every request."""
-    from fastpath.testing.v2cpu import RUNNER_ENV
+    from fastpath.runners import RUNNER_ENV, v2_requested
 
-    asked = os.environ.get(RUNNER_ENV, "")
-    if asked.lower() in ("1", "true"):
+    if v2_requested():
+        asked = os.environ[RUNNER_ENV]
         raise ValueError(f"fastpath-vllm needs vLLM's V1 model runner: is_greedy comes from "
                          f"fastpath's top-K extension ({TOP_K_ARG}), which the V1 runner patch "
                          f"computes, and {RUNNER_ENV}={asked} asks for V2; unset it")

@@ -109,7 +109,7 @@ def test_guard_fails_a_request_whose_rows_were_not_computed():
     The engine core runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so upstream's
     add_request can be put back: the cache is then read and rows go uncomputed. It runs in a
     fresh interpreter: this test process carries the stand-in Triton backend of the V2 tests
-    (fastpath/testing/v2cpu.py), which an in-process V1 engine would try to compile with.
+    (fastpath/runners.py), which an in-process V1 engine would try to compile with.
     """
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     done = subprocess.run([sys.executable, "-c", "from tests.test_prefix_cache import "

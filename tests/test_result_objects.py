@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastpath.measure import result_objects
+from fastpath.testing.measure import result_objects
 from fastpath.scoring import ScoreRequest, generate
 from tests.conftest import random_prompt, vocab_size
 

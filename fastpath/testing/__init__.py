@@ -1,9 +1,4 @@
-"""Test conditions that must reach vLLM's engine processes: vLLM's V2 runner on CPU
-(`v2cpu`), a forced CPU kernel build and busy cores (`kernels`). Used by the tests and by
-`fastpath ppl --model-runner`, and by the runner environment `fastpath kld` and lm-eval
-pin; the plugin does not use it."""
-
-from pathlib import Path
-
-# Put on PYTHONPATH for engine processes: its sitecustomize.py applies the conditions above.
-SITE_DIR = Path(__file__).with_name("engine_site")
+"""The test harness: conditions the tests reproduce in vLLM's engine processes (a forced CPU
+kernel build and busy cores, `kernels`), engines on a chosen model runner proven to be that
+runner (`v2cpu`), and the counters tests and benchmarks share (`measure`). Product code does
+not import it (tests/test_import_graph.py)."""

