@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastpath.patches._source import (
+from fastpath.source_text import (
     decode,
     fingerprint_text,
     function_source,

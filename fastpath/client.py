@@ -27,13 +27,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import numpy as np
 
+from fastpath.extras import require
 from fastpath.scoring import ScoreRequest
+from fastpath.serve import EXACTNESS_ROUTE, SCORE_ROUTE
 
-SCORE_ROUTE = "/inference/v1/generate"
-EXACTNESS_ROUTE = "/fastpath/exactness"  # fastpath serve: what the server's bits rest on
+httpx = require("httpx", "client", "scoring on servers (fastpath.client)")
+
 DEFAULT_TIMEOUT = 600.0  # seconds per request: a long window on a busy CPU server
 DEFAULT_MAX_IN_FLIGHT = 8
 

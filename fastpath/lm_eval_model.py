@@ -32,7 +32,6 @@ import hashlib
 import importlib.metadata
 import inspect
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -262,16 +261,3 @@ class FastpathVLLM(VLLM):
                     f"lacks fastpath's top-K extension ({TOP_K_ARG})")
             answers.append(continuation_answer(scores))
         return answers
-
-
-def cli_main(argv: Sequence[str]) -> int:
-    """`fastpath lm-eval ARGS`: lm-eval's own command line, with fastpath-vllm registered."""
-    from lm_eval.__main__ import cli_evaluate
-
-    saved = sys.argv
-    sys.argv = ["lm-eval", *argv]
-    try:
-        cli_evaluate()
-    finally:
-        sys.argv = saved
-    return 0

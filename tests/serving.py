@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from fastpath.flags import LOG_LEVEL_ENV
+from fastpath.cli.common import LOG_LEVEL_ENV
 
 START_TIMEOUT = 600.0  # seconds: ~30 s on an idle 2-core machine, minutes when it is shared
 VLLM_INFO_LINE = re.compile(r"^\(\w+ pid=\d+\) INFO ", re.MULTILINE)

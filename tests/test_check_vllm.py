@@ -17,7 +17,7 @@ import pytest
 
 from fastpath import check_vllm, cli, patches
 from fastpath.patches import Borrowed, PatchRefused
-from fastpath.patches._source import decode, fingerprint_text, function_source
+from fastpath.source_text import decode, fingerprint_text, function_source
 
 SITE = Path(importlib.util.find_spec("vllm").origin).parents[1]  # holds vllm/, not imported here
 MANIFEST, ENTRIES = check_vllm.load_manifest()

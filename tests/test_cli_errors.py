@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from fastpath import cli
+from fastpath.cli import common
 
 
 @pytest.mark.parametrize("flags, fragment", [
@@ -24,7 +25,7 @@ from fastpath import cli
      "--model-runner v1 applies to a local engine"),
 ])
 def test_flag_errors_before_any_engine(flags, fragment, capsys):
-    assert cli.main(["ppl", *flags]) == cli.EXIT_USAGE
+    assert cli.main(["ppl", *flags]) == common.EXIT_USAGE
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err
 
@@ -34,14 +35,14 @@ def test_unreadable_dataset(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     assert cli.main(["ppl", "--dataset", "wikitext", "--dataset-config",
-                     "wikitext-2-raw-v1"]) == cli.EXIT_USAGE
+                     "wikitext-2-raw-v1"]) == common.EXIT_USAGE
     assert "cannot read wikitext/wikitext-2-raw-v1:test" in capsys.readouterr().err
 
 
 def test_corrupt_parquet(capsys, tmp_path):
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"not parquet at all")
-    assert cli.main(["ppl", "--text-file", str(bad)]) == cli.EXIT_USAGE
+    assert cli.main(["ppl", "--text-file", str(bad)]) == common.EXIT_USAGE
     assert "cannot read" in capsys.readouterr().err
 
 
@@ -57,7 +58,7 @@ def test_text_and_model_limits(content, flags, fragment, tmp_path):
     text.write_text(content)
     done = subprocess.run([sys.executable, "-m", "fastpath.cli", "ppl", "--text-file", str(text),
                            *flags], capture_output=True, text=True, timeout=300)
-    assert done.returncode == cli.EXIT_USAGE, done.stderr[-2000:]
+    assert done.returncode == common.EXIT_USAGE, done.stderr[-2000:]
     assert fragment in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
 
 
@@ -65,5 +66,5 @@ def test_text_and_model_limits(content, flags, fragment, tmp_path):
 def test_empty_text_file(content, tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text(content)
-    assert cli.main(["ppl", "--text-file", str(text)]) == cli.EXIT_USAGE
+    assert cli.main(["ppl", "--text-file", str(text)]) == common.EXIT_USAGE
     assert "is empty" in capsys.readouterr().err

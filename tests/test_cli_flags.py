@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from fastpath import cli, scoring
+from fastpath.cli import common
+from fastpath.cli import ppl as ppl_command
 
 
 @pytest.fixture(scope="module")
@@ -13,7 +15,7 @@ def parsers():
 
 
 def given(parsers, *words: str) -> set[str]:
-    return cli.given_flags(parsers[1], words)
+    return common.given_flags(parsers[1], words)
 
 
 @pytest.mark.parametrize("words, dests", [
@@ -43,12 +45,12 @@ def test_given_flags_reads_a_config_file(parsers, tmp_path):
 
 def test_given_flags_needs_the_subcommand_parser(parsers):
     with pytest.raises(TypeError, match="subcommand"):
-        cli.given_flags(parsers[0], ["ppl"])
+        common.given_flags(parsers[0], ["ppl"])
 
 
 def engine_args(parsers, *words: str):
     args = parsers[0].parse_args(["ppl", *words])
-    return cli._engine_args(args, given(parsers, *words))
+    return common.engine_args(args, given(parsers, *words))
 
 
 def test_typed_values_equal_to_vllms_defaults_are_kept(parsers):
@@ -66,7 +68,7 @@ def test_typed_values_equal_to_vllms_defaults_are_kept(parsers):
 
 def test_main_hands_the_given_flags_to_ppl(monkeypatch):
     seen = {}
-    monkeypatch.setattr(cli, "run_ppl", lambda args, given: seen.update(given=given) or 0)
+    monkeypatch.setattr(ppl_command, "run_locally", lambda args, given: seen.update(given=given) or 0)
     assert cli.main(["ppl", "--dtype", "auto", "--max_logprobs=20", "-tp", "1"]) == 0
     assert seen["given"] == {"dtype", "max_logprobs", "tensor_parallel_size"}
 
@@ -77,8 +79,8 @@ def test_given_flags_on_vllms_server_parser():
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = make_arg_parser(FlexibleArgumentParser())
-    assert cli.given_flags(parser, []) == set()
+    assert common.given_flags(parser, []) == set()
     words = ["--port", "8000", "--middleware", "a.b", "--dtype=auto", "--max_logprobs", "20",
              "--enable-scale-out"]
-    assert cli.given_flags(parser, words) == {"port", "middleware", "dtype", "max_logprobs",
+    assert common.given_flags(parser, words) == {"port", "middleware", "dtype", "max_logprobs",
                                               "enable_scale_out"}

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from fastpath import cli, kld
+from fastpath import cli
+from fastpath.cli import common
+from fastpath.cli import kld as kld_command
 
 
 @pytest.mark.parametrize("argv, fragment", [
@@ -21,7 +23,7 @@ from fastpath import cli, kld
      "--max-batch-windows must be positive"),
 ])
 def test_cli_flag_errors_before_any_engine(argv, fragment, capsys):
-    assert cli.main(argv) == cli.EXIT_USAGE
+    assert cli.main(argv) == common.EXIT_USAGE
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err
 
@@ -29,7 +31,7 @@ def test_cli_flag_errors_before_any_engine(argv, fragment, capsys):
 def test_kld_corrupt_base_file_refused(tmp_path, capsys):
     bad = tmp_path / "base.npz"
     bad.write_bytes(b"junk")
-    assert cli.main(["kld", "--model", "m", "--base-cache", str(bad)]) == cli.EXIT_USAGE
+    assert cli.main(["kld", "--model", "m", "--base-cache", str(bad)]) == common.EXIT_USAGE
     assert "is not a fastpath kld base file" in capsys.readouterr().err
 
 
@@ -38,15 +40,15 @@ def test_base_engine_flags_are_the_models_with_overrides():
     words = ["--base-model", "/b", "--model", "/q", "--quantization", "awq", "--dtype",
              "bfloat16", "--base-quantization", "none", "--tokenizer", "/q-tok"]
     args = parser.parse_args(["kld", *words])
-    given = cli.given_flags(kld_parser, words)
-    base, base_given = kld.base_namespace(args, given)
+    given = common.given_flags(kld_parser, words)
+    base, base_given = kld_command.base_namespace(args, given)
     assert (base.model, base.quantization, base.dtype, base.tokenizer) == ("/b", None,
                                                                             "bfloat16", None)
     assert {"quantization", "dtype"} <= base_given and "tokenizer" not in base_given
     assert (args.model, args.quantization, args.tokenizer) == ("/q", "awq", "/q-tok")
     args = parser.parse_args(["kld", "--base-model", "/b", "--model", "/q",
                               "--base-dtype", "float16", "--base-tensor-parallel-size", "2"])
-    base, base_given = kld.base_namespace(args, set())
+    base, base_given = kld_command.base_namespace(args, set())
     assert (base.dtype, base.tensor_parallel_size) == ("float16", 2)
     assert base_given == {"dtype", "tensor_parallel_size"}
-    assert cli._engine_args(base, base_given).dtype == "float16"
+    assert common.engine_args(base, base_given).dtype == "float16"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastpath import cli, client, flags, scoring, serve
+from fastpath import cli, client, scoring
+from fastpath.cli import common
+from fastpath.cli import serve as serve_command
 from fastpath.scoring import ScoreRequest
 from tests.serving import free_port
 
@@ -18,8 +20,8 @@ def parser():
 def serve_args(parsers, argv):
     """Parsed `fastpath serve` flags with fastpath's defaults filled in as run_serve does."""
     args = parsers[0].parse_args(argv)
-    flags.fill_defaults(args, serve.server_defaults(args.verbose),
-                        cli.given_flags(parsers[3], argv[1:]))
+    common.fill_defaults(args, serve_command.server_defaults(args.verbose),
+                        common.given_flags(parsers[3], argv[1:]))
     return args
 
 
@@ -46,7 +48,7 @@ def test_config_file_flags_count_as_given(parser, tmp_path):
 
 
 def test_given_flags_sees_serve_spellings(parser):
-    given = cli.given_flags(parser[3], ["--model", "m", "-tp", "2", "--max_model_len=64",
+    given = common.given_flags(parser[3], ["--model", "m", "-tp", "2", "--max_model_len=64",
                                         "--middleware", "a.b", "--compilation-config.mode", "0"])
     assert {"model", "tensor_parallel_size", "max_model_len", "middleware",
             "compilation_config"} <= given
@@ -67,14 +69,14 @@ def test_given_flags_sees_serve_spellings(parser):
 ])
 def test_ppl_server_flag_errors(extra, fragment, capsys):
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    assert cli.main(["ppl", "--server", url, *extra]) == cli.EXIT_USAGE
+    assert cli.main(["ppl", "--server", url, *extra]) == common.EXIT_USAGE
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err, err
 
 
 def test_ppl_server_listed_twice(capsys):
     url = f"http://127.0.0.1:{free_port()}"
-    assert cli.main(["ppl", "--server", url, "--server", url + "/"]) == cli.EXIT_USAGE
+    assert cli.main(["ppl", "--server", url, "--server", url + "/"]) == common.EXIT_USAGE
     assert "lists a server twice" in capsys.readouterr().err
 
 

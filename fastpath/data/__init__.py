@@ -11,6 +11,8 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
+from fastpath.extras import MissingExtra, require
+
 BUNDLED = "bundled"
 _LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json",
                    ".parquet": "parquet"}
@@ -53,7 +55,10 @@ def load_text(
         if num_samples is not None:
             text = _rows_to_text(text.split("\n\n")[:num_samples])
         return text, BUNDLED
-    import datasets
+    try:
+        datasets = require("datasets", "data", "--dataset and --text-file")
+    except MissingExtra as error:
+        raise DataError(str(error)) from None
 
     if text_file:
         path = Path(text_file)

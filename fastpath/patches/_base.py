@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastpath.patches._source import decode, fingerprint_text, has_attribute
+from fastpath.source_text import decode, fingerprint_text, has_attribute
 
 
 class PatchRefused(RuntimeError):

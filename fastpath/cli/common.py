@@ -1,0 +1,224 @@
+"""What the `fastpath` commands share: errors and exit codes, which flags the user gave and
+fastpath's defaults for the rest, the text and window flags, the engine arguments, the
+window layout, and the report tail (print, `--json`).
+
+`fastpath ppl`, `kld` and `serve` take vLLM's own flags (EngineArgs, the server's
+FrontendArgs) and put fastpath's defaults only where the user gave no flag. "Gave" means
+present on the command line (or in a `--config` file), not "differs from vLLM's default":
+an explicit `--dtype auto` must win over fastpath's float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fastpath import protocols
+
+EXIT_USAGE = 2
+EXIT_NOT_EQUAL = 3
+EXIT_SERVERS_FAILED = 4
+
+VERBOSE_FLAGS = ("-v", "--verbose")
+LOG_LEVEL_ENV = "VLLM_LOGGING_LEVEL"
+
+
+class UsageError(ValueError):
+    """Bad flags or input: printed as one line, exit code 2, no traceback."""
+
+
+# ---------------------------------------------------------------- given flags, defaults, noise
+
+
+class _NotGiven:
+    """Marker a probe namespace holds for every option until the command line sets it."""
+
+    def __repr__(self) -> str:
+        return "<not given>"
+
+
+_NOT_GIVEN = _NotGiven()
+_ACCUMULATING = (argparse._AppendAction, argparse._ExtendAction, argparse._CountAction)
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """Destinations of the options `argv` gives explicitly, in any spelling `parser` accepts.
+
+    A value typed on the command line wins even where it equals the default, so callers
+    that put their own defaults on top (`fastpath ppl`, `fastpath serve`) must know which
+    flags were given, not which values differ. argparse only fills a default where the
+    namespace has no value yet, so `argv` is parsed again into a namespace holding a marker
+    for every option: what still holds it was not given. That is argparse's own reading of
+    the words, so `--flag=value`, `--flag value`, aliases (`-tp`), abbreviations,
+    `--no-flag`, and vLLM's FlexibleArgumentParser spellings (`--max_logprobs`, `--config
+    FILE`, dotted `--a.b`) all count. For a command with subcommands pass the subcommand's
+    parser and the words after the command.
+    """
+    if any(isinstance(action, argparse._SubParsersAction) for action in parser._actions):
+        raise TypeError("given_flags needs the subcommand's own parser, not one with subcommands")
+    options = [a for a in parser._actions if a.option_strings and a.dest != argparse.SUPPRESS]
+    # append/extend/count build on what the namespace holds: they start from None instead
+    unset = {a.dest: None if isinstance(a, _ACCUMULATING) else _NOT_GIVEN for a in options}
+    parsed = vars(parser.parse_args(list(argv), namespace=argparse.Namespace(**unset)))
+    return {dest for dest, marker in unset.items() if parsed.get(dest, marker) is not marker}
+
+
+def fill_defaults(args: argparse.Namespace, defaults: Mapping[str, Any],
+                  given: set[str]) -> dict[str, Any]:
+    """Set each default whose flag the user did not give; returns what was set."""
+    applied = {key: value for key, value in defaults.items()
+               if key not in given and hasattr(args, key)}
+    for key, value in applied.items():
+        setattr(args, key, value)
+    return applied
+
+
+def verbose_requested(argv: Sequence[str]) -> bool:
+    """Whether -v/--verbose is on the command line (read before vLLM is imported)."""
+    return any(arg in VERBOSE_FLAGS for arg in argv)
+
+
+def quiet_vllm(verbose: bool) -> None:
+    """Hide vLLM's INFO lines unless verbose, in this process and every one vLLM starts.
+
+    vLLM reads VLLM_LOGGING_LEVEL when it is first imported, and its engine-core and
+    worker processes inherit the environment; a level the user set is left alone.
+    Must run before anything imports vLLM.
+    """
+    if not verbose and LOG_LEVEL_ENV not in os.environ:
+        os.environ[LOG_LEVEL_ENV] = "WARNING"
+
+
+def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
+    """-v/--verbose on a sub-command (its effect is applied before parsing, see quiet_vllm)."""
+    parser.add_argument(*VERBOSE_FLAGS, action="store_true", dest="verbose",
+                        help="show vLLM's INFO log lines (default: warnings and errors only)")
+
+
+# ---------------------------------------------------------------- engine
+
+
+def engine_args(args: argparse.Namespace, given: set[str]):
+    """vLLM EngineArgs from the parsed flags; fastpath's defaults where a flag was not given."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from fastpath import scoring
+
+    for key, value in scoring.default_engine_kwargs().items():
+        if key not in given:
+            setattr(args, key, value)
+    return EngineArgs.from_cli_args(args)
+
+
+def engine_dests() -> set[str]:
+    """The `dest` of every vLLM engine flag (EngineArgs fields)."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    return {f.name for f in dataclasses.fields(EngineArgs)}
+
+
+# ---------------------------------------------------------------- text and windows
+
+
+def add_text_flags(group: Any) -> None:
+    """The text and window flags `ppl` and `kld` share (checked by `check_window_flags`)."""
+    group.add_argument("--dataset", help="a `datasets` dataset name, e.g. wikitext")
+    group.add_argument("--dataset-config", help="its configuration, e.g. wikitext-2-raw-v1")
+    group.add_argument("--dataset-split", default="test", help="split to score (default test)")
+    group.add_argument("--text-file", help="local text, JSONL or parquet file (column 'text')")
+    group.add_argument("--num-samples", type=int, help="keep only the first N rows/lines")
+    group.add_argument("--context-length", type=int, default=2048, help="tokens per window")
+    group.add_argument("--stride", type=int, default=None,
+                       help="new tokens scored per window after the first (<= context length; "
+                       f"default {protocols.DEFAULT_STRIDE}; protocols fastpath and hf only)")
+    group.add_argument("--protocol", choices=protocols.PROTOCOLS,
+                       default=protocols.DEFAULT_PROTOCOL,
+                       help="whose windows to use: fastpath (default), hf (the Hugging Face "
+                       "guide's loop), lm-eval (loglikelihood_rolling), llama.cpp "
+                       "(llama-perplexity's chunks); see the README")
+    group.add_argument("--max-batch-windows", type=int, default=16,
+                       help="windows submitted together: bounds front-end memory and sets "
+                       "how often the progress bar moves (default 16)")
+
+
+def check_window_flags(args: argparse.Namespace) -> None:
+    """Refuse bad window flags (`ppl` and `kld` share them): protocol, context, stride, and
+    --max-batch-windows; fills in the protocol's stride."""
+    from fastpath.windows import WindowError
+
+    try:
+        args.stride = protocols.check_protocol(args.protocol, args.context_length, args.stride)
+    except WindowError as error:
+        raise UsageError(str(error)) from None
+    if args.max_batch_windows < 1:
+        raise UsageError(f"--max-batch-windows must be positive, got {args.max_batch_windows}")
+
+
+def load_text(args: argparse.Namespace) -> tuple[str, str]:
+    """The text to score and a description of its source; UsageError if there is none."""
+    from fastpath import data
+
+    try:
+        text, source = data.load_text(args.dataset, args.dataset_config, args.text_file,
+                                      args.num_samples, split=args.dataset_split)
+    except data.DataError as error:
+        raise UsageError(str(error)) from None
+    if not text.strip():
+        raise UsageError(f"the text from {source} is empty")
+    return text, source
+
+
+def context_limit_error(context_length: int, max_len: int, where: str) -> UsageError:
+    """The refusal of a context length the engine or servers cannot score."""
+    return UsageError(
+        f"--context-length {context_length} exceeds what {where} can score: "
+        f"max_model_len is {max_len} and one output token is always scheduled, so "
+        f"the context length can be at most {max_len - 1}")
+
+
+def build_layout(llm: Any, args: argparse.Namespace, text: str, source: str
+                 ) -> protocols.Layout:
+    """The windows of `--protocol` over `text` in this engine's tokens; UsageError where the
+    engine cannot score the context length or the text gives no window."""
+    from fastpath.windows import WindowError
+
+    max_len = llm.llm_engine.model_config.max_model_len
+    if args.context_length > max_len - 1:
+        raise context_limit_error(args.context_length, max_len, "this engine")
+    try:
+        return protocols.build(args.protocol, llm.get_tokenizer(), text, args.context_length,
+                               args.stride)
+    except WindowError as error:
+        raise UsageError(f"{source}: {error}") from None
+
+
+# ---------------------------------------------------------------- report tail
+
+
+def add_json_flag(group: Any) -> None:
+    """`--json PATH`, read by `finish_report`."""
+    group.add_argument("--json", dest="json_path", help="write every figure to this JSON file")
+
+
+def jsonable(value: Any) -> bool:
+    """Whether `json.dumps` takes the value as it is."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def finish_report(report: dict[str, Any], args: argparse.Namespace,
+                  show: Callable[[dict[str, Any]], None]) -> None:
+    """Add the flags to the report, print it with `show`, and write it where `--json` says."""
+    report["flags"] = {k: v for k, v in vars(args).items() if jsonable(v)}
+    show(report)
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(report, indent=2, default=str) + "\n")

@@ -1,0 +1,220 @@
+"""`fastpath kld`: KL divergence of a model against its base model, on vLLM's V1 runner.
+
+The passes and the statistics are `fastpath.kld`'s; this module reads the flags, builds
+the two engines one after the other (or reuses a base file), and writes the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fastpath import basefile, divergence, scoring
+from fastpath.cli.common import (
+    UsageError,
+    add_json_flag,
+    add_text_flags,
+    build_layout,
+    check_window_flags,
+    engine_args,
+    finish_report,
+    load_text,
+)
+from fastpath.kld import DEFAULT_TOP_K, base_pass, compare, model_pass
+
+BASE_OVERRIDES = {"base_quantization": "quantization", "base_dtype": "dtype",
+                  "base_tensor_parallel_size": "tensor_parallel_size"}
+
+
+def add_kld_flags(parser: argparse.ArgumentParser) -> None:
+    """fastpath's flags of `kld` (engine flags come from EngineArgs and apply to both)."""
+    group = parser.add_argument_group("KL divergence (fastpath)")
+    group.add_argument("--base-model", help="the reference model (unquantized); optional "
+                       "when --base-cache names an existing base file")
+    group.add_argument("--base-quantization", help="--quantization for the base model "
+                       "('none' for none; default: the same as --quantization)")
+    group.add_argument("--base-dtype", help="--dtype for the base model (default: --dtype)")
+    group.add_argument("--base-tensor-parallel-size", type=int,
+                       help="--tensor-parallel-size for the base model")
+    group.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
+                       help=f"base top-K ids kept per token (default {DEFAULT_TOP_K})")
+    group.add_argument("--base-cache", help="base file (.npz): reused when made for the same "
+                       "tokens, windows, K and tokenizer, else written here")
+    group.add_argument("--save-per-token", help="write per-token KLD, Δp and both log-probs "
+                       "(.npz)")
+    add_text_flags(group)
+    add_json_flag(group)
+
+
+def base_namespace(args: argparse.Namespace, given: set[str]
+                   ) -> tuple[argparse.Namespace, set[str]]:
+    """The flags of the base engine, and which were given: the model's, with the --base-*
+    overrides (`--base-quantization none` for an unquantized base)."""
+    base = copy.copy(args)
+    base.model = args.base_model
+    base.tokenizer = None
+    base_given = set(given) - {"tokenizer"}
+    for flag, engine_flag in BASE_OVERRIDES.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if flag == "base_quantization" and str(value).lower() == "none":
+            value = None
+        setattr(base, engine_flag, value)
+        base_given.add(engine_flag)
+    return base, base_given
+
+
+def check_kld_flags(args: argparse.Namespace) -> None:
+    """Refuse bad `kld` flags before any engine starts."""
+    check_window_flags(args)
+    if args.top_k < 1:
+        raise UsageError(f"--top-k must be a positive integer, got {args.top_k}")
+    if args.model is None:
+        raise UsageError("--model is required: the model to compare with the base model")
+    reuse = args.base_cache and Path(args.base_cache).is_file()
+    if args.base_model is None and not reuse:
+        raise UsageError("--base-model is required unless --base-cache names an existing "
+                         "base file")
+
+
+def check_base_flags(base: basefile.BaseScores, args: argparse.Namespace) -> None:
+    """Refuse a base file made with other flags before any engine starts."""
+    source = f"--base-cache {args.base_cache}"
+    if base.top_k != args.top_k:
+        raise UsageError(f"{source} holds the top-{base.top_k}, this run asks for "
+                         f"--top-k {args.top_k}")
+    theirs = (base.protocol, base.context_length, base.stride)
+    ours = (args.protocol, args.context_length, args.stride)
+    if theirs != ours:
+        raise UsageError(f"{source} was made with --protocol {theirs[0]} --context-length "
+                         f"{theirs[1]} --stride {theirs[2]}, this run uses {ours[0]}, "
+                         f"{ours[1]}, {ours[2]}")
+
+
+def _engine(args: argparse.Namespace, given: set[str]):
+    """The engine the flags describe, and its EngineArgs."""
+    engine = engine_args(args, given)
+    return scoring.build_llm_from_engine_args(engine), engine
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="window")
+
+
+def run(args: argparse.Namespace, given: set[str]) -> int:
+    """The `fastpath kld` command on vLLM's V1 model runner, the one that computes the top-K
+    extension (V2, CUDA's default, refuses `fastpath_top_k`); a V2 request is refused."""
+    import os
+
+    from fastpath import runners
+
+    if runners.v2_requested():
+        raise UsageError(f"fastpath kld needs vLLM's V1 model runner: the base pass's top-K "
+                         f"(fastpath_top_k) is computed by fastpath's V1 runner patch, and "
+                         f"{runners.RUNNER_ENV}={os.environ[runners.RUNNER_ENV]} asks for V2; "
+                         f"unset it (fastpath kld then runs V1, on CUDA too)")
+    with runners.runner_environment("v1"):
+        return _run_kld(args, given)
+
+
+def _run_kld(args: argparse.Namespace, given: set[str]) -> int:
+    """Base pass (or base file), model pass, statistics."""
+    import vllm
+
+    from fastpath.runners import device_name, runner_name
+
+    check_kld_flags(args)
+    text, source = load_text(args)
+
+    base: basefile.BaseScores | None = None
+    base_file_bytes = None
+    reused = False
+    if args.base_cache and Path(args.base_cache).is_file():
+        try:
+            base = basefile.BaseScores.load(args.base_cache)
+        except basefile.BaseFileError as error:
+            raise UsageError(f"--base-cache: {error}") from None
+        reused = True
+        base_file_bytes = Path(args.base_cache).stat().st_size
+        check_base_flags(base, args)
+    base_timing = None
+    if base is None:
+        llm, _ = _engine(*base_namespace(args, given))
+        try:
+            layout = build_layout(llm, args, text, source)
+            tokenizer = basefile.tokenizer_fingerprint(llm.get_tokenizer())
+            vocab = llm.llm_engine.model_config.get_vocab_size()
+            if args.top_k > vocab:
+                raise UsageError(f"--top-k {args.top_k} exceeds the vocabulary ({vocab})")
+            with _progress(len(layout.windows), "base pass") as bar:
+                target, top_lp, top_ids, base_timing = base_pass(
+                    llm, layout, args.top_k, args.max_batch_windows, bar.update)
+        finally:
+            scoring.shutdown(llm)
+        base = basefile.from_layout(layout, target, top_lp, top_ids, vocab, tokenizer,
+                                    model=args.base_model,
+                                    meta={"vllm_version": vllm.__version__, "source": source})
+        if args.base_cache:
+            base_file_bytes = base.save(args.base_cache)
+
+    llm, engine = _engine(args, given)
+    try:
+        layout = build_layout(llm, args, text, source)
+        try:
+            base.check_matches(layout, args.top_k,
+                               llm.llm_engine.model_config.get_vocab_size(),
+                               basefile.tokenizer_fingerprint(llm.get_tokenizer()),
+                               source=f"--base-cache {args.base_cache}" if reused
+                               else "the base model")
+        except basefile.BaseFileError as error:
+            raise UsageError(str(error)) from None
+        with _progress(len(layout.windows), "model pass") as bar:
+            model = model_pass(llm, layout, base, args.max_batch_windows, bar.update)
+        runner = runner_name(llm)
+    finally:
+        scoring.shutdown(llm)
+
+    result = compare(layout, base, model)
+    report: dict[str, Any] = {
+        "kind": "fastpath-kld", "model": args.model, "base_model": base.model,
+        "base_file": args.base_cache, "base_file_reused": reused,
+        "base_file_bytes": base_file_bytes,
+        "base_file_bytes_per_token": base_file_bytes / base.num_scored
+        if base_file_bytes else None,
+        "source": source, "vllm_version": vllm.__version__, "runner": runner,
+        "device": device_name(), "tensor_parallel_size": engine.tensor_parallel_size,
+        **layout.describe(), **result.summary(),
+        "seconds_base_pass": base_timing.seconds if base_timing else None,
+        "seconds_model_pass": model.timing.seconds,
+    }
+    finish_report(report, args, print_report)
+    if args.save_per_token:
+        with open(args.save_per_token, "wb") as handle:
+            np.savez(handle, positions=layout.positions(), targets=layout.targets(),
+                     **result.per_token())
+    return 0
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """The report's lines: models, engine, text and windows, base file, statistics."""
+    base = report["base_model"] + (f" (base file {report['base_file']})"
+                                   if report["base_file_reused"] else "")
+    print(f"model   {report['model']}  vs base {base}")
+    print(f"        vLLM {report['vllm_version']}, {report['runner']} runner, "
+          f"{report['device']}, TP {report['tensor_parallel_size']}")
+    stride = f", stride {report['stride']}" if report["stride"] is not None else ""
+    print(f"text    {report['source']}: {report['stream_tokens']} tokens; protocol "
+          f"{report['protocol']}, context {report['context_length']}{stride}, "
+          f"{report['windows']} windows, {report['scored_tokens']} scored")
+    if report["base_file_bytes"]:
+        print(f"base file {report['base_file_bytes']} bytes, "
+              f"{report['base_file_bytes_per_token']:.1f} bytes per scored token")
+    print()
+    print(divergence.format_summary(report))
