@@ -85,7 +85,8 @@ def busy_cores(request: pytest.FixtureRequest):
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Engine tests run once per runner asked for (ids gain [v1]/[v2] when one is asked for)."""
-    explicit = metafunc.config.getoption("runner") is not None or runners(metafunc.config) != ("v1",)
+    explicit = (metafunc.config.getoption("runner") is not None
+                or runners(metafunc.config) != ("v1",))
     if "runner" in metafunc.fixturenames and explicit:
         metafunc.parametrize("runner", runners(metafunc.config), indirect=True, scope="session")
 

@@ -96,7 +96,8 @@ def main() -> None:
     sub_lp = sub.log_softmax(-1, dtype=torch.float32)
     result["bitwise"] = {
         "lm_head_512_of_2048_equal": bool(torch.equal(sub, logits[scored])),
-        "lm_head_512_of_2048_max_abs_diff": float((sub.float() - logits[scored].float()).abs().max()),
+        "lm_head_512_of_2048_max_abs_diff": float(
+            (sub.float() - logits[scored].float()).abs().max()),
         "lm_head_1_row_equal": bool(torch.equal(lone, logits[-1:])),
         "lm_head_1_row_max_abs_diff": float((lone.float() - logits[-1:].float()).abs().max()),
         "log_softmax_rows_equal_given_equal_logits": bool(

@@ -17,6 +17,8 @@ question: cuBLAS may choose another kernel for another row count).
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 try:
@@ -84,19 +86,19 @@ def main() -> None:
                                       "fp32_logprobs_bytes": rows * VOCAB * 4}
         reference = score_rows(hidden, weight, targets, None)
         figures["unchunked"] = {
-            "peak_bytes": peak_bytes(lambda: score_rows(hidden, weight, targets, None)),
-            "ms": timed(lambda: score_rows(hidden, weight, targets, None)),
+            "peak_bytes": peak_bytes(partial(score_rows, hidden, weight, targets, None)),
+            "ms": timed(partial(score_rows, hidden, weight, targets, None)),
         }
         figures["standard_k0_device_work"] = {
-            "peak_bytes": peak_bytes(lambda: standard_k0(hidden, weight, targets)),
-            "ms": timed(lambda: standard_k0(hidden, weight, targets)),
+            "peak_bytes": peak_bytes(partial(standard_k0, hidden, weight, targets)),
+            "ms": timed(partial(standard_k0, hidden, weight, targets)),
         }
         for chunk in CHUNKS:
             values = score_rows(hidden, weight, targets, chunk)
             differ = (values.view(torch.int32) != reference.view(torch.int32)).flatten()
             figures[f"chunk_{chunk}"] = {
-                "peak_bytes": peak_bytes(lambda: score_rows(hidden, weight, targets, chunk)),
-                "ms": timed(lambda: score_rows(hidden, weight, targets, chunk)),
+                "peak_bytes": peak_bytes(partial(score_rows, hidden, weight, targets, chunk)),
+                "ms": timed(partial(score_rows, hidden, weight, targets, chunk)),
                 "rows_bitwise_equal_to_unchunked": int((~differ).sum()),
                 "rows_differing": int(differ.sum()),
                 "max_abs_diff": float((values - reference).abs().max()),

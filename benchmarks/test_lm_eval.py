@@ -25,10 +25,10 @@ import pytest
 
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'fastpath[lm-eval]')")
 
-from benchmarks.conftest import MODELS, resolve  # noqa: E402
-from fastpath import scoring  # noqa: E402
-from fastpath.runners import device_name  # noqa: E402
-from fastpath.testing.measure import result_objects  # noqa: E402
+from benchmarks.conftest import MODELS, resolve
+from fastpath import scoring
+from fastpath.runners import device_name
+from fastpath.testing.measure import result_objects
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS_DIR = "tests/data/lm_eval_tasks"
@@ -134,8 +134,8 @@ def lm_eval_models(request):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lm_eval_wall_time(benchmark, lm_eval_models, backend):
-    import vllm
     import lm_eval
+    import vllm
 
     lm = lm_eval_models[backend]
     objects: dict[str, float] = {}

@@ -25,8 +25,8 @@ import vllm
 from benchmarks.conftest import stream_tokens
 from benchmarks.test_scoring import CONTEXT, fit_context, floor_threads
 from fastpath import perplexity
-from fastpath.runners import device_name
 from fastpath.peers import PeerResult, hf_guide_nll, lm_eval_score
+from fastpath.runners import device_name
 
 PEERS = ("hf-transformers", "lm-eval-vllm", "fastpath-ppl")
 _tokens_per_second: dict[tuple[str, str], float] = {}  # (model, peer) -> tokens/s this session

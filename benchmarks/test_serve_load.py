@@ -19,8 +19,8 @@ import pytest
 from fastpath import client, scoring, zoo
 from fastpath.client import ScoringClient, ServerPool
 from fastpath.data import bundled_text
-from fastpath.runners import device_name
 from fastpath.perplexity import make_windows, window_requests
+from fastpath.runners import device_name
 from tests.serving import running
 
 MODEL = "trained-llama"

@@ -123,7 +123,7 @@ class Tree:
 
     def _open_sdist(self) -> None:
         try:
-            archive = tarfile.open(self.path)
+            archive = tarfile.open(self.path)  # noqa: SIM115  read() uses it for the Tree's life
             members = {m.name: m for m in archive.getmembers() if m.isfile()}
         except tarfile.TarError as error:
             raise TreeError(f"{self.path}: not a source archive ({error})") from None

@@ -97,7 +97,8 @@ def window_requests(tokens: Sequence[int], windows: Sequence[Window]) -> list[sc
     ]
 
 
-def assemble(num_tokens: int, windows: Sequence[Window], per_window: Sequence[np.ndarray]) -> np.ndarray:
+def assemble(num_tokens: int, windows: Sequence[Window],
+             per_window: Sequence[np.ndarray]) -> np.ndarray:
     """Place each window's scores at its stream positions; check every token is scored once."""
     logprobs = np.full(num_tokens - 1, np.nan, dtype=np.float32)
     filled = np.zeros(num_tokens - 1, dtype=np.int32)

@@ -42,7 +42,8 @@ from typing import Any
 import torch
 
 KERNELS = ("linear", "vllm-cpu")
-COUNTS = (2, 3, 7, 8, 32, 63, 64, 65, 255, 256, 1023, 1024, 1025, 2047)  # around both chunk defaults
+# around both chunk defaults
+COUNTS = (2, 3, 7, 8, 32, 63, 64, 65, 255, 256, 1023, 1024, 1025, 2047)
 STAGES = ("logits", "log_softmax_given_logits", "log_softmax", "gather")
 _INT_OF = {4: torch.int32, 2: torch.int16}
 

@@ -125,8 +125,8 @@ def has_attribute(text: str, class_qualname: str, name: str) -> bool:
         elif isinstance(statement, ast.AnnAssign | ast.AugAssign):
             if isinstance(statement.target, ast.Name) and statement.target.id == name:
                 return True
-        elif isinstance(statement, ast.Assign):
-            if any(isinstance(t, ast.Name) and t.id == name
-                   for target in statement.targets for t in ast.walk(target)):
-                return True
+        elif isinstance(statement, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == name
+                for target in statement.targets for t in ast.walk(target)):
+            return True
     return False

@@ -51,7 +51,7 @@ def copy_tree(tmp_path: Path) -> Path:
 @needs_patch
 def test_manifest_is_the_register(tmp_path, monkeypatch):
     """The stored entries and known sources are what `--write-known` makes from the register."""
-    assert ENTRIES == check_vllm.register_entries(), f"run `{check_vllm.WRITE_COMMAND}`"
+    assert check_vllm.register_entries() == ENTRIES, f"run `{check_vllm.WRITE_COMMAND}`"
     monkeypatch.setattr(check_vllm, "KNOWN_DIR", tmp_path)
     monkeypatch.setattr(check_vllm, "MANIFEST", tmp_path / "manifest.json")
     check_vllm.write_known(ENTRIES)
@@ -110,7 +110,7 @@ def test_borrowed_names_pass_at_run_time_and_a_changed_one_is_refused():
                                            r"has changed"):
         changed.check("9.9.9")
     gone = Borrowed("vllm.v1.worker.gpu_input_batch", "InputBatch.no_such_attribute", "x")
-    with pytest.raises(PatchRefused, match="InputBatch.no_such_attribute.*is missing"):
+    with pytest.raises(PatchRefused, match=r"InputBatch\.no_such_attribute.*is missing"):
         gone.check("9.9.9")
 
 

@@ -13,8 +13,13 @@ from fastpath import patches, perplexity, zoo
 from fastpath.data import bundled_text
 from fastpath.plugin import LOG_ENV
 from fastpath.scoring import ScoreRequest, score
-from tests.conftest import (assert_bitwise_equal, engine_kwargs, random_prompt, runner_engine,
-                            vocab_size)
+from tests.conftest import (
+    assert_bitwise_equal,
+    engine_kwargs,
+    random_prompt,
+    runner_engine,
+    vocab_size,
+)
 
 pytestmark = [pytest.mark.correctness, pytest.mark.engine]
 

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 
+from fastpath import zoo
 from fastpath.scoring import (
     ScoreRequest,
     fast_prompt,
@@ -25,9 +26,14 @@ from fastpath.scoring import (
     submit_together,
     target_logprobs,
 )
-from fastpath import zoo
-from tests.conftest import (CHUNK, assert_bitwise_equal, engine_kwargs, random_prompt,
-                            runner_engine, vocab_size)
+from tests.conftest import (
+    CHUNK,
+    assert_bitwise_equal,
+    engine_kwargs,
+    random_prompt,
+    runner_engine,
+    vocab_size,
+)
 
 pytestmark = [pytest.mark.correctness, pytest.mark.engine]
 
@@ -228,7 +234,8 @@ def test_top_k_columns_equal_standard_top_k(llama_llm, top_k):
     scores, values, ids = split_top_k(out.prompt_token_id_logprobs, 1, top_k)
     assert_bitwise_equal(scores[:, 0], standard_logprobs(out, request), what="targets")
     for row, position in enumerate(range(21, 150)):
-        ranked = sorted((e.rank, token, e.logprob) for token, e in out.prompt_logprobs[position].items()
+        ranked = sorted((e.rank, token, e.logprob)
+                        for token, e in out.prompt_logprobs[position].items()
                         if e.rank <= top_k)
         assert [t for _, t, _ in ranked] == ids[row].tolist(), f"row {row}"
         assert_bitwise_equal(values[row], np.array([v for *_, v in ranked], dtype=np.float32),

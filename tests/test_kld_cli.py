@@ -11,9 +11,12 @@ from fastpath.cli import kld as kld_command
 
 
 @pytest.mark.parametrize("argv, fragment", [
-    (["ppl", "--protocol", "lm-eval", "--stride", "10"], "--stride does not apply to --protocol lm-eval"),
-    (["ppl", "--protocol", "llama.cpp", "--context-length", "2"], "--context-length must be at least 3"),
-    (["ppl", "--protocol", "hf", "--context-length", "64", "--stride", "65"], "--stride must be in"),
+    (["ppl", "--protocol", "lm-eval", "--stride", "10"],
+     "--stride does not apply to --protocol lm-eval"),
+    (["ppl", "--protocol", "llama.cpp", "--context-length", "2"],
+     "--context-length must be at least 3"),
+    (["ppl", "--protocol", "hf", "--context-length", "64", "--stride", "65"],
+     "--stride must be in"),
     (["kld", "--model", "m"], "--base-model is required unless --base-cache"),
     (["kld", "--base-model", "b"], "--model is required"),
     (["kld", "--base-model", "b", "--model", "m", "--top-k", "0"], "--top-k must be a positive"),

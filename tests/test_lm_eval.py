@@ -22,9 +22,9 @@ import pytest
 
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'fastpath[lm-eval]')")
 
-from fastpath import scoring, zoo  # noqa: E402
-from fastpath import lm_eval_model as fl  # noqa: E402
-from tests.conftest import assert_bitwise_equal  # noqa: E402
+from fastpath import lm_eval_model as fl
+from fastpath import scoring, zoo
+from tests.conftest import assert_bitwise_equal
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS_DIR = "tests/data/lm_eval_tasks"  # the YAMLs name their data relative to the root

@@ -11,7 +11,6 @@ import fastpath.patches as patches
 from fastpath import plugin
 from fastpath.patches import PatchRefused, Replacement
 
-
 needs_patch = pytest.mark.skipif(
     patches.native_support(),
     reason="this vLLM has target_token_ids natively: fastpath applies no patch",

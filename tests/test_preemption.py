@@ -7,8 +7,13 @@ import pytest
 from vllm import SamplingParams
 
 from fastpath import zoo
-from fastpath.scoring import (ScoreRequest, fast_prompt, standard_logprobs, submit_together,
-                              target_logprobs)
+from fastpath.scoring import (
+    ScoreRequest,
+    fast_prompt,
+    standard_logprobs,
+    submit_together,
+    target_logprobs,
+)
 from tests.conftest import assert_bitwise_equal, engine_kwargs, random_prompt, runner_engine
 
 pytestmark = [pytest.mark.correctness, pytest.mark.engine]

@@ -49,12 +49,13 @@ def ray_cluster(tmp_path_factory):
     """A one-node Ray cluster on 127.0.0.1; its address, and always stopped."""
     temp = tmp_path_factory.mktemp("ray")
     port = free_port()
-    head = subprocess.Popen(
-        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-         "--node-ip-address", "127.0.0.1", "--port", str(port),
-         "--temp-dir", str(temp), "--include-dashboard", "false",
-         "--disable-usage-stats"],
-        stdout=open(temp / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    with open(temp / "head.log", "w") as log:  # the child holds its own copy of the descriptor
+        head = subprocess.Popen(
+            [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+             "--node-ip-address", "127.0.0.1", "--port", str(port),
+             "--temp-dir", str(temp), "--include-dashboard", "false",
+             "--disable-usage-stats"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -66,10 +67,8 @@ def ray_cluster(tmp_path_factory):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGTERM)  # --block: ray stops what it started
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
         with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGKILL)
 

@@ -49,8 +49,12 @@ from vllm.exceptions import VLLMValidationError
 
 from fastpath import zoo
 from fastpath.scoring import split_top_k
-from tests.conftest import (assert_bitwise_equal, engine_kwargs, isolated_engine_kwargs,
-                            runner_engine)
+from tests.conftest import (
+    assert_bitwise_equal,
+    engine_kwargs,
+    isolated_engine_kwargs,
+    runner_engine,
+)
 
 pytestmark = [pytest.mark.correctness, pytest.mark.engine]
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 
-from fastpath.testing.measure import result_objects
 from fastpath.scoring import ScoreRequest, generate
+from fastpath.testing.measure import result_objects
 from tests.conftest import random_prompt, vocab_size
 
 pytestmark = [pytest.mark.engine]
@@ -31,5 +33,5 @@ def test_fast_result_objects_constant_in_prompt_length(llama_llm):
 def test_standard_result_objects_grow_with_prompt_length(llama_llm):
     """Control: the counter does see the dict path's per-position objects."""
     counts = [result_objects(o) for o in _outputs(llama_llm, "standard")]
-    assert all(b > a for a, b in zip(counts, counts[1:])), dict(zip(LENGTHS, counts))
+    assert all(b > a for a, b in pairwise(counts)), dict(zip(LENGTHS, counts))
     assert counts[-1] >= 3 * (LENGTHS[-1] - 1), counts  # dict, Logprob, float per position

@@ -9,6 +9,7 @@ rounding. `compute_logits` records the rows it was given.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import pairwise
 from types import SimpleNamespace
 
 import numpy as np
@@ -87,8 +88,8 @@ class FakeRunner:
         rows = []
         for req_id in order:
             req = self.requests[req_id]
-            rows += [_hidden(req.seed, p) for p in range(req.num_computed_tokens,
-                                                          req.num_computed_tokens + schedule[req_id])]
+            first = req.num_computed_tokens
+            rows += [_hidden(req.seed, p) for p in range(first, first + schedule[req_id])]
         hidden = torch.stack(rows) if rows else torch.empty(0, HIDDEN)
         out = patch.scorer(self).score_step(self, hidden, schedule)
         for req_id, n in schedule.items():
@@ -128,7 +129,7 @@ def split(total: int, cuts: list[int]) -> list[int]:
     """Chunk sizes that cover `total` tokens, cut at the given positions."""
     points = sorted({c for c in cuts if 0 < c < total})
     edges = [0, *points, total]
-    return [b - a for a, b in zip(edges, edges[1:])]
+    return [b - a for a, b in pairwise(edges)]
 
 
 VERIFIED = patch.RowMode("verified", "the fake's integer lm_head is exact", 3)

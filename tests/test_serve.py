@@ -107,7 +107,8 @@ def test_quiet_by_default_and_verbose_reaches_engine_processes(servers):
         time.sleep(0.5)
     assert "ready at " + a.url in a.log_text()
     assert not VLLM_INFO_LINE.findall(a.log_text()), VLLM_INFO_LINE.findall(a.log_text())[:3]
-    assert "(EngineCore pid=" in "".join(l for l in b.log_text().splitlines() if " INFO " in l)
+    info_lines = [line for line in b.log_text().splitlines() if " INFO " in line]
+    assert "(EngineCore pid=" in "".join(info_lines)
 
 
 def test_server_tokenizer_is_the_offline_tokenizer(servers, tokens, text_file):

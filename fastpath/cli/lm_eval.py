@@ -9,8 +9,9 @@ from collections.abc import Sequence
 
 def run(argv: Sequence[str]) -> int:
     """Run lm-eval's command line on `argv` in this process."""
-    import fastpath.lm_eval_model  # noqa: F401  (registers fastpath-vllm with lm-eval)
     from lm_eval.__main__ import cli_evaluate
+
+    import fastpath.lm_eval_model  # noqa: F401  (registers fastpath-vllm with lm-eval)
 
     saved = sys.argv
     sys.argv = ["lm-eval", *argv]

@@ -61,7 +61,8 @@ def check_ppl_flags(args: argparse.Namespace) -> None:
     """Refuse bad fastpath flags before any engine starts."""
     check_window_flags(args)
     if args.standard_k < -1:
-        raise UsageError(f"--standard-k must be -1 (full vocabulary) or >= 0, got {args.standard_k}")
+        raise UsageError("--standard-k must be -1 (full vocabulary) or >= 0, "
+                         f"got {args.standard_k}")
     if args.max_in_flight < 1:
         raise UsageError(f"--max-in-flight must be positive, got {args.max_in_flight}")
     if not args.request_timeout > 0:

@@ -213,15 +213,15 @@ def applied() -> list[str]:
 
 __all__ = [
     "BORROWED",
-    "Addition",
     "REGISTER",
     "SUPPORTED_VLLM",
+    "Addition",
     "Borrowed",
     "PatchEntry",
     "PatchRefused",
     "additions",
-    "apply",
     "applied",
+    "apply",
     "borrowed",
     "fingerprint",
     "native_support",

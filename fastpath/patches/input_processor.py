@@ -74,7 +74,8 @@ def _validate_top_k(self: InputProcessor, params: SamplingParams) -> None:
         return
     vocab = self.model_config.get_vocab_size()
     limit = vocab if self.model_config.max_logprobs == -1 else self.model_config.max_logprobs
-    expected = (f"an int in [1, {min(limit, vocab)}] (--max-logprobs {self.model_config.max_logprobs}, "
+    expected = (f"an int in [1, {min(limit, vocab)}] "
+                f"(--max-logprobs {self.model_config.max_logprobs}, "
                 f"vocabulary {vocab}), together with target_token_ids or "
                 "prompt_logprob_token_ids, on the V1 model runner")
     if self.vllm_config.use_v2_model_runner:
