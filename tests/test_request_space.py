@@ -101,13 +101,14 @@ SETTINGS = (
     # prompts never split, but several per step; no cache
     EngineSetting("whole-nocache", 2048, False),
 )
-CI_SETTINGS = ("isolated-cache", "preempt-cache")
+DEFAULT_SETTINGS = ("isolated-cache", "preempt-cache")  # every run but the nightly's four
+CI_SETTINGS = ("isolated-cache",)  # the others are marked slow: CI's test run skips them
 
 
 def _settings_for_this_run() -> list[EngineSetting]:
     if os.environ.get("HYPOTHESIS_PROFILE") == "nightly":
         return list(SETTINGS)
-    return [s for s in SETTINGS if s.name in CI_SETTINGS]
+    return [s for s in SETTINGS if s.name in DEFAULT_SETTINGS]
 
 
 class Reference:
@@ -145,8 +146,8 @@ def reference(runner):
 
 
 def _params() -> list:
-    """The settings of this run; the isolated one is also in CI's conditions subset."""
-    return [pytest.param(s, id=s.name, marks=[pytest.mark.conditions] if s.isolated else [])
+    """The settings of this run; all but CI's are slow (nightly and `-m correctness` run them)."""
+    return [pytest.param(s, id=s.name, marks=[] if s.name in CI_SETTINGS else [pytest.mark.slow])
             for s in _settings_for_this_run()]
 
 

@@ -33,7 +33,10 @@ def _vllm_on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
-pytestmark = pytest.mark.skipif(not _vllm_on_cpu(), reason="vLLM's platform here is not CPU")
+# slow: the engines' own probe checks their lm_head in every CI run; this wider sweep is
+# the nightly's.
+pytestmark = [pytest.mark.skipif(not _vllm_on_cpu(), reason="vLLM's platform here is not CPU"),
+              pytest.mark.slow]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)

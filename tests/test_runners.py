@@ -111,6 +111,7 @@ def test_v2_equals_v1_bitwise_in_raw_logits(scores):
 
 
 @cpu_facts
+@pytest.mark.slow
 @pytest.mark.parametrize("scores", ["raw_logprobs"], indirect=True)
 def test_v2_within_stated_bound_of_v1_in_raw_logprobs(scores):
     """Each runner's fast path is its standard path bit for bit; across runners the two
@@ -136,6 +137,7 @@ def test_v2_within_stated_bound_of_v1_in_raw_logprobs(scores):
     assert worst <= RAW_LOGPROBS_MAX_ABS_DIFF and worst_ulps <= RAW_LOGPROBS_MAX_ULPS
 
 
+@pytest.mark.slow
 def test_cli_ppl_both_on_v2(tmp_path):
     """`fastpath ppl --path both --model-runner v2` as a user runs it: V2, bitwise equal.
 

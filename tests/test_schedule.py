@@ -115,6 +115,7 @@ def test_by_construction_mode_equals_standard(monkeypatch):
 
 @pytest.mark.correctness
 @pytest.mark.engine
+@pytest.mark.slow
 def test_oneDNN_without_avx2_the_probe_decides_and_bits_hold(monkeypatch):
     """oneDNN capped at AVX (its GEMMs then round a row by the step's size on the machine
     this was written on: the probe failed there and the runner fell back to construction):
