@@ -99,6 +99,7 @@ def _what(request: ScoreRequest) -> str:
 
 
 @cpu_facts
+@pytest.mark.slow  # V2 on CPU runs in Triton's interpreter: tox -e v2 and the nightly
 @pytest.mark.parametrize("scores", ["raw_logits"], indirect=True)
 def test_v2_equals_v1_bitwise_in_raw_logits(scores):
     """The logits both runners score are the same bits: fast and standard, V1 and V2."""

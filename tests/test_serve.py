@@ -115,7 +115,6 @@ def test_server_tokenizer_is_the_offline_tokenizer(servers, tokens, text_file):
     assert client.tokenize([servers[0].url], text_file.read_text()) == tokens
 
 
-@pytest.mark.conditions
 def test_ppl_server_bitwise_equal_to_offline(servers, offline, tokens, text_file, tmp_path,
                                              monkeypatch):
     """`fastpath ppl --server` (the CLI) against the offline path on the same engine flags;
@@ -192,7 +191,6 @@ def test_exactness_route_answers_get_only(servers):
     assert reply.status_code == 405 and "takes GET" in reply.json()["error"]["message"]
 
 
-@pytest.mark.conditions
 def test_load_every_answer_correct(servers, offline):
     """200 requests from 16 concurrent clients, each the offline engine's bits: both sides
     run fastpath's isolated schedule, so whatever shares the server's steps and whenever a
