@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from fastpath.extras import require
 
@@ -19,6 +20,19 @@ def add_report_flags(parser: argparse.ArgumentParser) -> None:
                         help="a run to compare against: writes compare.csv")
     parser.add_argument("--threshold", type=float, default=0.10,
                         help="relative growth that counts as a regression (default 0.10)")
+
+
+def _peer_line(row: Any) -> str:
+    """One printed line per peers row: the peer's speed and fastpath's against it."""
+    return (f"{row['run']}: {row['model']}: {row['peer']} {row['tokens_per_second']:.0f} "
+            f"tokens/s (fastpath {row['fastpath_speedup_tokens_per_s']:.2f}x)")
+
+
+def _mode_line(row: Any) -> str:
+    """One printed line per exactness-mode row: its time and its ratio to the default."""
+    return (f"{row['run']}: {row['model']} ctx {row['context_length']} stride "
+            f"{row['stride']}: {row['schedule']} / {row['lm_head_rows']} "
+            f"{row['seconds_per_window']:.3f} s/window ({row['time_vs_default']:.2f}x)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,28 +78,18 @@ def run(args: argparse.Namespace) -> int:
                                 "Python objects per window"))
         for line in headline_ratios(table):
             print(line)
-    if not frames["memory"].empty:
-        memory = memory_table(frames["memory"])
-        written.append(args.out / "memory.csv")
-        memory.to_csv(written[-1], index=False)
-        written.append(plot_memory(memory, args.out))
-    if not frames["peers"].empty:
-        peers = peers_table(frames["peers"])
-        written.append(args.out / "peers.csv")
-        peers.to_csv(written[-1], index=False)
-        written.append(plot_peers(peers, args.out))
-        for _, row in peers.iterrows():
-            print(f"{row['run']}: {row['model']}: {row['peer']} {row['tokens_per_second']:.0f} "
-                  f"tokens/s (fastpath {row['fastpath_speedup_tokens_per_s']:.2f}x)")
-    if not frames["modes"].empty:
-        modes = modes_table(frames["modes"])
-        written.append(args.out / "modes.csv")
-        modes.to_csv(written[-1], index=False)
-        written.append(plot_modes(modes, args.out))
-        for _, row in modes.iterrows():
-            print(f"{row['run']}: {row['model']} ctx {row['context_length']} stride "
-                  f"{row['stride']}: {row['schedule']} / {row['lm_head_rows']} "
-                  f"{row['seconds_per_window']:.3f} s/window ({row['time_vs_default']:.2f}x)")
+    for name, make_table, plot_table, describe in (
+            ("memory", memory_table, plot_memory, None),
+            ("peers", peers_table, plot_peers, _peer_line),
+            ("modes", modes_table, plot_modes, _mode_line)):
+        if frames[name].empty:
+            continue
+        table = make_table(frames[name])
+        written.append(args.out / f"{name}.csv")
+        table.to_csv(written[-1], index=False)
+        written.append(plot_table(table, args.out))
+        for _, row in table.iterrows() if describe else ():
+            print(describe(row))
     for path in written:
         print(f"wrote {path}")
     return 0
