@@ -17,6 +17,7 @@ import pytest
 from benchmarks.conftest import steady_windows, stream_tokens
 from benchmarks.test_scoring import CONTEXT, STRIDE, _common_info, fit_context
 from fastpath import basefile, kld, perplexity, protocols, scoring
+from fastpath.scorer import EngineScorer
 from fastpath.windows import Window
 
 TOP_K = 32
@@ -46,20 +47,22 @@ def test_kld_passes(benchmark, bench_engine, request, tmp_path, top_k):
     vocab = llm.llm_engine.model_config.get_vocab_size()
     fingerprint = basefile.tokenizer_fingerprint(llm.get_tokenizer())
 
+    batched = EngineScorer(llm, max_batch=count)
+
     def base_scores():
-        target, top_lp, top_ids, _ = kld.base_pass(llm, layout, top_k, max_batch_windows=count)
+        target, top_lp, top_ids, _ = kld.base_pass(batched, layout, top_k)
         return basefile.from_layout(layout, target, top_lp, top_ids, vocab, fingerprint)
 
     base = base_scores()  # warm-up of every shape the rounds use
     scoring.score(llm, requests, "fast")
-    kld.model_pass(llm, layout, base, max_batch_windows=count)
+    kld.model_pass(batched, layout, base)
 
     seconds: dict[str, list[float]] = {"fast": [], "base": [], "model": []}
 
     def one_round():
         for name, run in (("fast", lambda: scoring.score(llm, requests, "fast")),
                           ("base", base_scores),
-                          ("model", lambda: kld.model_pass(llm, layout, base, count))):
+                          ("model", lambda: kld.model_pass(batched, layout, base))):
             started = time.perf_counter()
             run()
             seconds[name].append((time.perf_counter() - started) / len(requests))

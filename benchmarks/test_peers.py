@@ -27,6 +27,7 @@ from benchmarks.test_scoring import CONTEXT, fit_context, floor_threads
 from fastpath import perplexity
 from fastpath.peers import PeerResult, hf_guide_nll, lm_eval_score
 from fastpath.runners import device_name
+from fastpath.scorer import EngineScorer
 
 PEERS = ("hf-transformers", "lm-eval-vllm", "fastpath-ppl")
 _tokens_per_second: dict[tuple[str, str], float] = {}  # (model, peer) -> tokens/s this session
@@ -83,7 +84,7 @@ def test_peer(benchmark, bench_engine, request, peer):
             return lm_eval_score(llm, tokens, prefix, max_length=context)
     else:
         def run() -> PeerResult:
-            result = perplexity.score_stream(llm, tokens, context, context, path="fast")
+            result = perplexity.score_stream(EngineScorer(llm), tokens, context, context)
             return PeerResult(nll_sum=result.nll_sum, scored_tokens=result.num_tokens,
                               windows=result.num_windows)
     try:

@@ -9,12 +9,15 @@ array [rows, 1]: the same values, computed by the same code, as `fastpath ppl` o
     from fastpath.client import ScoringClient
     async with ScoringClient("http://127.0.0.1:8000") as client:
         ids = await client.tokenize(text)
-        logprobs = await client.score(ScoreRequest(ids, ids[1:]))   # float32 [len(ids) - 1]
+        scores = await client.score(ScoreRequest(ids, ids[1:]))
+        scores.targets                                              # float32 [len(ids) - 1]
 
 `ServerPool` scores many requests over one or more servers: a bounded number in flight
 per server, a request whose server fails or times out goes back to the queue and is
 answered by another server, and every request is answered exactly once (or the run stops
-with an error naming what is missing). Nothing here imports vLLM.
+with an error naming what is missing). `ServerScorer` is the pool as a
+`fastpath.scorer.Scorer`, what `fastpath ppl --server` and `fastpath kld --server` use.
+Nothing here imports vLLM.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ from typing import Any
 import numpy as np
 
 from fastpath.extras import require
+from fastpath.scorer import Progress, ScorerInfo, Scores
 from fastpath.scoring import ScoreRequest
-from fastpath.serve import EXACTNESS_ROUTE, SCORE_ROUTE
+from fastpath.serve import EXACTNESS_ROUTE, SCORE_ROUTE, TOKENIZER_ROUTE
+from fastpath.targets import TOP_K_KEY
 
 httpx = require("httpx", "client", "scoring on servers (fastpath.client)")
 
@@ -58,15 +63,20 @@ class ServerUnavailable(ConnectionError):
 
 
 def score_body(request: ScoreRequest) -> dict[str, Any]:
-    """The JSON body that asks a server for the target logprobs of one ScoreRequest."""
+    """The JSON body that asks a server for one ScoreRequest's scores: upstream's
+    `prompt_logprob_token_ids` (one id per row, or the request's [rows, n]) and
+    `prompt_logprob_start`, fastpath's top-K in `extra_args`."""
     prompt = [int(t) for t in request.prompt_token_ids]
+    ids = np.asarray(request.target_token_ids, dtype=np.int64)
     params: dict[str, Any] = {
         "max_tokens": 1,
         "temperature": 0.0,
-        "prompt_logprob_token_ids": [[int(t)] for t in request.target_token_ids],
+        "prompt_logprob_token_ids": (ids[:, None] if ids.ndim == 1 else ids).tolist(),
     }
     if request.start:
         params["prompt_logprob_start"] = int(request.start)
+    if request.top_k:
+        params["extra_args"] = {TOP_K_KEY: int(request.top_k)}
     return {"token_ids": prompt, "sampling_params": params}
 
 
@@ -75,20 +85,24 @@ def decode_scores(encoded: str) -> np.ndarray:
     return np.load(io.BytesIO(base64.b64decode(encoded)), allow_pickle=False)
 
 
-def check_scores(url: str, request: ScoreRequest, array: Any) -> np.ndarray:
-    """The answer's values as float32 [rows]; ScoringError unless it is exactly one finite
-    or -inf float32 per target (NaN is never a logprob)."""
-    rows = len(request.target_token_ids)
-    if not isinstance(array, np.ndarray) or array.dtype != np.float32 or array.shape != (rows, 1):
+def check_scores(url: str, request: ScoreRequest, array: Any) -> Scores:
+    """The answer cut into its columns; ScoringError unless it is float32 with exactly the
+    request's rows and columns and no NaN among the log-probs (NaN is never a logprob)."""
+    if not isinstance(array, np.ndarray) or array.dtype != np.float32:
         shape = getattr(array, "shape", None)
         dtype = getattr(array, "dtype", type(array).__name__)
-        raise ScoringError(f"{url}: expected float32 [{rows}, 1] prompt_token_id_logprobs, "
-                           f"got {dtype} {shape}")
-    nan = np.flatnonzero(np.isnan(array[:, 0]))
+        raise ScoringError(f"{url}: expected float32 prompt_token_id_logprobs, got {dtype} "
+                           f"{shape}")
+    try:
+        scores = Scores.from_array(array, request)
+    except ValueError as error:
+        raise ScoringError(f"{url}: {error}") from None
+    logprobs = np.concatenate([scores.ids, scores.top_logprobs], axis=1)
+    nan = np.flatnonzero(np.isnan(logprobs).any(axis=1))
     if nan.size:
         raise ScoringError(f"{url}: NaN logprobs at rows {nan[:10].tolist()} "
-                           f"({nan.size} of {rows})")
-    return np.ascontiguousarray(array[:, 0])
+                           f"({nan.size} of {logprobs.shape[0]})")
+    return scores
 
 
 def _error_message(reply: httpx.Response) -> str:
@@ -172,12 +186,22 @@ class ScoringClient:
         except (httpx.TransportError, RequestRefused, ServerUnavailable) as error:
             return {"error": str(error)}
 
-    async def tokenize(self, text: str) -> list[int]:
-        """Token ids from the server's own tokenizer (with its special tokens, as offline)."""
-        return list(map(int, (await self._post("/tokenize", {"prompt": text}))["tokens"]))
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids from the server's own tokenizer (`tokenizer.encode(text,
+        add_special_tokens=...)`, as offline)."""
+        body = {"prompt": text, "add_special_tokens": add_special_tokens}
+        return list(map(int, (await self._post("/tokenize", body))["tokens"]))
 
-    async def score(self, request: ScoreRequest) -> np.ndarray:
-        """float32 [len(targets)]: target i's logprob as predicted by row start + i."""
+    async def tokenizer_info(self) -> dict[str, Any]:
+        """BOS and EOS ids and the vocabulary size (`fastpath serve`'s /fastpath/tokenizer)."""
+        try:
+            return self._json(TOKENIZER_ROUTE, await self._http.get(TOKENIZER_ROUTE))
+        except httpx.TransportError as error:
+            raise ServerUnavailable(f"{self.url}{TOKENIZER_ROUTE}: {error}") from error
+
+    async def score(self, request: ScoreRequest) -> Scores:
+        """The request's scores: row r = prompt row start + r (`Scores.targets`: float32
+        [len(targets)] for one id per row)."""
         answer = await self._post(SCORE_ROUTE, score_body(request))
         encoded = answer.get("prompt_token_id_logprobs")
         if not encoded:
@@ -245,8 +269,8 @@ class ServerPool:
 
     async def score(self, requests: Sequence[ScoreRequest],
                     progress: Callable[[int], None] | None = None,
-                    on_answer: Callable[[int, str], None] | None = None) -> list[np.ndarray]:
-        """Each request's float32 logprobs, in request order.
+                    on_answer: Callable[[int, str], None] | None = None) -> list[Scores]:
+        """Each request's scores, in request order.
 
         `progress(1)` after each answer (a tqdm bar's update); `on_answer(index, url)` too.
         """
@@ -257,7 +281,7 @@ class ServerPool:
         queue: asyncio.Queue[int] = asyncio.Queue()
         for index in range(len(requests)):
             queue.put_nowait(index)
-        results: list[np.ndarray | None] = [None] * len(requests)
+        results: list[Scores | None] = [None] * len(requests)
         times_answered = [0] * len(requests)
         latencies: list[float] = []
         attempts = [0] * len(requests)
@@ -360,7 +384,7 @@ class ServerPool:
         return results  # type: ignore[return-value]
 
     def score_sync(self, requests: Sequence[ScoreRequest],
-                   progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+                   progress: Callable[[int], None] | None = None) -> list[Scores]:
         """`score` from synchronous code (runs its own event loop)."""
         return asyncio.run(self.score(requests, progress))
 
@@ -405,3 +429,120 @@ def percentiles(latencies: Sequence[float], qs: Sequence[float] = (50, 90, 99)) 
         return {f"p{q:g}": math.nan for q in qs}
     values = np.percentile(np.asarray(latencies, dtype=np.float64), qs)
     return {f"p{q:g}": float(v) for q, v in zip(qs, values)}
+
+
+class ServerTokenizer:
+    """A server's tokenizer, as `fastpath.protocols` uses one: `encode` through its
+    /tokenize, the special ids from /fastpath/tokenizer (asked once)."""
+
+    def __init__(self, url: str, api_key: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.url, self.api_key, self.timeout = url, api_key, timeout
+        self._info: dict[str, Any] | None = None
+
+    def _call(self, call: Callable[[ScoringClient], Any]) -> Any:
+        return asyncio.run(_first_answer([self.url], call, self.api_key, self.timeout))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._call(lambda c: c.tokenize(text, add_special_tokens))
+
+    def info(self) -> dict[str, Any]:
+        if self._info is None:
+            self._info = self._call(lambda c: c.tokenizer_info())
+        return self._info
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.info()["bos_token_id"]
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.info()["eos_token_id"]
+
+    @property
+    def fingerprint(self) -> str:
+        """`basefile.tokenizer_fingerprint` of the server's tokenizer, computed there."""
+        return self.info()["fingerprint"]
+
+
+class ServerScorer:
+    """`fastpath serve` servers as a `fastpath.scorer.Scorer`: requests spread over them by
+    a `ServerPool` (each answered once, retried on another server where one fails).
+
+    The tokenizer is the first server's (`ServerTokenizer`) unless `tokenizer` is given;
+    `check_tokenizers` makes sure every server tokenizes a probe of the text the same way.
+    """
+
+    path = "fast"
+
+    def __init__(self, urls: Sequence[str], *, tokenizer: Any = None,
+                 api_key: str | None = None, describe_timeout: float = 60.0,
+                 **pool_options: Any) -> None:
+        self.pool = ServerPool(urls, api_key=api_key, **pool_options)
+        self.urls = self.pool.urls
+        self.api_key = api_key
+        self.describe_timeout = describe_timeout
+        self._tokenizer = tokenizer
+        self._described: list[dict[str, Any]] | None = None
+        self._info: ScorerInfo | None = None
+
+    def servers(self) -> list[dict[str, Any]]:
+        """Each server's model, max_model_len, vLLM version and exactness (asked once)."""
+        if self._described is None:
+            self._described = asyncio.run(describe_servers(self.urls, self.api_key,
+                                                           self.describe_timeout))
+        return self._described
+
+    def describe(self) -> ScorerInfo:
+        if self._info is None:
+            self._info = self._describe()
+        return self._info
+
+    def _describe(self) -> ScorerInfo:
+        described = self.servers()
+        models = sorted({str(d["model"]) for d in described})
+        return ScorerInfo(model=models[0] if len(models) == 1 else models,
+                          max_model_len=min(int(d["max_model_len"]) for d in described),
+                          vocab_size=ServerTokenizer(self.urls[0], self.api_key,
+                                                     self.describe_timeout).info()["vocab_size"],
+                          runner="server",
+                          vllm_version=described[0]["vllm_version"],
+                          where="these servers", extra={"servers": described})
+
+    def exactness(self) -> list[dict[str, Any]]:
+        return [{"url": d["url"], **d["exactness"]} for d in self.servers()]
+
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = ServerTokenizer(self.urls[0], self.api_key, self.pool.timeout)
+        return self._tokenizer
+
+    def check_tokenizers(self, probe: str) -> None:
+        """ValueError unless every server gives `probe` the same token ids (with and
+        without special tokens): they must serve the same tokenizer."""
+        for special in (True, False):
+            first = ServerTokenizer(self.urls[0], self.api_key).encode(probe, special)
+            for url in self.urls[1:]:
+                if ServerTokenizer(url, self.api_key).encode(probe, special) != first:
+                    raise ValueError(f"{url} and {self.urls[0]} tokenize the text "
+                                     "differently: they serve different models")
+
+    def warm_up(self, requests: Sequence[ScoreRequest]) -> None:
+        """The requests once on each server in turn (untimed)."""
+        for url in self.urls:
+            ServerPool([url], timeout=self.pool.timeout, api_key=self.api_key
+                       ).score_sync(requests)
+
+    def score(self, requests: Sequence[ScoreRequest],
+              progress: Progress | None = None) -> list[Scores]:
+        return self.pool.score_sync(requests, progress)
+
+    def report(self) -> dict[str, Any]:
+        """Who answered what in the last `score`: per-server answers, retries, latency."""
+        stats = self.pool.stats
+        if stats is None:
+            return {}
+        return {"servers": list(self.urls), "answered_by": stats.answered_by,
+                "retries": stats.retries, "dead_servers": stats.dead_servers,
+                "max_in_flight_per_server": self.pool.max_in_flight,
+                "latency_seconds": percentiles(stats.latencies)}

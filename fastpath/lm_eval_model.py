@@ -40,9 +40,10 @@ import vllm  # noqa: F401  (vLLM's own imports run before the version answer bel
 from tqdm import tqdm
 
 from fastpath import scoring
+from fastpath.scorer import EngineScorer, Scores
+from fastpath.targets import TOP_K_KEY
 
 MODEL_NAME = "fastpath-vllm"
-TOP_K_ARG = "fastpath_top_k"  # SamplingParams.extra_args key of the runner's top-K extension
 GREEDY_K = 1  # is_greedy needs each row's top-1 log-prob only
 TESTED_LM_EVAL = "0.4.13"
 
@@ -130,18 +131,16 @@ def check_lm_eval() -> None:
             )
 
 
-def continuation_answer(scores: np.ndarray) -> tuple[float, bool]:
-    """(log-likelihood, is_greedy) of one request from its fast-path array [rows, 3].
+def continuation_answer(scores: Scores) -> tuple[float, bool]:
+    """(log-likelihood, is_greedy) of one request from its scores (target, top-1).
 
-    Columns: the target's log-prob, the row's top-1 log-prob, the top-1 id (float32).
     The sum is Python's `sum` over the targets' float32 values as Python floats, in row
     order: exactly what lm-eval sums from the dicts. A row is greedy when its target's
     log-prob equals the top-1 log-prob: ties go to the target, as in lm-eval (its dict
     lists the target first and `max` keeps the first maximum).
     """
-    target, top1, _ = scoring.split_top_k(scores, 1, GREEDY_K)
-    values = target[:, 0]
-    return sum(values.tolist()), bool(np.all(values == top1[:, 0]))
+    values = scores.targets
+    return sum(values.tolist()), bool(np.all(values == scores.top_logprobs[:, 0]))
 
 
 def _use_v1_runner() -> None:
@@ -153,8 +152,8 @@ def _use_v1_runner() -> None:
     if v2_requested():
         asked = os.environ[RUNNER_ENV]
         raise ValueError(f"fastpath-vllm needs vLLM's V1 model runner: is_greedy comes from "
-                         f"fastpath's top-K extension ({TOP_K_ARG}), which the V1 runner patch "
-                         f"computes, and {RUNNER_ENV}={asked} asks for V2; unset it")
+                         f"fastpath's top-K extension ({TOP_K_KEY}), which the V1 runner "
+                         f"patch computes, and {RUNNER_ENV}={asked} asks for V2; unset it")
     os.environ[RUNNER_ENV] = "0"
 
 
@@ -226,8 +225,6 @@ class FastpathVLLM(VLLM):
     def _score(self, inputs: Sequence[list[int]],
                ctxlens: Sequence[int]) -> list[tuple[float, bool]]:
         """(log-likelihood, is_greedy) of each input's tokens after its first `ctxlen`."""
-        from vllm import SamplingParams
-
         submitted = []
         for inp, ctxlen in zip(inputs, ctxlens, strict=True):
             if ctxlen < 1:
@@ -239,25 +236,16 @@ class FastpathVLLM(VLLM):
                 )
             if ctxlen < len(inp):
                 submitted.append((inp, ctxlen))
-        params = SamplingParams(temperature=0, max_tokens=1, detokenize=False,
-                                extra_args={TOP_K_ARG: GREEDY_K})
-        prompts = [scoring.fast_prompt(scoring.ScoreRequest(inp, inp[ctxlen:], ctxlen - 1))
-                   for inp, ctxlen in submitted]
-        outputs = iter(scoring.submit_together(self.model, prompts, params,
-                                               use_tqdm=self.batch_size == "auto",
-                                               lora_request=self.lora_request)
-                       if prompts else [])
+        requests = [scoring.ScoreRequest(inp, inp[ctxlen:], ctxlen - 1, top_k=GREEDY_K)
+                    for inp, ctxlen in submitted]
+        scorer = EngineScorer(self.model, max_batch=max(1, len(requests)),
+                              use_tqdm=self.batch_size == "auto", detokenize=False,
+                              lora_request=self.lora_request)
+        outputs = iter(scorer.score(requests) if requests else [])
         answers = []
         for inp, ctxlen in zip(inputs, ctxlens, strict=True):
             if ctxlen == len(inp):  # no continuation: lm-eval sums nothing, greedy
                 answers.append((sum([]), True))
                 continue
-            output = next(outputs)
-            scores = scoring.fixed_id_scores(output)  # raises where the engine gave none
-            if scores.shape != (len(inp) - ctxlen, 1 + 2 * GREEDY_K):
-                raise RuntimeError(
-                    f"fastpath-vllm: expected {len(inp) - ctxlen} rows of [target, top-1 "
-                    f"logprob, top-1 id], got shape {scores.shape}: the engine's runner "
-                    f"lacks fastpath's top-K extension ({TOP_K_ARG})")
-            answers.append(continuation_answer(scores))
+            answers.append(continuation_answer(next(outputs)))
         return answers

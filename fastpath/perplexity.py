@@ -1,22 +1,23 @@
 """Sliding-window perplexity through vLLM: windows -> requests -> one logprob per token.
 
-The engine is reached only through `fastpath.scoring`; the window arithmetic is in
-`fastpath.windows`. Results are exact sums (`math.fsum`), independent of order.
+Windows are scored through a `fastpath.scorer.Scorer` (an in-process engine or servers);
+the window arithmetic is in `fastpath.windows`. Results are exact sums (`math.fsum`),
+independent of order.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from fastpath import protocols, scoring
-from fastpath.windows import Window, iter_windows, make_windows
+from fastpath.scorer import Progress, Scorer
+from fastpath.windows import Window, make_windows
 
 
 @dataclass
@@ -113,75 +114,44 @@ def assemble(num_tokens: int, windows: Sequence[Window],
     return logprobs
 
 
-def warm_up(llm: Any, tokens: Sequence[int], context_length: int, stride: int,
-            windows: Sequence[Window] | None = None) -> None:
+def warm_up(scorer: Scorer, layout: protocols.Layout) -> None:
     """Score the first two windows once, untimed: the kernels for both window shapes (all
     rows; the strided rows) are built on first use (oneDNN on CPU: seconds per new shape)."""
-    if windows is None:
-        windows = list(itertools.islice(iter_windows(len(tokens), context_length, stride), 2))
-    scoring.score(llm, window_requests(tokens, list(windows)[:2]), "fast")
+    scorer.warm_up(window_requests(layout.tokens, layout.windows[:2]))
 
 
-def score_stream(
-    llm: Any,
-    tokens: Sequence[int],
-    context_length: int,
-    stride: int,
-    path: str = "fast",
-    standard_k: int = 0,
-    max_batch_windows: int = 16,
-    progress: Callable[[int], None] | None = None,
-) -> PerplexityResult:
-    """Score a token stream with fastpath's sliding windows on one path.
+def score_stream(scorer: Scorer, tokens: Sequence[int], context_length: int, stride: int,
+                 progress: Progress | None = None) -> PerplexityResult:
+    """Score a token stream with fastpath's sliding windows; `logprobs[i]` scores token i + 1.
 
-    `progress(n)` is called as each batch of n windows completes (a tqdm bar's update).
+    `progress(n)` is called as n more windows are answered (a tqdm bar's update).
     """
     windows = make_windows(len(tokens), context_length, stride)
-    result = score_windows(llm, tokens, windows, path, standard_k, max_batch_windows, progress)
+    result = score_windows(scorer, tokens, windows, progress)
     result.logprobs = assemble(len(tokens), windows, _split(result.logprobs, windows))
     result.positions = None
     return result
 
 
-def score_layout(
-    llm: Any,
-    layout: protocols.Layout,
-    path: str = "fast",
-    standard_k: int = 0,
-    max_batch_windows: int = 16,
-    progress: Callable[[int], None] | None = None,
-) -> PerplexityResult:
+def score_layout(scorer: Scorer, layout: protocols.Layout,
+                 progress: Progress | None = None) -> PerplexityResult:
     """Score a protocol's layout; the mean NLL weighted as the protocol's tool weights it."""
-    result = score_windows(llm, layout.tokens, layout.windows, path, standard_k,
-                           max_batch_windows, progress)
+    result = score_windows(scorer, layout.tokens, layout.windows, progress)
     result.weights = layout.token_weights()
     result.extra["protocol"] = layout.protocol
     return result
 
 
-def score_windows(
-    llm: Any,
-    tokens: Sequence[int],
-    windows: Sequence[Window],
-    path: str = "fast",
-    standard_k: int = 0,
-    max_batch_windows: int = 16,
-    progress: Callable[[int], None] | None = None,
-) -> PerplexityResult:
-    """Score windows on one path, all windows of a batch at once; logprobs in window order."""
-    if path not in ("fast", "standard"):
-        raise ValueError(f"perplexity needs path 'fast' or 'standard', got {path!r}")
+def score_windows(scorer: Scorer, tokens: Sequence[int], windows: Sequence[Window],
+                  progress: Progress | None = None) -> PerplexityResult:
+    """Score windows through `scorer` (an engine or servers); logprobs in window order."""
     requests = window_requests(tokens, windows)
-    per_window: list[np.ndarray] = []
     started = time.perf_counter()
-    for first in range(0, len(requests), max_batch_windows):
-        batch = requests[first : first + max_batch_windows]
-        per_window.extend(scoring.score(llm, batch, path, k=standard_k))
-        if progress is not None:
-            progress(len(batch))
+    answers = scorer.score(requests, progress)
     seconds = time.perf_counter() - started
-    return PerplexityResult(logprobs=concatenate(windows, per_window), num_windows=len(windows),
-                            seconds=seconds, extra={"path": path},
+    return PerplexityResult(logprobs=concatenate(windows, [a.targets for a in answers]),
+                            num_windows=len(windows), seconds=seconds,
+                            extra={"path": getattr(scorer, "path", "fast")},
                             positions=window_positions(windows))
 
 
@@ -207,42 +177,6 @@ def _split(values: np.ndarray, windows: Sequence[Window]) -> list[np.ndarray]:
     """Inverse of `concatenate`: one array per window."""
     edges = np.cumsum([w.num_scored for w in windows])[:-1]
     return np.split(values, edges)
-
-
-def warm_up_servers(urls: Sequence[str], tokens: Sequence[int], context_length: int,
-                    stride: int, **pool_kwargs: Any) -> None:
-    """`warm_up` on each server in turn (untimed): the first two windows, every server."""
-    from fastpath.client import ServerPool
-
-    windows = list(itertools.islice(iter_windows(len(tokens), context_length, stride), 2))
-    for url in urls:
-        ServerPool([url], **pool_kwargs).score_sync(window_requests(tokens, windows))
-
-
-def score_stream_servers(
-    pool: Any,
-    tokens: Sequence[int],
-    context_length: int,
-    stride: int,
-    progress: Callable[[int], None] | None = None,
-) -> PerplexityResult:
-    """`score_stream` with the windows scored by a `fastpath.client.ServerPool` (one or more
-    `fastpath serve` servers); the same windows, accounting and result."""
-    from fastpath.client import percentiles
-
-    windows = make_windows(len(tokens), context_length, stride)
-    requests = window_requests(tokens, windows)
-    started = time.perf_counter()
-    per_window = pool.score_sync(requests, progress)
-    seconds = time.perf_counter() - started
-    logprobs = assemble(len(tokens), windows, per_window)
-    stats = pool.stats
-    extra = {"path": "fast", "servers": list(pool.urls), "answered_by": stats.answered_by,
-             "retries": stats.retries, "dead_servers": stats.dead_servers,
-             "max_in_flight_per_server": pool.max_in_flight,
-             "latency_seconds": percentiles(stats.latencies)}
-    return PerplexityResult(logprobs=logprobs, num_windows=len(windows), seconds=seconds,
-                            extra=extra)
 
 
 def bitwise_mismatches(a: np.ndarray, b: np.ndarray) -> np.ndarray:

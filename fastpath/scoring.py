@@ -54,11 +54,16 @@ GPU_ENGINE_DEFAULTS: dict[str, Any] = {"max_logprobs": -1, "disable_log_stats": 
 
 @dataclass(frozen=True)
 class ScoreRequest:
-    """One prompt and the rows to score: targets[i] is predicted by prompt row start + i."""
+    """One prompt and the rows to score: targets[i] is predicted by prompt row start + i.
+
+    `target_token_ids` is one id per row, or [rows, n] ids (n per row, upstream's 2-D
+    `prompt_logprob_token_ids`); `top_k` asks for each row's top-K as well (fastpath's
+    extension, `SamplingParams.extra_args[TOP_K_KEY]`)."""
 
     prompt_token_ids: Sequence[int]
-    target_token_ids: Sequence[int]
+    target_token_ids: Sequence[int] | Any
     start: int = 0
+    top_k: int = 0
 
 
 def on_cpu() -> bool:

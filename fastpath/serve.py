@@ -1,5 +1,5 @@
 """What `fastpath serve` adds inside vLLM's server: the routes' addresses, a request-body
-limit (HTTP 413 naming `--max-request-bytes`) and `GET /fastpath/exactness`, both loaded
+limit (HTTP 413 naming `--max-request-bytes`) and `GET /fastpath/exactness|tokenizer`, loaded
 through vLLM's own `--middleware` hook, so this module is imported by name in the server
 process (`fastpath.cli.serve` starts it)."""
 
@@ -11,6 +11,7 @@ from typing import Any
 
 SCORE_ROUTE = "/inference/v1/generate"
 EXACTNESS_ROUTE = "/fastpath/exactness"  # fastpath serve: what the server's bits rest on
+TOKENIZER_ROUTE = "/fastpath/tokenizer"  # its tokenizer's special ids and the vocabulary size
 BODY_LIMIT_ENV = "FASTPATH_MAX_REQUEST_BYTES"
 DEFAULT_MAX_REQUEST_BYTES = 64 << 20  # a 128K-token window with its ids is about 3 MB
 
@@ -66,25 +67,42 @@ class BodyLimit:
                                           "param": "body", "code": 413}}, close=True)
 
 
-class ExactnessRoute:
-    """ASGI middleware answering `GET /fastpath/exactness` with `scoring.exactness_report`
-    of this server's engine (its workers are asked over vLLM's collective RPC); every other
-    request goes to vLLM's app."""
+class FastpathRoutes:
+    """ASGI middleware answering fastpath's two GET routes; every other request goes to
+    vLLM's app.
+
+    - `GET /fastpath/exactness`: `scoring.exactness_report` of this server's engine (its
+      workers are asked over vLLM's collective RPC);
+    - `GET /fastpath/tokenizer`: the BOS and EOS ids, the vocabulary size and the
+      tokenizer's fingerprint (`basefile.tokenizer_fingerprint`), which a client needs to
+      lay out windows as a protocol does and to match a base file
+      (`fastpath.client.ServerTokenizer`).
+    """
 
     def __init__(self, app: Any) -> None:
         self.app = app
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("path") != EXACTNESS_ROUTE:
+        path = scope.get("path")
+        if scope["type"] != "http" or path not in (EXACTNESS_ROUTE, TOKENIZER_ROUTE):
             await self.app(scope, receive, send)
             return
-        from fastpath import scoring
-
         if scope.get("method") != "GET":
-            await _json(send, 405, {"error": {"message": f"{EXACTNESS_ROUTE} takes GET",
+            await _json(send, 405, {"error": {"message": f"{path} takes GET",
                                               "type": "MethodNotAllowed", "code": 405}})
             return
         engine = scope["app"].state.engine_client
+        if path == TOKENIZER_ROUTE:
+            from fastpath.basefile import tokenizer_fingerprint
+
+            tokenizer = engine.get_tokenizer()
+            await _json(send, 200, {"bos_token_id": tokenizer.bos_token_id,
+                                    "eos_token_id": tokenizer.eos_token_id,
+                                    "vocab_size": engine.model_config.get_vocab_size(),
+                                    "fingerprint": tokenizer_fingerprint(tokenizer)})
+            return
+        from fastpath import scoring
+
         workers = await engine.collective_rpc("fastpath_exactness")
         report = scoring.exactness_report(engine.vllm_config.scheduler_config, workers)
         await _json(send, 200, report)

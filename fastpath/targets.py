@@ -26,6 +26,7 @@ import numpy as np
 
 TARGET_KEY = "target_token_ids"
 START_KEY = "target_start"
+TOP_K_KEY = "fastpath_top_k"  # SamplingParams.extra_args key: top-K columns per scored row
 EXPECTED_FORM = (
     "a flat list (or 1-D integer numpy array) of token ids, one per scored prompt "
     "position: len(prompt_token_ids) - 1 - target_start entries "

@@ -12,6 +12,7 @@ import pytest
 from fastpath import patches, perplexity, zoo
 from fastpath.data import bundled_text
 from fastpath.plugin import LOG_ENV
+from fastpath.scorer import EngineScorer
 from fastpath.scoring import ScoreRequest, score
 from tests.conftest import (
     assert_bitwise_equal,
@@ -108,8 +109,8 @@ def test_tp2_fast_equals_standard_and_tp1_within_bound(tp2, llama_llm):
 def test_tp2_perplexity_difference_is_bounded(tp2, llama_llm):
     llm, _ = tp2
     tokens = llm.get_tokenizer().encode(bundled_text()[:12000])[:2000]
-    one = perplexity.score_stream(llama_llm, tokens, 256, 128, path="fast")
-    two = perplexity.score_stream(llm, tokens, 256, 128, path="fast")
+    one = perplexity.score_stream(EngineScorer(llama_llm), tokens, 256, 128)
+    two = perplexity.score_stream(EngineScorer(llm), tokens, 256, 128)
     rel = abs(two.perplexity - one.perplexity) / one.perplexity
     print(f"PPL TP1 {one.perplexity:.9g} TP2 {two.perplexity:.9g} rel diff {rel:.2e}")
     assert rel <= TP_PPL_RTOL

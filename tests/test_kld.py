@@ -16,6 +16,7 @@ import torch
 
 from fastpath import basefile, cli, kld, perplexity, protocols, quantize, reference, scoring, zoo
 from fastpath.data import bundled_text
+from fastpath.scorer import EngineScorer
 from tests.conftest import assert_bitwise_equal, engine_kwargs
 
 pytestmark = [pytest.mark.correctness, pytest.mark.engine,
@@ -38,11 +39,11 @@ BATCH = 5  # windows per submission; the `fastpath ppl` comparisons batch alike 
 
 def run_passes(base_llm, model_llm, layout, k):
     """(base scores, model scores, divergence) through the engine passes."""
-    target, top_lp, top_ids, _ = kld.base_pass(base_llm, layout, k, max_batch_windows=BATCH)
+    target, top_lp, top_ids, _ = kld.base_pass(EngineScorer(base_llm, max_batch=BATCH), layout, k)
     vocab = base_llm.llm_engine.model_config.get_vocab_size()
     tokenizer = basefile.tokenizer_fingerprint(base_llm.get_tokenizer())
     base = basefile.from_layout(layout, target, top_lp, top_ids, vocab, tokenizer)
-    model = kld.model_pass(model_llm, layout, base, max_batch_windows=BATCH)
+    model = kld.model_pass(EngineScorer(model_llm, max_batch=BATCH), layout, base)
     return base, model, kld.compare(layout, base, model)
 
 
@@ -89,7 +90,7 @@ def test_model_against_itself_is_exactly_zero(llama_llm, layout):
     assert_bitwise_equal(model.topk_logprobs, base.topk_logprobs, what="model vs base top-K")
     assert_bitwise_equal(model.top1_logprobs, base.topk_logprobs[:, 0], what="top-1")
     # PPL and PPL(base) are `fastpath ppl`'s, bit for bit.
-    ppl = perplexity.score_layout(llama_llm, layout, max_batch_windows=BATCH)
+    ppl = perplexity.score_layout(EngineScorer(llama_llm, max_batch=BATCH), layout)
     assert_bitwise_equal(base.target_logprobs, ppl.logprobs, what="base targets vs ppl")
     assert_bitwise_equal(model.target_logprobs, ppl.logprobs, what="model targets vs ppl")
     assert summary["ppl"] == ppl.perplexity and summary["ppl_base"] == ppl.perplexity
@@ -141,7 +142,7 @@ def test_top_k_is_a_lower_bound_within_the_tail(llama_llm, quantized_llm, layout
     assert np.all(np.abs(result.kld - coarse) <= TOKEN_KLD_ATOL)
     np.testing.assert_allclose(result.tail_mass_base, tb, atol=1e-5)
     # The model's scores are `fastpath ppl`'s for the quantized model, bit for bit.
-    ppl = perplexity.score_layout(quantized_llm, layout, max_batch_windows=BATCH)
+    ppl = perplexity.score_layout(EngineScorer(quantized_llm, max_batch=BATCH), layout)
     assert_bitwise_equal(model.target_logprobs, ppl.logprobs, what="model targets vs ppl")
     assert s["ppl"] == ppl.perplexity
     assert math.isfinite(s["ln_ppl_ratio_stderr"]) and s["rms_delta_p"] > 0

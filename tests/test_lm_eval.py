@@ -24,6 +24,8 @@ pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'fa
 
 from fastpath import lm_eval_model as fl
 from fastpath import scoring, zoo
+from fastpath.scorer import Scores
+from fastpath.targets import TOP_K_KEY
 from tests.conftest import assert_bitwise_equal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,7 +219,7 @@ def test_is_greedy_matches_lm_eval_and_rank(fast_lm, vllm_lm):
     fast_out = fast_lm.model.generate(
         [scoring.fast_prompt(scoring.ScoreRequest(p, cont, len(ctx) - 1))
          for p, (_, ctx, cont) in zip(prompts, requests, strict=True)],
-        SamplingParams(temperature=0, max_tokens=1, extra_args={fl.TOP_K_ARG: 1}),
+        SamplingParams(temperature=0, max_tokens=1, extra_args={TOP_K_KEY: 1}),
         use_tqdm=False)
     for (_, ctx, cont), ref, out, answer in zip(requests, standard, fast_out, fast, strict=True):
         target, top1, top1_id = scoring.split_top_k(out.prompt_token_id_logprobs, 1, 1)
@@ -246,13 +248,18 @@ def test_short_context_refused_and_empty_continuation(fast_lm):
 # --- no engine -------------------------------------------------------------------------
 
 
+def as_scores(array: np.ndarray) -> Scores:
+    """A [rows, 3] (target, top-1 log-prob, top-1 id) array as the scorer answers it."""
+    return Scores(array[:, :1], array[:, 1:2], array[:, 2:].astype(np.int32))
+
+
 def test_continuation_answer_tie_rule():
     """Greedy when the target's log-prob equals the top-1 (ties: the target wins)."""
     tie = np.array([[-0.5, -0.5, 7.0], [-1.0, -1.0, 3.0]], dtype=np.float32)
     below = np.array([[-0.5, -0.5, 7.0], [-1.0, np.nextafter(np.float32(-1), 0), 3.0]],
                      dtype=np.float32)
-    assert fl.continuation_answer(tie) == (-1.5, True)
-    assert fl.continuation_answer(below) == (-1.5, False)
+    assert fl.continuation_answer(as_scores(tie)) == (-1.5, True)
+    assert fl.continuation_answer(as_scores(below)) == (-1.5, False)
 
 
 def test_sum_is_pythons_sum_of_the_float32_values():
@@ -265,7 +272,7 @@ def test_sum_is_pythons_sum_of_the_float32_values():
     others = (float(np.sum(values.astype(np.float64))), sum(reversed(as_floats)),
               math.fsum(as_floats))
     assert all(other != expected for other in others)  # the check can tell orders apart
-    assert np.float64(fl.continuation_answer(scores)[0]).tobytes() == \
+    assert np.float64(fl.continuation_answer(as_scores(scores))[0]).tobytes() == \
         np.float64(expected).tobytes()
 
 

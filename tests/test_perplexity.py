@@ -10,6 +10,7 @@ import pytest
 
 from fastpath import cli, perplexity, reference, zoo
 from fastpath.data import bundled_text
+from fastpath.scorer import EngineScorer
 
 pytestmark = [pytest.mark.correctness, pytest.mark.engine]
 
@@ -32,9 +33,9 @@ def stream(llm, count: int = STREAM_TOKENS) -> list[int]:
 @pytest.mark.parametrize("context_length, stride", WINDOW_CASES)
 def test_both_paths_bitwise_equal(arch_llm, context_length, stride):
     tokens = stream(arch_llm)
-    fast = perplexity.score_stream(arch_llm, tokens, context_length, stride, path="fast")
-    standard = perplexity.score_stream(arch_llm, tokens, context_length, stride,
-                                       path="standard", standard_k=0)
+    fast = perplexity.score_stream(EngineScorer(arch_llm), tokens, context_length, stride)
+    standard = perplexity.score_stream(EngineScorer(arch_llm, "standard", standard_k=0),
+                                       tokens, context_length, stride)
     assert fast.num_tokens == standard.num_tokens == len(tokens) - 1
     mismatches = perplexity.bitwise_mismatches(fast.logprobs, standard.logprobs)
     assert mismatches.size == 0, f"{arch_llm.fastpath_name}: positions {mismatches[:10]}"
@@ -46,7 +47,7 @@ def test_agrees_with_transformers(arch_llm, context_length, stride):
     tokens = stream(arch_llm)
     model = reference.load_model(str(zoo.get_model(arch_llm.fastpath_name)))
     expected = reference.score_stream(model, tokens, context_length, stride)
-    got = perplexity.score_stream(arch_llm, tokens, context_length, stride, path="fast")
+    got = perplexity.score_stream(EngineScorer(arch_llm), tokens, context_length, stride)
     ppl_expected = perplexity.PerplexityResult(expected, 1).perplexity
     rel = abs(got.perplexity - ppl_expected) / ppl_expected
     worst = float(np.max(np.abs(got.logprobs.astype(np.float64) - expected)))

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from fastpath import perplexity, protocols, reference, zoo
 from fastpath.data import bundled_text
+from fastpath.scorer import EngineScorer
 from fastpath.windows import WindowError
 from tests import protocol_loops
 
@@ -153,7 +154,7 @@ def _reference(protocol, model, tokenizer, layout, context, stride):
 def test_protocol_agrees_with_the_tools_loop(llama_llm, hf_model, protocol, context, stride):
     tokenizer = llama_llm.get_tokenizer()
     layout = protocols.build(protocol, tokenizer, TEXT, context, stride)
-    got = perplexity.score_layout(llama_llm, layout)
+    got = perplexity.score_layout(EngineScorer(llama_llm), layout)
     ppl, positions, values = _reference(protocol, hf_model, tokenizer, layout, context, stride)
     np.testing.assert_array_equal(got.positions, positions)
     rel = abs(got.perplexity - ppl) / ppl

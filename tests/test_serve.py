@@ -21,9 +21,10 @@ import httpx
 import numpy as np
 import pytest
 
-from fastpath import cli, client, perplexity, scoring, zoo
+from fastpath import basefile, cli, client, kld, perplexity, protocols, scoring, zoo
 from fastpath.client import ScoringClient, ServerPool, score_body
 from fastpath.data import bundled_text
+from fastpath.scorer import EngineScorer
 from fastpath.scoring import ScoreRequest
 from tests.conftest import assert_bitwise_equal
 from tests.serving import VLLM_INFO_LINE, Server
@@ -95,7 +96,7 @@ def post(url: str, body=None, raw: bytes | None = None, timeout: float = 120) ->
 def score_one(url: str, request: ScoreRequest) -> np.ndarray:
     async def go():
         async with ScoringClient(url) as c:
-            return await c.score(request)
+            return (await c.score(request)).targets
     return asyncio.run(go())
 
 
@@ -120,7 +121,7 @@ def test_ppl_server_bitwise_equal_to_offline(servers, offline, tokens, text_file
     """`fastpath ppl --server` (the CLI) against the offline path on the same engine flags;
     its JSON says what the server's bits rest on, as the offline engine reports it."""
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"))
-    expected = perplexity.score_stream(offline, tokens, 128, 32, path="fast")
+    expected = perplexity.score_stream(EngineScorer(offline), tokens, 128, 32)
     for extra in ([], ["--tokenizer", model_path()]):
         saved, report = tmp_path / "a.npy", tmp_path / "a.json"
         code = cli.main(["ppl", "--server", servers[0].url, "--text-file", str(text_file),
@@ -139,6 +140,61 @@ def test_ppl_server_bitwise_equal_to_offline(servers, offline, tokens, text_file
         assert served["workers"][0]["kernels"] == offline_report["workers"][0]["kernels"]
 
 
+@pytest.mark.parametrize("protocol, stride", [("hf", "32"), ("lm-eval", None),
+                                              ("llama.cpp", None)])
+def test_ppl_server_every_protocol_bitwise_equal_to_offline(servers, offline, text_file,
+                                                            tmp_path, protocol, stride):
+    """`fastpath ppl --server --protocol P` lays out P's windows from the server's tokenizer
+    (its /tokenize and /fastpath/tokenizer) and scores them there: the offline engine's
+    layout and bits, and the same (weighted) perplexity."""
+    text = text_file.read_text()
+    layout = protocols.build(protocol, offline.get_tokenizer(), text, 128,
+                             None if stride is None else int(stride))
+    expected = perplexity.score_layout(EngineScorer(offline), layout)
+    saved, report = tmp_path / "p.npy", tmp_path / "p.json"
+    code = cli.main(["ppl", "--server", servers[0].url, "--text-file", str(text_file),
+                     "--protocol", protocol, "--context-length", "128",
+                     *(["--stride", stride] if stride else []),
+                     "--save-logprobs", str(saved), "--json", str(report)])
+    assert code == 0
+    summary = json.loads(report.read_text())
+    assert (summary["protocol"], summary["windows"]) == (protocol, len(layout.windows))
+    assert summary["stream_tokens"] == len(layout.tokens)
+    assert_bitwise_equal(np.load(saved), expected.logprobs, what=f"--protocol {protocol}")
+    assert summary["perplexity"] == expected.perplexity
+
+
+def test_kld_on_servers_bitwise_equal_to_offline(servers, offline, text_file, tmp_path):
+    """`fastpath kld --server A --base-server B`, then `--server A --base-cache FILE` (the
+    base file of an offline base pass): per-token values and statistics equal the offline
+    passes' bit for bit (both servers serve the offline engine's model and flags)."""
+    text = text_file.read_text()
+    layout = protocols.build("fastpath", offline.get_tokenizer(), text, 128, 64)
+    engine = EngineScorer(offline)
+    target, top_lp, top_ids, _ = kld.base_pass(engine, layout, 8)
+    base = basefile.from_layout(layout, target, top_lp, top_ids, vocab(offline),
+                                basefile.tokenizer_fingerprint(offline.get_tokenizer()))
+    expected = kld.compare(layout, base, kld.model_pass(engine, layout, base))
+    base_file = tmp_path / "base.npz"
+    base.save(base_file)
+    window_flags = ["--text-file", str(text_file), "--context-length", "128", "--stride", "64",
+                    "--top-k", "8"]
+    for name, base_flags in (("base server", ["--base-server", servers[1].url]),
+                             ("base file", ["--base-cache", str(base_file)])):
+        per_token, report = tmp_path / f"{name}.npz", tmp_path / f"{name}.json"
+        code = cli.main(["kld", "--server", servers[0].url, *base_flags, *window_flags,
+                         "--save-per-token", str(per_token), "--json", str(report)])
+        assert code == 0, name
+        got = np.load(per_token)
+        for key, want in expected.per_token().items():  # float32, float64 and bool arrays
+            assert got[key].dtype == want.dtype and got[key].tobytes() == want.tobytes(), \
+                f"{name}: {key} differs"
+        summary = json.loads(report.read_text())
+        for key, value in expected.summary().items():
+            assert summary[key] == value or (value != value and summary[key] != summary[key]), \
+                f"{name}: {key} {summary[key]} != {value}"
+
+
 def window_stream(tokens, context_length, stride):
     windows = perplexity.make_windows(len(tokens), context_length, stride)
     return windows, perplexity.window_requests(tokens, windows)
@@ -148,10 +204,13 @@ def test_one_and_two_servers_same_bits(servers, offline, tokens):
     windows, requests = window_stream(tokens, 96, 16)
     one = ServerPool([servers[0].url])
     two = ServerPool([s.url for s in servers], max_in_flight=4)
-    by_one = perplexity.assemble(len(tokens), windows, one.score_sync(requests))
-    by_two = perplexity.assemble(len(tokens), windows, two.score_sync(requests))
+    by_one = perplexity.assemble(len(tokens), windows,
+                                 [a.targets for a in one.score_sync(requests)])
+    by_two = perplexity.assemble(len(tokens), windows,
+                                 [a.targets for a in two.score_sync(requests)])
     assert_bitwise_equal(by_two, by_one, what="two servers vs one")
-    assert_bitwise_equal(by_one, perplexity.score_stream(offline, tokens, 96, 16).logprobs,
+    offline_run = perplexity.score_stream(EngineScorer(offline), tokens, 96, 16)
+    assert_bitwise_equal(by_one, offline_run.logprobs,
                          what="one server vs offline")
     assert all(n > 0 for n in two.stats.answered_by.values()), two.stats.answered_by
     assert two.stats.answered_once and not two.stats.dead_servers
@@ -179,7 +238,7 @@ async def concurrent_clients(url: str, requests, clients: int):
         async with ScoringClient(url) as c:
             for i in indices:
                 started = time.perf_counter()
-                answers[i] = await c.score(requests[i])
+                answers[i] = (await c.score(requests[i])).targets
                 latencies.append(time.perf_counter() - started)
 
     await asyncio.gather(*(one_client(range(k, len(requests), clients)) for k in range(clients)))
@@ -383,12 +442,13 @@ def test_windows_of_a_hung_server_time_out_and_move(servers, offline, tokens, hu
     windows, requests = window_stream(tokens[:2000], 64, 16)
     pool = ServerPool([hung_server, servers[0].url], max_in_flight=4, timeout=2.0,
                       probe_interval=0.2)
-    logprobs = perplexity.assemble(2000, windows, pool.score_sync(requests))
+    logprobs = perplexity.assemble(2000, windows, [a.targets for a in pool.score_sync(requests)])
     # the hung server's first 4 windows timed out and were answered by the live one
     assert pool.stats.answered_by == {hung_server: 0, servers[0].url: len(requests)}
     assert pool.stats.answered_once and pool.stats.retries >= 4
     assert pool.stats.dead_servers in ([], [hung_server])  # given up, or the run ended first
-    assert_bitwise_equal(logprobs, perplexity.score_stream(offline, tokens[:2000], 64, 16).logprobs,
+    offline_run = perplexity.score_stream(EngineScorer(offline), tokens[:2000], 64, 16)
+    assert_bitwise_equal(logprobs, offline_run.logprobs,
                          what="after timeouts on a hung server")
 
 
@@ -396,7 +456,7 @@ def test_one_of_two_servers_killed_mid_run(servers, offline, tokens):
     """Runs last: kills server b once a quarter of the windows are answered."""
     a, b = servers
     windows, requests = window_stream(tokens, 64, 8)
-    expected = perplexity.score_stream(offline, tokens, 64, 8).logprobs
+    expected = perplexity.score_stream(EngineScorer(offline), tokens, 64, 8).logprobs
     answered = {a.url: 0, b.url: 0}
 
     def on_answer(index: int, url: str) -> None:
@@ -411,7 +471,8 @@ def test_one_of_two_servers_killed_mid_run(servers, offline, tokens):
     assert pool.stats.answered_once
     assert sum(pool.stats.answered_by.values()) == len(requests)
     assert pool.stats.answered_by[b.url] < len(requests) // 2
-    logprobs = perplexity.assemble(len(tokens), windows, per_window)  # each token once
+    logprobs = perplexity.assemble(len(tokens), windows,  # each token once
+                                  [a.targets for a in per_window])
     assert_bitwise_equal(logprobs, expected, what="after one of two servers was killed")
     print(f"{len(requests)} windows, answered {pool.stats.answered_by}, "
           f"{pool.stats.retries} retried")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -92,14 +94,14 @@ def test_score_body_is_upstream_sampling_params():
 
 
 @pytest.mark.parametrize("array, fragment", [
-    (np.zeros((3, 1), dtype=np.float64), "expected float32 [3, 1]"),
-    (np.zeros((2, 1), dtype=np.float32), "expected float32 [3, 1]"),
-    (np.zeros((3, 2), dtype=np.float32), "expected float32 [3, 1]"),
+    (np.zeros((3, 1), dtype=np.float64), "expected float32 prompt_token_id_logprobs, got float64"),
+    (np.zeros((2, 1), dtype=np.float32), "expected [3, 1 + 2 * 0] scores, got shape (2, 1)"),
+    (np.zeros((3, 2), dtype=np.float32), "expected [3, 1 + 2 * 0] scores, got shape (3, 2)"),
     (np.array([[0.0], [np.nan], [-1.0]], dtype=np.float32), "NaN logprobs at rows [1]"),
 ])
 def test_answers_of_the_wrong_shape_or_nan_are_refused(array, fragment):
     request = ScoreRequest([1, 2, 3, 4], [2, 3, 4])
-    with pytest.raises(client.ScoringError, match=fragment.replace("[", r"\[")):
+    with pytest.raises(client.ScoringError, match=re.escape(fragment)):
         client.check_scores("http://s", request, array)
     ok = np.array([[-1.0], [-np.inf], [-0.5]], dtype=np.float32)
-    assert client.check_scores("http://s", request, ok).tolist() == [-1.0, -np.inf, -0.5]
+    assert client.check_scores("http://s", request, ok).targets.tolist() == [-1.0, -np.inf, -0.5]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -182,20 +183,105 @@ def context_limit_error(context_length: int, max_len: int, where: str) -> UsageE
         f"the context length can be at most {max_len - 1}")
 
 
-def build_layout(llm: Any, args: argparse.Namespace, text: str, source: str
+def build_layout(scorer: Any, args: argparse.Namespace, text: str, source: str
                  ) -> protocols.Layout:
-    """The windows of `--protocol` over `text` in this engine's tokens; UsageError where the
-    engine cannot score the context length or the text gives no window."""
+    """The windows of `--protocol` over `text` in the scorer's tokens (an engine's or a
+    server's tokenizer); UsageError where it cannot score the context length or the text
+    gives no window."""
     from fastpath.windows import WindowError
 
-    max_len = llm.llm_engine.model_config.max_model_len
-    if args.context_length > max_len - 1:
-        raise context_limit_error(args.context_length, max_len, "this engine")
+    info = scorer.describe()
+    if args.context_length > info.max_model_len - 1:
+        raise context_limit_error(args.context_length, info.max_model_len, info.where)
     try:
-        return protocols.build(args.protocol, llm.get_tokenizer(), text, args.context_length,
+        return protocols.build(args.protocol, scorer.tokenizer(), text, args.context_length,
                                args.stride)
     except WindowError as error:
         raise UsageError(f"{source}: {error}") from None
+
+
+# ---------------------------------------------------------------- servers
+
+# Engine flags that still mean something with --server: they choose the local tokenizer.
+CLIENT_SIDE_ENGINE_FLAGS = {"tokenizer", "tokenizer_mode", "tokenizer_revision",
+                            "trust_remote_code"}
+
+
+def add_server_flags(parser: argparse.ArgumentParser, base: bool = False) -> None:
+    """`--server URL` (repeatable; `--base-server` too where `base`), in-flight, timeout."""
+    remote = parser.add_argument_group("scoring on servers (fastpath serve)")
+    remote.add_argument("--server", action="append", dest="servers", metavar="URL",
+                        help="score on this `fastpath serve` server instead of a local engine; "
+                        "repeat to spread the windows over several (token ids from the "
+                        "server's /tokenize unless --tokenizer is given)")
+    if base:
+        remote.add_argument("--base-server", action="append", dest="base_servers",
+                            metavar="URL", help="score the base pass on this server (serving "
+                            "the base model) instead of a local base engine; repeatable")
+    remote.add_argument("--max-in-flight", type=int, default=8,
+                        help="windows in flight per server (default 8)")
+    remote.add_argument("--request-timeout", type=float, default=600.0,
+                        help="seconds before a window is retried on another server (default 600)")
+
+
+def check_server_flags(args: argparse.Namespace, given: set[str]) -> None:
+    """Refuse bad server flags, and engine flags that a server run would ignore."""
+    if args.max_in_flight < 1:
+        raise UsageError(f"--max-in-flight must be positive, got {args.max_in_flight}")
+    if not args.request_timeout > 0:
+        raise UsageError(f"--request-timeout must be positive, got {args.request_timeout}")
+    for flag, urls in (("--server", args.servers),
+                       ("--base-server", getattr(args, "base_servers", None))):
+        cleaned = [u.rstrip("/") for u in urls or []]
+        if len(set(cleaned)) != len(cleaned):
+            raise UsageError(f"{flag} lists a server twice: {cleaned}")
+    everything_on_servers = args.servers and (getattr(args, "base_servers", None)
+                                             or not hasattr(args, "base_servers"))
+    if not everything_on_servers:
+        return
+    engine_flags = sorted(f"--{d.replace('_', '-')}" for d in given
+                          if d in engine_dests() and d not in CLIENT_SIDE_ENGINE_FLAGS)
+    if engine_flags:
+        raise UsageError(f"engine flags {', '.join(engine_flags)} apply to a local engine; with "
+                         "--server the servers' own flags apply (give them to fastpath serve)")
+
+
+def server_failures(args: argparse.Namespace) -> tuple[type[BaseException], ...]:
+    """What a run on servers stops on (exit code EXIT_SERVERS_FAILED); none without one."""
+    if not (args.servers or getattr(args, "base_servers", None)):
+        return ()
+    from fastpath import client
+
+    return (client.ServerUnavailable, client.RequestRefused, client.ScoringError)
+
+
+def server_scorer(urls: list[str], args: argparse.Namespace, text: str) -> Any:
+    """A `ServerScorer` over `urls`, its tokenizer local where --tokenizer names one; the
+    servers must answer and agree on the text's token ids (UsageError naming the problem)."""
+    from fastpath import client
+
+    tokenizer = None
+    if args.tokenizer:
+        from vllm.tokenizers import get_tokenizer
+
+        tokenizer = get_tokenizer(args.tokenizer, tokenizer_mode=args.tokenizer_mode,
+                                  trust_remote_code=args.trust_remote_code,
+                                  revision=args.tokenizer_revision)
+    scorer = client.ServerScorer(urls, tokenizer=tokenizer, max_in_flight=args.max_in_flight,
+                                 timeout=args.request_timeout,
+                                 describe_timeout=min(60.0, args.request_timeout))
+    try:
+        models = scorer.describe().model
+        if tokenizer is None:
+            scorer.check_tokenizers(text[:4000])
+    except (client.ServerUnavailable, client.RequestRefused) as error:
+        raise UsageError(f"cannot reach a server: {error}") from None
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if isinstance(models, list):
+        print(f"fastpath: warning: the servers name different models {models}; their "
+              "token ids agree, their weights are not compared", file=sys.stderr)
+    return scorer
 
 
 # ---------------------------------------------------------------- report tail

@@ -1,13 +1,17 @@
 """`fastpath kld`: KL divergence of a model against its base model, on vLLM's V1 runner.
 
 The passes and the statistics are `fastpath.kld`'s; this module reads the flags, builds
-the two engines one after the other (or reuses a base file), and writes the report.
+the two scorers one after the other (engines, or `fastpath serve` servers with `--server`
+and `--base-server`; a base file replaces the base pass), and writes the report.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +19,22 @@ import numpy as np
 
 from fastpath import basefile, divergence, scoring
 from fastpath.cli.common import (
+    EXIT_SERVERS_FAILED,
     UsageError,
     add_json_flag,
+    add_server_flags,
     add_text_flags,
     build_layout,
+    check_server_flags,
     check_window_flags,
     engine_args,
     finish_report,
     load_text,
+    server_failures,
+    server_scorer,
 )
 from fastpath.kld import DEFAULT_TOP_K, base_pass, compare, model_pass
+from fastpath.scorer import EngineScorer, Scorer
 
 BASE_OVERRIDES = {"base_quantization": "quantization", "base_dtype": "dtype",
                   "base_tensor_parallel_size": "tensor_parallel_size"}
@@ -48,6 +58,7 @@ def add_kld_flags(parser: argparse.ArgumentParser) -> None:
                        "(.npz)")
     add_text_flags(group)
     add_json_flag(group)
+    add_server_flags(parser, base=True)
 
 
 def base_namespace(args: argparse.Namespace, given: set[str]
@@ -69,17 +80,23 @@ def base_namespace(args: argparse.Namespace, given: set[str]
     return base, base_given
 
 
-def check_kld_flags(args: argparse.Namespace) -> None:
-    """Refuse bad `kld` flags before any engine starts."""
+def check_kld_flags(args: argparse.Namespace, given: set[str]) -> None:
+    """Refuse bad `kld` flags before any engine starts or server is asked."""
     check_window_flags(args)
     if args.top_k < 1:
         raise UsageError(f"--top-k must be a positive integer, got {args.top_k}")
-    if args.model is None:
-        raise UsageError("--model is required: the model to compare with the base model")
+    check_server_flags(args, given)
+    if args.model is None and not args.servers:
+        raise UsageError("--model is required (or --server): the model to compare with the "
+                         "base model")
+    if args.model is not None and args.servers:
+        raise UsageError("--model and --server both name the model to compare: give one")
     reuse = args.base_cache and Path(args.base_cache).is_file()
-    if args.base_model is None and not reuse:
+    if args.base_model is None and not reuse and not args.base_servers:
         raise UsageError("--base-model is required unless --base-cache names an existing "
-                         "base file")
+                         "base file or --base-server names a server of the base model")
+    if args.base_model is not None and args.base_servers:
+        raise UsageError("--base-model and --base-server both name the base model: give one")
 
 
 def check_base_flags(base: basefile.BaseScores, args: argparse.Namespace) -> None:
@@ -96,10 +113,27 @@ def check_base_flags(base: basefile.BaseScores, args: argparse.Namespace) -> Non
                          f"{ours[1]}, {ours[2]}")
 
 
-def _engine(args: argparse.Namespace, given: set[str]):
-    """The engine the flags describe, and its EngineArgs."""
+@contextlib.contextmanager
+def open_scorer(args: argparse.Namespace, given: set[str], urls: list[str] | None,
+                text: str) -> Iterator[tuple[Scorer, dict[str, Any]]]:
+    """The servers at `urls`, else an engine built from the flags (always stopped after);
+    with the report's engine fields."""
+    if urls:
+        yield server_scorer(urls, args, text), {"servers": urls, "tensor_parallel_size": None}
+        return
     engine = engine_args(args, given)
-    return scoring.build_llm_from_engine_args(engine), engine
+    llm = scoring.build_llm_from_engine_args(engine)
+    try:
+        yield (EngineScorer(llm, max_batch=args.max_batch_windows),
+               {"tensor_parallel_size": engine.tensor_parallel_size})
+    finally:
+        scoring.shutdown(llm)
+
+
+def fingerprint_of(scorer: Scorer) -> str:
+    """The scorer's tokenizer fingerprint: a server computes its own, else computed here."""
+    tokenizer = scorer.tokenizer()
+    return getattr(tokenizer, "fingerprint", None) or basefile.tokenizer_fingerprint(tokenizer)
 
 
 def _progress(total: int, desc: str):
@@ -121,16 +155,18 @@ def run(args: argparse.Namespace, given: set[str]) -> int:
                          f"{runners.RUNNER_ENV}={os.environ[runners.RUNNER_ENV]} asks for V2; "
                          f"unset it (fastpath kld then runs V1, on CUDA too)")
     with runners.runner_environment("v1"):
-        return _run_kld(args, given)
+        try:
+            return _run_kld(args, given)
+        except server_failures(args) as error:
+            print(f"fastpath kld: servers failed: {error}", file=sys.stderr)
+            return EXIT_SERVERS_FAILED
 
 
 def _run_kld(args: argparse.Namespace, given: set[str]) -> int:
     """Base pass (or base file), model pass, statistics."""
     import vllm
 
-    from fastpath.runners import device_name, runner_name
-
-    check_kld_flags(args)
+    check_kld_flags(args, given)
     text, source = load_text(args)
 
     base: basefile.BaseScores | None = None
@@ -146,50 +182,44 @@ def _run_kld(args: argparse.Namespace, given: set[str]) -> int:
         check_base_flags(base, args)
     base_timing = None
     if base is None:
-        llm, _ = _engine(*base_namespace(args, given))
-        try:
-            layout = build_layout(llm, args, text, source)
-            tokenizer = basefile.tokenizer_fingerprint(llm.get_tokenizer())
-            vocab = llm.llm_engine.model_config.get_vocab_size()
+        base_args, base_given = base_namespace(args, given)
+        with open_scorer(base_args, base_given, args.base_servers, text) as (scorer, _):
+            layout = build_layout(scorer, args, text, source)
+            tokenizer = fingerprint_of(scorer)
+            vocab = scorer.describe().vocab_size
             if args.top_k > vocab:
                 raise UsageError(f"--top-k {args.top_k} exceeds the vocabulary ({vocab})")
             with _progress(len(layout.windows), "base pass") as bar:
-                target, top_lp, top_ids, base_timing = base_pass(
-                    llm, layout, args.top_k, args.max_batch_windows, bar.update)
-        finally:
-            scoring.shutdown(llm)
+                target, top_lp, top_ids, base_timing = base_pass(scorer, layout, args.top_k,
+                                                                 bar.update)
+        base_name = args.base_model or scorer.describe().model
         base = basefile.from_layout(layout, target, top_lp, top_ids, vocab, tokenizer,
-                                    model=args.base_model,
+                                    model=base_name,
                                     meta={"vllm_version": vllm.__version__, "source": source})
         if args.base_cache:
             base_file_bytes = base.save(args.base_cache)
 
-    llm, engine = _engine(args, given)
-    try:
-        layout = build_layout(llm, args, text, source)
+    with open_scorer(args, given, args.servers, text) as (scorer, engine_fields):
+        layout = build_layout(scorer, args, text, source)
+        info = scorer.describe()
         try:
-            base.check_matches(layout, args.top_k,
-                               llm.llm_engine.model_config.get_vocab_size(),
-                               basefile.tokenizer_fingerprint(llm.get_tokenizer()),
+            base.check_matches(layout, args.top_k, info.vocab_size, fingerprint_of(scorer),
                                source=f"--base-cache {args.base_cache}" if reused
                                else "the base model")
         except basefile.BaseFileError as error:
             raise UsageError(str(error)) from None
         with _progress(len(layout.windows), "model pass") as bar:
-            model = model_pass(llm, layout, base, args.max_batch_windows, bar.update)
-        runner = runner_name(llm)
-    finally:
-        scoring.shutdown(llm)
+            model = model_pass(scorer, layout, base, bar.update)
 
     result = compare(layout, base, model)
     report: dict[str, Any] = {
-        "kind": "fastpath-kld", "model": args.model, "base_model": base.model,
+        "kind": "fastpath-kld", "model": args.model or info.model, "base_model": base.model,
         "base_file": args.base_cache, "base_file_reused": reused,
         "base_file_bytes": base_file_bytes,
         "base_file_bytes_per_token": base_file_bytes / base.num_scored
         if base_file_bytes else None,
-        "source": source, "vllm_version": vllm.__version__, "runner": runner,
-        "device": device_name(), "tensor_parallel_size": engine.tensor_parallel_size,
+        "source": source, "vllm_version": info.vllm_version, "runner": info.runner,
+        "device": info.extra.get("device"), **engine_fields,
         **layout.describe(), **result.summary(),
         "seconds_base_pass": base_timing.seconds if base_timing else None,
         "seconds_model_pass": model.timing.seconds,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -15,19 +16,18 @@ from fastpath.cli.common import (
     EXIT_SERVERS_FAILED,
     UsageError,
     add_json_flag,
+    add_server_flags,
     add_text_flags,
     build_layout,
+    check_server_flags,
     check_window_flags,
-    context_limit_error,
     engine_args,
-    engine_dests,
     finish_report,
     load_text,
+    server_failures,
+    server_scorer,
 )
-
-# Flags that still mean something with --server: they choose the local tokenizer.
-CLIENT_SIDE_ENGINE_FLAGS = {"tokenizer", "tokenizer_mode", "tokenizer_revision",
-                            "trust_remote_code"}
+from fastpath.scorer import EngineScorer, Scorer
 
 
 def add_ppl_flags(parser: argparse.ArgumentParser) -> None:
@@ -46,44 +46,40 @@ def add_ppl_flags(parser: argparse.ArgumentParser) -> None:
                        "of V2's logic, not of a GPU's bits")
     add_json_flag(group)
     group.add_argument("--save-logprobs", help="write per-token logprobs (float32 .npy)")
-    remote = parser.add_argument_group("scoring on servers (fastpath serve)")
-    remote.add_argument("--server", action="append", dest="servers", metavar="URL",
-                        help="score on this `fastpath serve` server instead of a local engine; "
-                        "repeat to spread the windows over several (token ids from the "
-                        "server's /tokenize unless --tokenizer is given)")
-    remote.add_argument("--max-in-flight", type=int, default=8,
-                        help="windows in flight per server (default 8)")
-    remote.add_argument("--request-timeout", type=float, default=600.0,
-                        help="seconds before a window is retried on another server (default 600)")
+    add_server_flags(parser)
 
 
-def check_ppl_flags(args: argparse.Namespace) -> None:
-    """Refuse bad fastpath flags before any engine starts."""
+def check_ppl_flags(args: argparse.Namespace, given: set[str]) -> None:
+    """Refuse bad fastpath flags before any engine starts or server is asked."""
     check_window_flags(args)
     if args.standard_k < -1:
         raise UsageError("--standard-k must be -1 (full vocabulary) or >= 0, "
                          f"got {args.standard_k}")
-    if args.max_in_flight < 1:
-        raise UsageError(f"--max-in-flight must be positive, got {args.max_in_flight}")
-    if not args.request_timeout > 0:
-        raise UsageError(f"--request-timeout must be positive, got {args.request_timeout}")
+    check_server_flags(args, given)
+    if not args.servers:
+        check_runner(args.model_runner)
+        return
+    if args.path != "fast":
+        raise UsageError(f"--path {args.path} needs a local engine; servers answer the fast "
+                         "path (drop --server, or --path fast)")
+    if args.model_runner != "auto":
+        raise UsageError(f"--model-runner {args.model_runner} applies to a local engine; a "
+                         "server runs the runner it was started with (VLLM_USE_V2_MODEL_RUNNER "
+                         "in fastpath serve's environment)")
 
 
-def run(args: argparse.Namespace, given: set[str]) -> int:
-    """`fastpath ppl`: on servers where `--server` names them, else on a local engine."""
-    return run_on_servers(args, given) if args.servers else run_locally(args, given)
+@contextlib.contextmanager
+def open_scorers(args: argparse.Namespace, given: set[str], text: str
+                 ) -> Iterator[tuple[dict[str, Scorer], str, dict[str, Any]]]:
+    """The scorer of each path asked for (one engine shared by both paths, or the servers),
+    the model's name for the report and the engine's fields of it; an engine always stops."""
+    if args.servers:
+        scorer = server_scorer(args.servers, args, text)
+        yield {"fast": scorer}, scorer.describe().model, {"model_path": None}
+        return
+    from fastpath import scoring, zoo
+    from fastpath.runners import runner_environment
 
-
-def run_locally(args: argparse.Namespace, given: set[str]) -> int:
-    """`fastpath ppl` on an engine built in this process."""
-    import vllm
-
-    from fastpath import perplexity, zoo
-    from fastpath.runners import device_name, runner_environment
-
-    check_ppl_flags(args)
-    check_runner(args.model_runner)
-    text, source = load_text(args)
     if args.model is None:
         args.model = str(zoo.get_model(zoo.DEFAULT_MODEL))
         model_name = f"{zoo.DEFAULT_MODEL} (embedded default)"
@@ -94,19 +90,53 @@ def run_locally(args: argparse.Namespace, given: set[str]) -> int:
         if args.model_runner != "auto":
             # Kept for the engine's life: vLLM's front end reads it at every request.
             stack.enter_context(runner_environment(args.model_runner))
-        results, runner, layout, exactness = score_locally(args, engine, text, source)
-    tokens = layout.tokens
+        llm = scoring.build_llm_from_engine_args(engine)
+        stack.callback(scoring.shutdown, llm)
+        paths = ("fast", "standard") if args.path == "both" else (args.path,)
+        yield ({path: EngineScorer(llm, path, args.standard_k, args.max_batch_windows)
+                for path in paths}, model_name,
+               {"model_path": args.model, "tensor_parallel_size": engine.tensor_parallel_size})
+
+
+def run(args: argparse.Namespace, given: set[str]) -> int:
+    """`fastpath ppl`: the windows of --protocol scored on a local engine (each --path) or
+    on `fastpath serve` servers (--server); one flow, one report."""
+    from tqdm import tqdm
+
+    from fastpath import perplexity
+
+    check_ppl_flags(args, given)
+    text, source = load_text(args)
+    with open_scorers(args, given, text) as (scorers, model_name, engine_fields):
+        first = next(iter(scorers.values()))
+        where = (f"{len(args.servers)} server{'s' * (len(args.servers) > 1)}"
+                 if args.servers else None)
+        results = {}
+        try:
+            layout = build_layout(first, args, text, source)
+            perplexity.warm_up(first, layout)
+            for path, scorer in scorers.items():
+                with tqdm(total=len(layout.windows), desc=f"windows ({where or path})",
+                          unit="window") as bar:
+                    results[path] = perplexity.score_layout(scorer, layout, bar.update)
+        except server_failures(args) as error:
+            print(f"fastpath ppl: servers failed: {error}", file=sys.stderr)
+            return EXIT_SERVERS_FAILED
+        info = first.describe()
+        exactness = first.exactness()
+        served = first.report() if args.servers else {}
 
     main = results["fast" if args.path == "both" else args.path]
     report: dict[str, Any] = {
-        "model": model_name, "model_path": args.model, "source": source,
-        "vllm_version": vllm.__version__, "runner": runner, "device": device_name(),
-        "tensor_parallel_size": engine.tensor_parallel_size,
-        "protocol": args.protocol, "context_length": args.context_length,
-        "stride": args.stride, "stream_tokens": len(tokens), **main.summary(),
+        "model": model_name, "model_path": None, "source": source,
+        "vllm_version": info.vllm_version, "runner": info.runner,
+        "device": info.extra.get("device"), "tensor_parallel_size": None,
+        **engine_fields, **layout.describe(), **main.summary(), **served,
         "paths": {path: r.summary() for path, r in results.items()},
         "exactness": exactness,
     }
+    if args.servers:
+        report["servers"] = info.extra["servers"]
     exit_code = 0
     if args.path == "both":
         mismatches = perplexity.bitwise_mismatches(results["fast"].logprobs,
@@ -118,35 +148,6 @@ def run_locally(args: argparse.Namespace, given: set[str]) -> int:
     if args.save_logprobs:
         np.save(args.save_logprobs, main.logprobs)
     return exit_code
-
-
-def score_locally(args: argparse.Namespace, engine: Any, text: str, source: str
-                  ) -> tuple[dict[str, Any], str, Any, dict[str, Any]]:
-    """Build the engine, score the layout on each path asked for; the engine always stops.
-    Returns the results per path, the runner that scored ("V1"/"V2"), the layout and what
-    the bits rest on (`scoring.exactness`)."""
-    from tqdm import tqdm
-
-    from fastpath import perplexity, scoring
-    from fastpath.runners import runner_name
-
-    llm = scoring.build_llm_from_engine_args(engine)
-    try:
-        layout = build_layout(llm, args, text, source)
-        tokens = layout.tokens
-        paths = ("fast", "standard") if args.path == "both" else (args.path,)
-        perplexity.warm_up(llm, tokens, args.context_length, args.stride, layout.windows)
-        results = {}
-        for path in paths:
-            with tqdm(total=len(layout.windows), desc=f"windows ({path})", unit="window") as bar:
-                results[path] = perplexity.score_layout(
-                    llm, layout, path=path, standard_k=args.standard_k,
-                    max_batch_windows=args.max_batch_windows, progress=bar.update)
-        runner = runner_name(llm)
-        exactness = scoring.exactness(llm)
-    finally:
-        scoring.shutdown(llm)
-    return results, runner, layout, exactness
 
 
 def check_runner(runner: str) -> None:
@@ -163,95 +164,6 @@ def check_runner(runner: str) -> None:
                          "prepare_process); run it as the `fastpath` command")
     print("fastpath ppl: V2 runner on CPU: Triton kernels run in Triton's interpreter "
           "(slow; checks V2's logic, says nothing about a GPU's bits)", file=sys.stderr)
-
-
-def run_on_servers(args: argparse.Namespace, given: set[str]) -> int:
-    """`fastpath ppl --server URL ...`: the same windows and report, scored by servers."""
-    import asyncio
-
-    from tqdm import tqdm
-
-    from fastpath import client, perplexity
-    from fastpath.windows import WindowError, count_windows
-
-    check_ppl_flags(args)
-    if args.protocol != "fastpath":
-        raise UsageError(f"--protocol {args.protocol} needs a local engine; servers score "
-                         "fastpath's own windows (drop --server, or --protocol fastpath)")
-    if args.path != "fast":
-        raise UsageError(f"--path {args.path} needs a local engine; servers answer the fast "
-                         "path (drop --server, or --path fast)")
-    if args.model_runner != "auto":
-        raise UsageError(f"--model-runner {args.model_runner} applies to a local engine; a "
-                         "server runs the runner it was started with (VLLM_USE_V2_MODEL_RUNNER "
-                         "in fastpath serve's environment)")
-    engine_flags = sorted(f"--{d.replace('_', '-')}" for d in given
-                          if d in engine_dests() and d not in CLIENT_SIDE_ENGINE_FLAGS)
-    if engine_flags:
-        raise UsageError(f"engine flags {', '.join(engine_flags)} apply to a local engine; with "
-                         "--server the servers' own flags apply (give them to fastpath serve)")
-    text, source = load_text(args)
-    urls = [u.rstrip("/") for u in args.servers]
-    if len(set(urls)) != len(urls):
-        raise UsageError(f"--server lists a server twice: {urls}")
-    try:
-        described = asyncio.run(client.describe_servers(
-            urls, timeout=min(60.0, args.request_timeout)))
-    except (client.ServerUnavailable, client.RequestRefused) as error:
-        raise UsageError(f"cannot reach a server: {error}") from None
-    models = sorted({d["model"] for d in described})
-    if len(models) > 1:
-        print(f"fastpath ppl: warning: the servers name different models {models}; their "
-              "token ids are compared below, their weights are not", file=sys.stderr)
-    max_len = min(d["max_model_len"] for d in described)
-    if args.context_length > max_len - 1:
-        raise context_limit_error(args.context_length, max_len, "these servers")
-    try:
-        if args.tokenizer:
-            from vllm.tokenizers import get_tokenizer
-
-            tokenizer = get_tokenizer(args.tokenizer, tokenizer_mode=args.tokenizer_mode,
-                                      trust_remote_code=args.trust_remote_code,
-                                      revision=args.tokenizer_revision)
-            tokens = tokenizer.encode(text)
-        else:
-            tokens = client.tokenize(urls[:1], text, timeout=args.request_timeout)
-            probe = text[:4000]  # the servers must agree on the token ids
-            first = client.tokenize(urls[:1], probe, timeout=args.request_timeout)
-            for url in urls[1:]:
-                if client.tokenize([url], probe, timeout=args.request_timeout) != first:
-                    raise UsageError(f"{url} and {urls[0]} tokenize the text differently: "
-                                     "they serve different models")
-    except (client.ServerUnavailable, client.RequestRefused) as error:
-        raise UsageError(f"tokenizing on the server failed: {error}") from None
-    try:
-        total = count_windows(len(tokens), args.context_length, args.stride)
-    except WindowError as error:
-        raise UsageError(f"{source}: {error}") from None
-    pool_kwargs = dict(max_in_flight=args.max_in_flight, timeout=args.request_timeout)
-    pool = client.ServerPool(urls, **pool_kwargs)
-    try:
-        perplexity.warm_up_servers(urls, tokens, args.context_length, args.stride, **pool_kwargs)
-        with tqdm(total=total, desc=f"windows ({len(urls)} server{'s' * (len(urls) > 1)})",
-                  unit="window") as bar:
-            result = perplexity.score_stream_servers(pool, tokens, args.context_length,
-                                                     args.stride, progress=bar.update)
-    except (client.ServerUnavailable, client.RequestRefused, client.ScoringError) as error:
-        print(f"fastpath ppl: servers failed: {error}", file=sys.stderr)
-        return EXIT_SERVERS_FAILED
-    report: dict[str, Any] = {
-        "model": models[0] if len(models) == 1 else models, "model_path": None,
-        "source": source, "vllm_version": described[0]["vllm_version"], "runner": "server",
-        "device": None, "tensor_parallel_size": None,
-        "context_length": args.context_length, "stride": args.stride,
-        "stream_tokens": len(tokens), **result.summary(), "servers": described,
-        "paths": {"fast": result.summary()},
-        "exactness": [{"url": d["url"], **d["exactness"]} for d in described],
-    }
-    finish_report(report, args, lambda r: print_summary(r, {"fast": result}))
-    if args.save_logprobs:
-        np.save(args.save_logprobs, result.logprobs)
-    return 0
 
 
 def print_summary(report: dict[str, Any], results: dict[str, Any]) -> None:

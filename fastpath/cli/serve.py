@@ -35,7 +35,7 @@ from fastpath.serve import (
     DEFAULT_MAX_REQUEST_BYTES,
     SCORE_ROUTE,
     BodyLimit,
-    ExactnessRoute,
+    FastpathRoutes,
 )
 
 
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace, given: set[str]) -> int:
     if not args.tokens_only:
         args.enable_scale_out = True  # the scoring route is what fastpath serve is for
     os.environ[BODY_LIMIT_ENV] = str(args.max_request_bytes)
-    args.middleware = [*args.middleware, _middleware_name(ExactnessRoute)]
+    args.middleware = [*args.middleware, _middleware_name(FastpathRoutes)]
     if args.max_request_bytes:
         args.middleware = [*args.middleware, _middleware_name(BodyLimit)]
     args.subparser = "serve"

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-TOP_K_KEY = "fastpath_top_k"  # SamplingParams.extra_args key: top-K columns per scored row
+from fastpath.targets import TOP_K_KEY
 
 # What the runner emits instead of scores when a request's scored rows were not all
 # computed: a 1-D empty tensor (real scores are 2-D with at least one row). The scheduler
