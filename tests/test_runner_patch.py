@@ -1,9 +1,12 @@
-"""The V1 runner patch's bookkeeping, without an engine: a fake runner drives it step by step.
+"""The fixed-id scorer and the V1 runner patch's glue, without an engine.
 
-The fake's hidden states and lm_head are small integers, so every logit is exact in float32
-and a row's scores cannot depend on which rows it was computed with: any difference from
-the reference is a bookkeeping error (wrong row, wrong request, stale state), never
-rounding. `compute_logits` records the rows it was given.
+The scorer (`fastpath.fixed_ids.FixedIdScorer`) is driven step by step with explicit
+inputs: each step's `ScheduledPrompt`s, hidden states and an lm_head. The hidden states
+and lm_head are small integers, so every logit is exact in float32 and a row's scores
+cannot depend on which rows it was computed with: any difference from the reference is a
+bookkeeping error (wrong row, wrong request, stale state), never rounding. The lm_head
+records the rows it was given. The glue (`_update_states`, `sample_tokens`,
+`scheduled_prompts`) is tested on its own with the few runner fields it reads.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from hypothesis import strategies as st
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.worker.gpu_model_runner import AsyncGPUModelRunnerOutput
 
-from fastpath import rowsubset
+from fastpath import fixed_ids, rowsubset
+from fastpath.fixed_ids import FixedIdScorer, RowMode, ScheduledPrompt
 from fastpath.patches import _scores as _base
 from fastpath.patches import gpu_model_runner as patch
 from fastpath.patches import scheduler as scheduler_patch
@@ -28,6 +32,8 @@ from fastpath.scoring import split_top_k
 from tests.conftest import assert_bitwise_equal
 
 VOCAB, HIDDEN = 11, 4
+CHUNK = 3
+VERIFIED = RowMode("verified", "the integer lm_head is exact", CHUNK)
 
 
 def _hidden(req_seed: int, position: int) -> torch.Tensor:
@@ -40,60 +46,52 @@ LM_HEAD = torch.randint(-3, 4, (VOCAB, HIDDEN), generator=torch.Generator().manu
     torch.float32)
 
 
+def log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits, -1, dtype=torch.float32)
+
+
 def reference_logprobs(seed: int, prompt_len: int) -> torch.Tensor:
     """Every prompt row's log-softmax, computed at once: [prompt_len - 1, VOCAB]."""
     hidden = torch.stack([_hidden(seed, p) for p in range(prompt_len - 1)])
-    return torch.log_softmax(hidden @ LM_HEAD.T, dim=-1, dtype=torch.float32)
+    return log_softmax(hidden @ LM_HEAD.T)
 
 
 @dataclass
-class FakeRequest:
-    prompt_token_ids: list[int]
-    num_computed_tokens: int = 0
+class Prompt:
+    prompt_len: int
+    computed: int = 0
     seed: int = 0
 
 
 @dataclass
-class FakeRunner:
-    """What the patch reads from a GPUModelRunner, and a log of the lm_head calls."""
+class Steps:
+    """Drives a FixedIdScorer as the runner does: per step, the scheduled prompts' hidden
+    states laid out one request after another, and a log of the lm_head calls."""
 
-    requests: dict[str, FakeRequest] = field(default_factory=dict)
+    mode: RowMode = VERIFIED
+    prompts: dict[str, Prompt] = field(default_factory=dict)
     calls: list[int] = field(default_factory=list)
-    dtype: torch.dtype = torch.float32
 
     def __post_init__(self):
-        self.device = torch.device("cpu")
-        self.max_num_tokens = 64
-        self.model_config = SimpleNamespace(logprobs_mode="raw_logprobs", dtype=self.dtype,
-                                            get_hidden_size=lambda: HIDDEN)
-        self.model = SimpleNamespace(compute_logits=self._compute_logits)
-        self.sampler = SimpleNamespace(
-            compute_logprobs=lambda logits: torch.log_softmax(logits, -1, dtype=torch.float32))
-        self.query_start_loc = SimpleNamespace(np=np.zeros(1, dtype=np.int32))
-        self.input_batch = SimpleNamespace(req_id_to_index={})
+        self.scorer = FixedIdScorer(torch.device("cpu"), CHUNK, lambda: self.mode)
 
-    def _compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         self.calls.append(hidden.shape[0])
         return hidden @ LM_HEAD.T
 
-    def _sync_device(self) -> None:
-        pass
-
     def step(self, schedule: dict[str, int]) -> dict[str, torch.Tensor]:
-        """One engine step: lay out the scheduled tokens, score, advance the requests."""
-        order = list(schedule)
-        self.input_batch.req_id_to_index = {r: i for i, r in enumerate(order)}
-        starts = np.cumsum([0] + [schedule[r] for r in order])
-        self.query_start_loc.np = starts.astype(np.int32)
-        rows = []
-        for req_id in order:
-            req = self.requests[req_id]
-            first = req.num_computed_tokens
-            rows += [_hidden(req.seed, p) for p in range(first, first + schedule[req_id])]
-        hidden = torch.stack(rows) if rows else torch.empty(0, HIDDEN)
-        out = patch.scorer(self).score_step(self, hidden, schedule)
+        """One engine step: lay out the scheduled tokens, score, advance the prompts."""
+        scheduled, rows, offset = [], [], 0
         for req_id, n in schedule.items():
-            self.requests[req_id].num_computed_tokens += n
+            prompt = self.prompts[req_id]
+            scheduled.append(ScheduledPrompt(req_id, prompt.prompt_len, prompt.computed, n,
+                                             offset))
+            rows += [_hidden(prompt.seed, p) for p in range(prompt.computed, prompt.computed + n)]
+            offset += n
+        hidden = torch.stack(rows) if rows else torch.empty(0, HIDDEN)
+        out = self.scorer.score_step(hidden, scheduled, self.lm_head, log_softmax)
+        for req_id, n in schedule.items():
+            self.prompts[req_id].computed += n
         return out
 
 
@@ -103,13 +101,13 @@ def fixed_params(targets: np.ndarray, start: int = 0, top_k: int = 0):
                            prompt_logprob_start=start, extra_args=extra)
 
 
-def add(runner: FakeRunner, req_id: str, prompt_len: int, start: int = 0, seed: int = 0,
+def add(steps: Steps, req_id: str, prompt_len: int, start: int = 0, seed: int = 0,
         targets: np.ndarray | None = None, top_k: int = 0, computed: int = 0) -> np.ndarray:
-    """Register a new request with the runner and the scorer, as _update_states does."""
+    """A new request, as the runner adds it: its prompt, and its ids to the scorer."""
     if targets is None:
         targets = np.random.default_rng(seed).integers(0, VOCAB, (prompt_len - 1 - start, 1))
-    runner.requests[req_id] = FakeRequest(list(range(prompt_len)), computed, seed)
-    patch.scorer(runner).add_request(req_id, fixed_params(targets, start, top_k))
+    steps.prompts[req_id] = Prompt(prompt_len, computed, seed)
+    steps.scorer.add_request(req_id, targets, start, top_k)
     return targets
 
 
@@ -121,8 +119,8 @@ def expected(seed: int, prompt_len: int, start: int, targets: np.ndarray) -> np.
     return values
 
 
-def run_schedule(runner: FakeRunner, req_id: str, chunks: list[int]) -> list[dict]:
-    return [runner.step({req_id: n}) for n in chunks]
+def run_schedule(steps: Steps, req_id: str, chunks: list[int]) -> list[dict]:
+    return [steps.step({req_id: n}) for n in chunks]
 
 
 def split(total: int, cuts: list[int]) -> list[int]:
@@ -132,65 +130,76 @@ def split(total: int, cuts: list[int]) -> list[int]:
     return [b - a for a, b in pairwise(edges)]
 
 
-VERIFIED = patch.RowMode("verified", "the fake's integer lm_head is exact", 3)
-
-
-@pytest.fixture(autouse=True)
-def small_chunks(monkeypatch):
-    """Row chunks of 3, and the fake's lm_head taken as verified (its sums are exact)."""
-    monkeypatch.setattr(patch, "chunk_rows_setting", lambda device_type: 3)
-    monkeypatch.setattr(patch, "decide_rows", lambda runner, chunk_rows: VERIFIED)
-
-
 @given(prompt_len=st.integers(2, 14), data=st.data())
 def test_every_start_and_chunk_schedule_gives_the_reference_once(prompt_len, data):
     """Any start, any prefill chunking, row chunks of 3: the reference rows, emitted once."""
     start = data.draw(st.integers(0, prompt_len - 2), label="start")
     cuts = data.draw(st.lists(st.integers(1, prompt_len - 1), max_size=5), label="cuts")
-    runner = FakeRunner()
-    targets = add(runner, "r", prompt_len, start, seed=prompt_len)
-    outputs = run_schedule(runner, "r", split(prompt_len, cuts))
+    steps = Steps()
+    targets = add(steps, "r", prompt_len, start, seed=prompt_len)
+    outputs = run_schedule(steps, "r", split(prompt_len, cuts))
     emitted = [o["r"] for o in outputs if "r" in o]
     assert len(emitted) == 1 and "r" in outputs[-1]
     assert_bitwise_equal(emitted[0].numpy(), expected(prompt_len, prompt_len, start, targets),
                          what=f"len={prompt_len} start={start} cuts={cuts}")
-    assert all(n <= 3 for n in runner.calls), runner.calls  # memory bounded by the chunk
-    assert "r" not in patch.scorer(runner).requests  # popped on emission
-    assert runner.step({"r": 1}) == {}  # decode steps emit nothing
+    assert all(n <= CHUNK for n in steps.calls), steps.calls  # memory bounded by the chunk
+    assert "r" not in steps.scorer.requests  # popped on emission
+    assert steps.step({"r": 1}) == {}  # decode steps emit nothing
 
 
 def test_lone_row_is_computed_beside_its_predecessor():
-    runner = FakeRunner()
-    add(runner, "r", prompt_len=10, start=8)
-    run_schedule(runner, "r", [10])
-    assert runner.calls == [2]
+    steps = Steps()
+    add(steps, "r", prompt_len=10, start=8)
+    run_schedule(steps, "r", [10])
+    assert steps.calls == [2]
 
 
 def test_lone_row_at_chunk_start_has_no_predecessor_to_borrow():
     """The standard path computes that step's one row alone too."""
-    runner = FakeRunner()
-    add(runner, "r", prompt_len=10, start=0)
-    run_schedule(runner, "r", [8, 2])
-    assert runner.calls == [3, 3, 2, 1]
+    steps = Steps()
+    add(steps, "r", prompt_len=10, start=0)
+    run_schedule(steps, "r", [8, 2])
+    assert steps.calls == [3, 3, 2, 1]
 
 
 def test_row_chunk_remainder_of_one_borrows_a_row():
-    runner = FakeRunner()
-    add(runner, "r", prompt_len=8, start=0)  # 7 scored rows in chunks of 3: 3, 3, 1 -> 2
-    run_schedule(runner, "r", [8])
-    assert runner.calls == [3, 3, 2]
+    steps = Steps()
+    add(steps, "r", prompt_len=8, start=0)  # 7 scored rows in chunks of 3: 3, 3, 1 -> 2
+    run_schedule(steps, "r", [8])
+    assert steps.calls == [3, 3, 2]
 
 
-def test_by_construction_every_step_row_is_computed_at_once(monkeypatch):
+def test_pieces_name_what_is_computed_and_what_is_kept():
+    steps = Steps()
+    add(steps, "r", prompt_len=12, start=4)
+    state = steps.scorer.requests["r"]
+    prompt = ScheduledPrompt("r", 12, computed=2, num_tokens=10, offset=5)
+    assert steps.scorer.pieces(state, prompt, subsets_exact=True) == [
+        fixed_ids.Piece(4, 4, 7), fixed_ids.Piece(7, 7, 10), fixed_ids.Piece(9, 10, 11)]
+    assert steps.scorer.pieces(state, prompt, subsets_exact=False) == [fixed_ids.Piece(2, 4, 11)]
+    assert (prompt.row(2), prompt.row(11), prompt.end) == (5, 14, 12)
+
+
+def test_by_construction_every_step_row_is_computed_at_once():
     """Where the probe failed: the standard path's rows of the step, in one call."""
-    construction = patch.RowMode("construction", "probe failed", 3)
-    monkeypatch.setattr(patch, "decide_rows", lambda runner, chunk_rows: construction)
-    runner = FakeRunner()
-    targets = add(runner, "r", prompt_len=12, start=7, seed=8)
-    outputs = run_schedule(runner, "r", [5, 7])
-    assert runner.calls == [6]  # rows 5..10 of the second step, not only the scored 7..10
+    steps = Steps(mode=RowMode("construction", "probe failed", CHUNK))
+    targets = add(steps, "r", prompt_len=12, start=7, seed=8)
+    outputs = run_schedule(steps, "r", [5, 7])
+    assert steps.calls == [6]  # rows 5..10 of the second step, not only the scored 7..10
     assert_bitwise_equal(outputs[1]["r"].numpy(), expected(8, 12, 7, targets),
                          what="construction")
+
+
+def test_the_mode_is_decided_once_and_only_when_a_request_is_scored():
+    asked = []
+    scorer = FixedIdScorer(torch.device("cpu"), CHUNK, lambda: asked.append(1) or VERIFIED)
+    assert scorer.score_step(torch.empty(0, HIDDEN), [], LM_HEAD.matmul, log_softmax) == {}
+    assert asked == []
+    scorer.add_request("r", [[1], [2]], 0, 0)
+    prompt = ScheduledPrompt("r", 3, 0, 3, 0)
+    hidden = torch.stack([_hidden(0, p) for p in range(3)])
+    scorer.score_step(hidden, [prompt], lambda h: h @ LM_HEAD.T, log_softmax)
+    assert scorer.row_mode() is VERIFIED and asked == [1]
 
 
 def _row_by_row(hidden: torch.Tensor) -> torch.Tensor:
@@ -204,14 +213,16 @@ def _odd_counts_round_up(hidden: torch.Tensor) -> torch.Tensor:
     return out.nextafter(out + 1) if len(hidden) % 2 else out
 
 
+def decide(logits, chunk_rows: int) -> RowMode:
+    return fixed_ids.decide_rows(logits, log_softmax, HIDDEN, torch.float32,
+                                 torch.device("cpu"), 64, chunk_rows)
+
+
 @pytest.mark.parametrize("logits_of, mode", [(_row_by_row, "verified"),
                                              (_odd_counts_round_up, "construction")])
 def test_the_probe_decides_the_mode_on_the_real_lm_head(monkeypatch, logits_of, mode):
-    monkeypatch.undo()  # the real decide_rows
-    monkeypatch.delenv(patch.EXACTNESS_ENV, raising=False)
-    runner = FakeRunner()
-    runner.model.compute_logits = logits_of
-    decided = patch.decide_rows(runner, chunk_rows=8)
+    monkeypatch.delenv(fixed_ids.EXACTNESS_ENV, raising=False)
+    decided = decide(logits_of, chunk_rows=8)
     assert decided.mode == mode and decided.chunk_rows == 8
     assert decided.probe["piece_sizes"] == "2-8" and decided.probe["exact"] is (mode == "verified")
     if mode == "construction":
@@ -227,81 +238,71 @@ def test_probe_checks_every_piece_size_the_scorer_uses():
 
 
 def test_construction_setting_skips_the_probe(monkeypatch):
-    monkeypatch.undo()
-    monkeypatch.setenv(patch.EXACTNESS_ENV, "construction")
-    runner = FakeRunner()
-    decided = patch.decide_rows(runner, chunk_rows=3)
-    assert decided.mode == "construction" and decided.probe is None and runner.calls == []
-    monkeypatch.setenv(patch.EXACTNESS_ENV, "fastest")
+    calls = []
+    monkeypatch.setenv(fixed_ids.EXACTNESS_ENV, "construction")
+    decided = decide(lambda h: calls.append(h) or h @ LM_HEAD.T, chunk_rows=3)
+    assert decided.mode == "construction" and decided.probe is None and calls == []
+    monkeypatch.setenv(fixed_ids.EXACTNESS_ENV, "fastest")
     with pytest.raises(ValueError, match="FASTPATH_EXACTNESS must be one of"):
-        patch.decide_rows(runner, chunk_rows=3)
+        decide(_row_by_row, chunk_rows=3)
 
 
-def test_resume_after_preemption_mid_prompt_recomputes_and_emits_once(monkeypatch):
-    runner = FakeRunner()
-    targets = add(runner, "r", prompt_len=12, start=2, seed=3)
-    assert run_schedule(runner, "r", [5]) == [{}]
-    runner.requests["r"].num_computed_tokens = 0  # preempted: the KV cache is gone
-    _drive_update_states(monkeypatch, runner, resumed={"r"})
-    assert np.isnan(patch.scorer(runner).requests["r"].scores.numpy()).all()
-    outputs = run_schedule(runner, "r", [4, 8])
+def test_resume_after_preemption_mid_prompt_recomputes_and_emits_once():
+    steps = Steps()
+    targets = add(steps, "r", prompt_len=12, start=2, seed=3)
+    assert run_schedule(steps, "r", [5]) == [{}]
+    steps.prompts["r"].computed = 0  # preempted: the KV cache is gone
+    steps.scorer.resume_request("r")
+    assert np.isnan(steps.scorer.requests["r"].scores.numpy()).all()
+    outputs = run_schedule(steps, "r", [4, 8])
     assert outputs[0] == {}
     assert_bitwise_equal(outputs[1]["r"].numpy(), expected(3, 12, 2, targets),
                          what="after resume")
 
 
-def test_resume_after_emission_emits_nothing_again(monkeypatch):
-    runner = FakeRunner()
-    add(runner, "r", prompt_len=6)
-    assert "r" in run_schedule(runner, "r", [6])[0]
-    runner.requests["r"].num_computed_tokens = 0  # preempted while decoding, recomputed
-    _drive_update_states(monkeypatch, runner, resumed={"r"})
-    assert run_schedule(runner, "r", [7]) == [{}]
+def test_resume_after_emission_emits_nothing_again():
+    steps = Steps()
+    add(steps, "r", prompt_len=6)
+    assert "r" in run_schedule(steps, "r", [6])[0]
+    steps.prompts["r"].computed = 0  # preempted while decoding, recomputed
+    steps.scorer.resume_request("r")
+    assert run_schedule(steps, "r", [7]) == [{}]
 
 
-def test_abort_and_resubmit_under_the_same_id_starts_fresh(monkeypatch):
-    runner = FakeRunner()
-    add(runner, "r", prompt_len=12, seed=1)
-    run_schedule(runner, "r", [6])  # half the prompt, then aborted
+def test_abort_and_resubmit_under_the_same_id_starts_fresh():
+    steps = Steps()
+    add(steps, "r", prompt_len=12, seed=1)
+    run_schedule(steps, "r", [6])  # half the prompt, then aborted
+    steps.scorer.remove_request("r")
     new_targets = np.random.default_rng(9).integers(0, VOCAB, (7, 2))
-    new = fixed_params(new_targets, start=2)
-    runner.requests["r"] = FakeRequest(list(range(10)), 0, seed=2)
-    _drive_update_states(monkeypatch, runner, finished={"r"}, new=[("r", new)])
-    (out,) = run_schedule(runner, "r", [10])
+    add(steps, "r", prompt_len=10, start=2, seed=2, targets=new_targets)
+    (out,) = run_schedule(steps, "r", [10])
     assert_bitwise_equal(out["r"].numpy(), expected(2, 10, 2, new_targets), what="resubmitted")
-
-
-def test_finished_request_state_is_removed(monkeypatch):
-    runner = FakeRunner()
-    add(runner, "r", prompt_len=12)
-    run_schedule(runner, "r", [4])
-    _drive_update_states(monkeypatch, runner, finished={"r"})
-    assert patch.scorer(runner).requests == {}
 
 
 def test_rows_never_computed_fail_instead_of_emitting():
     """A prompt whose first chunk starts past the first scored row (cache hit) fails."""
-    runner = FakeRunner()
-    add(runner, "r", prompt_len=12, start=1, computed=4)
-    (out,) = run_schedule(runner, "r", [8])
-    assert _base.is_failed_scores(out["r"])
+    steps = Steps()
+    add(steps, "r", prompt_len=12, start=1, computed=4)
+    (out,) = run_schedule(steps, "r", [8])
+    assert fixed_ids.is_failed_scores(out["r"])
 
 
 def test_two_requests_in_one_step_get_their_own_rows():
-    runner = FakeRunner()
-    a = add(runner, "a", prompt_len=9, start=0, seed=4)
-    b = add(runner, "b", prompt_len=7, start=3, seed=5)
-    first = runner.step({"a": 4, "b": 7})
-    second = runner.step({"a": 5})
+    steps = Steps()
+    a = add(steps, "a", prompt_len=9, start=0, seed=4)
+    b = add(steps, "b", prompt_len=7, start=3, seed=5)
+    first = steps.step({"a": 4, "b": 7})
+    second = steps.step({"a": 5})
     assert_bitwise_equal(first["b"].numpy(), expected(5, 7, 3, b), what="b")
     assert_bitwise_equal(second["a"].numpy(), expected(4, 9, 0, a), what="a")
 
 
 def test_padding_is_minus_infinity_and_top_k_matches_topk():
-    runner = FakeRunner()
+    steps = Steps()
     targets = np.array([[1, -1], [2, 3], [-1, 4], [0, 10], [5, -1]])
-    add(runner, "r", prompt_len=6, targets=targets, top_k=3, seed=6)
-    (out,) = run_schedule(runner, "r", [6])
+    add(steps, "r", prompt_len=6, targets=targets, top_k=3, seed=6)
+    (out,) = run_schedule(steps, "r", [6])
     scores, top_values, top_ids = split_top_k(out["r"].numpy(), 2, 3)
     assert_bitwise_equal(scores, expected(6, 6, 0, targets), what="ids with padding")
     values, indices = torch.topk(reference_logprobs(6, 6), 3, dim=-1)
@@ -309,15 +310,47 @@ def test_padding_is_minus_infinity_and_top_k_matches_topk():
     assert np.array_equal(top_ids, indices.numpy())
 
 
-def _drive_update_states(monkeypatch, runner, finished=(), resumed=(), new=()):
-    """Call the patched _update_states with upstream's part replaced by a no-op."""
-    monkeypatch.setattr(patch, "_original_update_states", lambda self, out: None)
-    scheduler_output = SimpleNamespace(
-        finished_req_ids=set(finished),
-        scheduled_cached_reqs=SimpleNamespace(resumed_req_ids=set(resumed)),
-        scheduled_new_reqs=[SimpleNamespace(req_id=r, sampling_params=p) for r, p in new],
-    )
-    patch._update_states(runner, scheduler_output)
+# --- the glue: what the patch reads from and writes to the runner ------------------------
+
+
+def glue_runner(**fields) -> SimpleNamespace:
+    """The runner fields the glue reads (device; requests and batch layout where asked)."""
+    return SimpleNamespace(device=torch.device("cpu"), **fields)
+
+
+def test_update_states_follows_each_request(monkeypatch):
+    """finished -> removed, resumed -> reset, new with fixed ids -> added (with its start
+    and top-K), new without -> untracked; upstream's update runs in between."""
+    monkeypatch.setattr(patch, "_original_update_states", lambda self, out: "upstream")
+    runner = glue_runner()
+    tracker = patch.scorer(runner)
+    tracker.add_request("done", [[1]], 0, 0)
+    tracker.add_request("back", [[1], [2]], 0, 0)
+    tracker.requests["back"].written[:] = True
+    ids = fixed_params(np.array([[3], [4]]), start=1, top_k=2)
+    plain = SimpleNamespace(prompt_logprob_token_ids=None)
+    output = SimpleNamespace(
+        finished_req_ids={"done"},
+        scheduled_cached_reqs=SimpleNamespace(resumed_req_ids={"back"}),
+        scheduled_new_reqs=[SimpleNamespace(req_id="new", sampling_params=ids),
+                            SimpleNamespace(req_id="plain", sampling_params=plain)])
+    assert patch._update_states(runner, output) == "upstream"
+    assert set(tracker.requests) == {"back", "new"}
+    assert not tracker.requests["back"].written.any()
+    new = tracker.requests["new"]
+    assert (new.start, new.top_k, new.token_ids.tolist()) == (1, 2, [[3], [4]])
+
+
+def test_scheduled_prompts_read_the_runner_batch():
+    runner = glue_runner(
+        requests={"a": SimpleNamespace(prompt_token_ids=[0] * 9, num_computed_tokens=4),
+                  "b": SimpleNamespace(prompt_token_ids=[0] * 7, num_computed_tokens=0),
+                  "embeds": SimpleNamespace(prompt_token_ids=None, num_computed_tokens=0)},
+        input_batch=SimpleNamespace(req_id_to_index={"b": 0, "a": 1, "embeds": 2}),
+        query_start_loc=SimpleNamespace(np=np.array([0, 7, 12, 13], dtype=np.int32)))
+    got = patch.scheduled_prompts(runner, ["a", "b", "embeds", "absent"],
+                                  {"a": 5, "b": 7, "embeds": 1})
+    assert got == [ScheduledPrompt("a", 9, 4, 5, 7), ScheduledPrompt("b", 7, 0, 7, 0)]
 
 
 @pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
@@ -337,7 +370,7 @@ def test_sample_tokens_attaches_scores_to_either_output(monkeypatch, asynchronou
         return wrapped
 
     monkeypatch.setattr(patch, "_original_sample_tokens", upstream_sample_tokens)
-    runner = FakeRunner()
+    runner = glue_runner()
     assert patch.sample_tokens(runner, None) is wrapped
     assert inner.prompt_token_id_logprobs_dict["x"] is scores
     assert "old" in inner.prompt_token_id_logprobs_dict

@@ -41,7 +41,7 @@ def fastpath_exactness(self: WorkerBase) -> dict[str, Any]:
                 "reason": "no lm_head on this pipeline stage"}
     if isinstance(runner, gpu_model_runner.GPUModelRunner):
         scorer = gpu_model_runner.scorer(runner)
-        return {**where, "runner": "V1", **scorer.rows_for(runner).report()}
+        return {**where, "runner": "V1", **scorer.row_mode().report()}
     from fastpath import rowsubset
 
     report = rowsubset.probe(runner.model.compute_logits, lambda logits: logits,
