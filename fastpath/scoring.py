@@ -141,7 +141,7 @@ def exactness_report(scheduler_config: Any, workers: Sequence[dict[str, Any]]
     """What the fast path's bits rest on in one engine: its schedule mode and, from every
     worker (`collective_rpc("fastpath_exactness")`), how it computes the scored rows
     (`verified` by a probe of its lm_head, or `construction`; see
-    fastpath/patches/gpu_model_runner.py)."""
+    fastpath/fixed_ids.py)."""
     mode = schedule_mode(scheduler_config)
     rows = sorted({w["lm_head_rows"] for w in workers if w["lm_head_rows"] != "none"})
     return {"schedule": mode, "schedule_detail": SCHEDULE_MODES[mode],
