@@ -14,7 +14,7 @@ non-blocking sampling, active samples only) and writes a text summary per worker
 Shares of time are what this gives; on a loaded machine the absolute rate is noise.
 
     python benchmarks/profile_worker.py                       # fast, whole windows, 8B twin
-    python benchmarks/profile_worker.py --path standard --k 0  # the same windows, K=0
+    python benchmarks/profile_worker.py --method standard --k 0  # the same windows, K=0
     python benchmarks/profile_worker.py --model-name llama3-70b-twin --tensor-parallel-size 2 \\
         --stride 512                                           # TP 2 (CPU: binds 0|1)
 
@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-name", default="llama3-8b-twin", help="zoo model")
     parser.add_argument("--model", help="checkpoint path (overrides --model-name)")
-    parser.add_argument("--path", choices=("fast", "standard"), default="fast")
-    parser.add_argument("--k", type=int, default=0, help="prompt_logprobs K for --path standard")
+    parser.add_argument("--method", choices=("fast", "standard"), default="fast")
+    parser.add_argument("--k", type=int, default=0, help="prompt_logprobs K for --method standard")
     parser.add_argument("--context-length", type=int, default=2048)
     parser.add_argument("--stride", type=int, default=2048, help="2048 = whole windows")
     parser.add_argument("--windows", type=int, default=2, help="windows per scoring round")
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.tensor_parallel_size == 2:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     name = Path(model).name if args.model else args.model_name
-    label = args.path if args.path == "fast" else f"standard-k{args.k}"
+    label = args.method if args.method == "fast" else f"standard-k{args.k}"
     stem = args.name or (f"{name}_tp{args.tensor_parallel_size}_{label}_ctx"
                          f"{args.context_length}_stride{args.stride}")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -173,12 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         windows = windows[1 : 1 + args.windows]  # steady state: full context
         requests = perplexity.window_requests(tokens, windows)
         started = time.perf_counter()
-        scoring.score(llm, requests, args.path, args.k)  # warm-up: kernels for these shapes
+        scoring.score(llm, requests, args.method, args.k)  # warm-up: kernels for these shapes
         print(f"warm-up round: {time.perf_counter() - started:.2f} s", flush=True)
         pids = worker_pids(llm)
         stop, rounds = threading.Event(), []
         loop = threading.Thread(target=_score_loop,
-                                args=(llm, requests, args.path, args.k, stop, rounds))
+                                args=(llm, requests, args.method, args.k, stop, rounds))
         loop.start()
         raw = [args.out / f"{stem}_worker{i}.raw" for i in range(len(pids))]
         try:

@@ -16,7 +16,7 @@ import pytest
 
 from benchmarks.conftest import steady_windows, stream_tokens
 from benchmarks.test_scoring import CONTEXT, STRIDE, _common_info, fit_context
-from fastpath import basefile, kld, perplexity, protocols, scoring
+from fastpath import basefile, conventions, kld, perplexity, scoring
 from fastpath.scorer import EngineScorer
 from fastpath.windows import Window
 
@@ -24,11 +24,11 @@ TOP_K = 32
 ROUNDS = 3
 
 
-def _steady_layout(tokens, context: int, stride: int, count: int) -> protocols.Layout:
+def _steady_layout(tokens, context: int, stride: int, count: int) -> conventions.Layout:
     """The measured windows over the tokens they touch (stream rebased to their start)."""
     windows = steady_windows(tokens, context, stride, count)
     first = windows[0].begin
-    return protocols.Layout(
+    return conventions.Layout(
         "fastpath", tuple(tokens[first : windows[-1].end]),
         tuple(Window(w.begin - first, w.end - first, w.score_from - first) for w in windows),
         context, stride)

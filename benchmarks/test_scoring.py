@@ -1,9 +1,11 @@
 """Seconds, objects and bytes per window for each way of scoring, side by side.
 
-Paths: `prefill` (no prompt logprobs: the engine's floor), `fast` (target_token_ids,
-only the scored rows), `standard-kK` (prompt_logprobs=K, K in 0, 1, 20), `standard-k-1`
-(full vocabulary; short windows only, its 2048-token cost extrapolated and labelled), and
-`floor` (bare torch: lm_head + log-softmax + gather over the scored rows, plus prefill).
+Methods (the report's `path` column): `prefill` (no prompt logprobs: prefill alone),
+`fast` (target_token_ids, only the scored rows), `standard-kK` (prompt_logprobs=K, K in
+0, 1, 20), `standard-k-1` (full vocabulary; short windows only, its 2048-token cost
+extrapolated and labelled), and
+`floor` (bare torch: lm_head + log-softmax + gather over the scored rows, plus prefill;
+the least any scoring can cost, and the only baseline called the floor).
 Every figure that is not a time goes into `benchmark.extra_info`; `fastpath report`
 turns the saved runs into CSVs and plots.
 """

@@ -3,7 +3,7 @@
 One `.npz` (numpy's own container, read without pickle) holding, per scored token, the
 target's log-prob (float32), the top-K ids (int32) and log-probs (float32, descending), and
 what they were computed on: the token stream, the windows (begin, end, score_from,
-first_token), the protocol, K, the vocabulary size and a fingerprint of the tokenizer. A
+first_token), the convention, K, the vocabulary size and a fingerprint of the tokenizer. A
 later run reuses it only when all of these match its own; otherwise it is refused with a
 message naming what differs.
 """
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fastpath.protocols import Layout
+from fastpath.conventions import Layout
 from fastpath.windows import Window
 
 FORMAT = "fastpath-kld-base"
@@ -61,7 +61,7 @@ class BaseScores:
     topk_ids: np.ndarray  # int32 [n, K]
     tokens: np.ndarray  # int32 [stream tokens]
     windows: np.ndarray  # int64 [W, 4], see windows_array
-    protocol: str
+    convention: str
     context_length: int
     stride: int | None
     vocab_size: int
@@ -99,7 +99,7 @@ class BaseScores:
     def save(self, path: str | Path) -> int:
         """Write the file (exactly at `path`); returns its size in bytes."""
         self.check_consistent()
-        header = {"format": FORMAT, "version": FORMAT_VERSION, "protocol": self.protocol,
+        header = {"format": FORMAT, "version": FORMAT_VERSION, "convention": self.convention,
                   "context_length": self.context_length, "stride": self.stride,
                   "vocab_size": self.vocab_size, "tokenizer": self.tokenizer,
                   "model": self.model, "top_k": self.top_k, "meta": self.meta}
@@ -126,7 +126,7 @@ class BaseScores:
             raise BaseFileError(f"{path}: format {header.get('format')!r} version "
                                 f"{header.get('version')!r}, expected {FORMAT!r} version "
                                 f"{FORMAT_VERSION}")
-        scores = cls(**arrays, protocol=header["protocol"],
+        scores = cls(**arrays, convention=header.get("convention", header.get("protocol")),
                      context_length=header["context_length"], stride=header["stride"],
                      vocab_size=header["vocab_size"], tokenizer=header["tokenizer"],
                      model=header.get("model", ""), meta=header.get("meta", {}))
@@ -146,10 +146,10 @@ class BaseScores:
         if top_k != self.top_k:
             raise BaseFileError(f"{source} holds the top-{self.top_k}, this run asks for "
                                 f"--top-k {top_k}")
-        theirs = (self.protocol, self.context_length, self.stride)
-        ours = (layout.protocol, layout.context_length, layout.stride)
+        theirs = (self.convention, self.context_length, self.stride)
+        ours = (layout.convention, layout.context_length, layout.stride)
         if theirs != ours:
-            raise BaseFileError(f"{source} was made with --protocol {theirs[0]} "
+            raise BaseFileError(f"{source} was made with --convention {theirs[0]} "
                                 f"--context-length {theirs[1]} --stride {theirs[2]}, this "
                                 f"run uses {ours[0]}, {ours[1]}, {ours[2]}")
         tokens = np.asarray(layout.tokens, dtype=np.int32)
@@ -173,7 +173,7 @@ def from_layout(layout: Layout, target_logprobs: np.ndarray, topk_logprobs: np.n
         topk_logprobs=np.ascontiguousarray(topk_logprobs, dtype=np.float32),
         topk_ids=np.ascontiguousarray(topk_ids, dtype=np.int32),
         tokens=np.asarray(layout.tokens, dtype=np.int32),
-        windows=windows_array(layout.windows), protocol=layout.protocol,
+        windows=windows_array(layout.windows), convention=layout.convention,
         context_length=layout.context_length, stride=layout.stride, vocab_size=vocab_size,
         tokenizer=tokenizer, model=model, meta=dict(meta or {}))
     scores.check_consistent()

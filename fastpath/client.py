@@ -432,7 +432,7 @@ def percentiles(latencies: Sequence[float], qs: Sequence[float] = (50, 90, 99)) 
 
 
 class ServerTokenizer:
-    """A server's tokenizer, as `fastpath.protocols` uses one: `encode` through its
+    """A server's tokenizer, as `fastpath.conventions` uses one: `encode` through its
     /tokenize, the special ids from /fastpath/tokenizer (asked once)."""
 
     def __init__(self, url: str, api_key: str | None = None,
@@ -473,7 +473,7 @@ class ServerScorer:
     `check_tokenizers` makes sure every server tokenizes a probe of the text the same way.
     """
 
-    path = "fast"
+    method = "fast"
 
     def __init__(self, urls: Sequence[str], *, tokenizer: Any = None,
                  api_key: str | None = None, describe_timeout: float = 60.0,

@@ -114,7 +114,7 @@ class Divergence:
     tail_mass_base: np.ndarray  # float64 [n]
     top1_outside_base_topk: int = 0  # rows whose model top token is not a base top-K id
     top1_undecided: int = 0
-    ppl: float = float("nan")  # computed by PerplexityResult (protocol weighting included)
+    ppl: float = float("nan")  # computed by PerplexityResult (convention weighting included)
     ppl_base: float = float("nan")
     mean_nll: float = float("nan")
     mean_nll_base: float = float("nan")

@@ -1,6 +1,6 @@
 """`fastpath kld`: KL divergence of a model (e.g. a quantization) against its base model.
 
-Two passes over the same windows (`fastpath.protocols`):
+Two passes over the same windows (`fastpath.conventions`):
 1. base pass: the base model scores the targets on the fast path and, through fastpath's
    top-K extension (`SamplingParams.extra_args["fastpath_top_k"]`), also returns each
    scored row's top-K log-probs and ids from the same fp32 log-softmax; no Python object
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from fastpath import basefile, divergence, protocols
+from fastpath import basefile, conventions, divergence
 from fastpath.perplexity import PerplexityResult, window_requests
 from fastpath.scorer import Progress, Scorer
 from fastpath.scoring import ScoreRequest
@@ -36,7 +36,7 @@ class PassTiming:
     windows: int
 
 
-def base_pass(scorer: Scorer, layout: protocols.Layout, top_k: int,
+def base_pass(scorer: Scorer, layout: conventions.Layout, top_k: int,
               progress: Progress | None = None
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, PassTiming]:
     """(target logprobs [n], top-K logprobs [n, K], top-K ids [n, K], timing) for a layout:
@@ -64,7 +64,7 @@ class ModelScores:
     timing: PassTiming
 
 
-def model_requests(layout: protocols.Layout, base: basefile.BaseScores) -> list[ScoreRequest]:
+def model_requests(layout: conventions.Layout, base: basefile.BaseScores) -> list[ScoreRequest]:
     """Per window: each row's base top-K ids and its target ([rows, K + 1]; the target is
     left out when K is the whole vocabulary, where it is one of the K), plus the top-1."""
     full = base.top_k == base.vocab_size
@@ -82,7 +82,7 @@ def model_requests(layout: protocols.Layout, base: basefile.BaseScores) -> list[
     return requests
 
 
-def model_pass(scorer: Scorer, layout: protocols.Layout, base: basefile.BaseScores,
+def model_pass(scorer: Scorer, layout: conventions.Layout, base: basefile.BaseScores,
                progress: Progress | None = None) -> ModelScores:
     """Score the model on each row's base top-K ids and target, and its own top-1."""
     k = base.top_k
@@ -102,7 +102,7 @@ def model_pass(scorer: Scorer, layout: protocols.Layout, base: basefile.BaseScor
                        PassTiming(seconds, len(layout.windows)))
 
 
-def compare(layout: protocols.Layout, base: basefile.BaseScores,
+def compare(layout: conventions.Layout, base: basefile.BaseScores,
             model: ModelScores) -> divergence.Divergence:
     """The per-token divergence and both perplexities (as `fastpath ppl` computes them)."""
     full = base.top_k == base.vocab_size

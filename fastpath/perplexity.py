@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from fastpath import protocols, scoring
+from fastpath import conventions, scoring
 from fastpath.scorer import Progress, Scorer
 from fastpath.windows import Window, make_windows
 
@@ -24,8 +24,8 @@ from fastpath.windows import Window, make_windows
 class PerplexityResult:
     """Per-token logprobs of the scored tokens and the statistics derived from them.
 
-    With the default protocol the scored tokens are stream tokens 1..N-1 (`logprobs[i]`
-    scores token i + 1); other protocols give `positions`. `weights` (the HF guide's
+    With the default convention the scored tokens are stream tokens 1..N-1 (`logprobs[i]`
+    scores token i + 1); other conventions give `positions`. `weights` (the HF guide's
     window weighting) turn the mean NLL into a weighted mean; None is a plain mean.
     """
 
@@ -114,7 +114,7 @@ def assemble(num_tokens: int, windows: Sequence[Window],
     return logprobs
 
 
-def warm_up(scorer: Scorer, layout: protocols.Layout) -> None:
+def warm_up(scorer: Scorer, layout: conventions.Layout) -> None:
     """Score the first two windows once, untimed: the kernels for both window shapes (all
     rows; the strided rows) are built on first use (oneDNN on CPU: seconds per new shape)."""
     scorer.warm_up(window_requests(layout.tokens, layout.windows[:2]))
@@ -133,12 +133,12 @@ def score_stream(scorer: Scorer, tokens: Sequence[int], context_length: int, str
     return result
 
 
-def score_layout(scorer: Scorer, layout: protocols.Layout,
+def score_layout(scorer: Scorer, layout: conventions.Layout,
                  progress: Progress | None = None) -> PerplexityResult:
-    """Score a protocol's layout; the mean NLL weighted as the protocol's tool weights it."""
+    """Score a convention's layout; the mean NLL weighted as the convention's tool weights it."""
     result = score_windows(scorer, layout.tokens, layout.windows, progress)
     result.weights = layout.token_weights()
-    result.extra["protocol"] = layout.protocol
+    result.extra["convention"] = layout.convention
     return result
 
 
@@ -151,7 +151,7 @@ def score_windows(scorer: Scorer, tokens: Sequence[int], windows: Sequence[Windo
     seconds = time.perf_counter() - started
     return PerplexityResult(logprobs=concatenate(windows, [a.targets for a in answers]),
                             num_windows=len(windows), seconds=seconds,
-                            extra={"path": getattr(scorer, "path", "fast")},
+                            extra={"method": getattr(scorer, "method", "fast")},
                             positions=window_positions(windows))
 
 

@@ -16,7 +16,7 @@ Rows are told apart by `extra_info["table"]` ("memory", "peers"; absent: results
 
 `fastpath kld --json` reports (recognised by `"kind": "fastpath-kld"`) give the KLD family,
 so several quantizations of one base model compare side by side:
-- `kld.csv`: one row per run: model, base, protocol, window shape, K, every statistic
+- `kld.csv`: one row per run: model, base, convention, window shape, K, every statistic
   (percentiles as `kld_p99.9`, ...), base file bytes per token, seconds per pass;
 - `kld_histogram.png`: the per-token KLD histogram of each run (log bins, stored in the
   report itself), one line per model;
@@ -44,7 +44,7 @@ REGRESSION_FIGURES = ["seconds_per_window", "objects_per_window", "bytes_per_win
 
 
 KLD_KIND = "fastpath-kld"
-KLD_COLUMNS = ["label", "model", "base_model", "protocol", "context_length", "stride", "top_k",
+KLD_COLUMNS = ["label", "model", "base_model", "convention", "context_length", "stride", "top_k",
                "scored_tokens", "kld_mean", "kld_mean_stderr", "kld_median", "kld_max",
                "top1_agreement", "top1_agreement_stderr", "top1_undecided", "ppl", "ppl_base",
                "ln_ppl_ratio", "ln_ppl_ratio_stderr", "rms_delta_p", "tail_mass_mean",

@@ -85,7 +85,7 @@ class Scorer(Protocol):
         ...
 
     def tokenizer(self) -> Any:
-        """The model's tokenizer, as protocols use it: `encode(text, add_special_tokens=)`,
+        """The model's tokenizer, as conventions use it: `encode(text, add_special_tokens=)`,
         `bos_token_id`, `eos_token_id`."""
         ...
 
@@ -102,7 +102,7 @@ class Scorer(Protocol):
 class EngineScorer:
     """A `vllm.LLM` in this process as a `Scorer`.
 
-    `path` chooses how the engine computes the values: `fast` (fixed ids) or `standard`
+    `method` chooses how the engine computes the values: `fast` (fixed ids) or `standard`
     (prompt_logprobs=`standard_k` dicts, read back per target: 1-D targets only, no top-K).
     Requests go in batches of `max_batch` (`scoring.submit_together`: queued before the
     first step, so the schedule depends on the requests alone). `engine_options` reach
@@ -110,15 +110,15 @@ class EngineScorer:
     generated token (the lm-eval model's choice; no effect on the scores).
     """
 
-    def __init__(self, llm: Any, path: str = "fast", standard_k: int = 0,
+    def __init__(self, llm: Any, method: str = "fast", standard_k: int = 0,
                  max_batch: int = 16, use_tqdm: bool = False, detokenize: bool = True,
                  **engine_options: Any) -> None:
-        if path not in ("fast", "standard"):
-            raise ValueError(f"path must be 'fast' or 'standard', got {path!r}")
+        if method not in ("fast", "standard"):
+            raise ValueError(f"method must be 'fast' or 'standard', got {method!r}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be positive, got {max_batch}")
         self.llm = llm
-        self.path = path
+        self.method = method
         self.standard_k = standard_k
         self.max_batch = max_batch
         self.use_tqdm = use_tqdm
@@ -156,7 +156,7 @@ class EngineScorer:
         return answers
 
     def _score_batch(self, batch: Sequence[ScoreRequest]) -> list[Scores]:
-        if self.path == "standard":
+        if self.method == "standard":
             return self._standard(batch)
         prompts, params = [], []
         for request in batch:
@@ -171,7 +171,7 @@ class EngineScorer:
     def _standard(self, batch: Sequence[ScoreRequest]) -> list[Scores]:
         for request in batch:
             if request.top_k or np.asarray(request.target_token_ids).ndim != 1:
-                raise ValueError("the standard path reads one target per row from "
+                raise ValueError("the standard method reads one target per row from "
                                  "prompt_logprobs: no 2-D ids, no top_k")
         outputs = scoring.generate(self.llm, batch, "standard", self.standard_k, self.use_tqdm)
         values = scoring.read_logprobs(outputs, batch, "standard")

@@ -1,10 +1,11 @@
 """The one module that talks to a vLLM engine: build it, submit scoring requests, read answers.
 
-Three ways to get the log-probability of each target token, all through real vLLM requests:
+Three scoring methods (`METHODS`) for the log-probability of each target token, all
+through real vLLM requests:
 - `fast`: `TokensPrompt(target_token_ids=...)`, one float32 array per request;
 - `standard`: `SamplingParams(prompt_logprobs=K)`, the dict-per-position path that
   lm-evaluation-harness and the original script use, read back token by token;
-- `prefill`: no prompt logprobs at all (the engine's floor, for benchmarks).
+- `prefill`: no prompt logprobs at all (prefill alone, the baseline of benchmarks).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from fastpath.targets import START_KEY, TARGET_KEY
 
-PATHS = ("fast", "standard", "prefill")
+METHODS = ("fast", "standard", "prefill")
 
 # Each request alone in its step, its prompt never split across steps (vLLM's own settings;
 # the token budget then defaults to max_model_len). A row's bits depend on the schedule on
@@ -187,13 +188,13 @@ def fast_prompt(request: ScoreRequest) -> dict[str, Any]:
     return prompt
 
 
-def scoring_params(path: str, k: int = 0, **extra: Any):
-    """SamplingParams for one path: one greedy output token, prompt logprobs as needed."""
+def scoring_params(method: str, k: int = 0, **extra: Any):
+    """SamplingParams for one method: one greedy output token, prompt logprobs as needed."""
     from vllm import SamplingParams
 
-    if path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    prompt_logprobs = k if path == "standard" else None
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    prompt_logprobs = k if method == "standard" else None
     return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=prompt_logprobs,
                           **extra)
 
@@ -254,27 +255,27 @@ def standard_logprobs(output: Any, request: ScoreRequest) -> np.ndarray:
     return values
 
 
-def generate(llm: Any, requests: Sequence[ScoreRequest], path: str, k: int = 0,
+def generate(llm: Any, requests: Sequence[ScoreRequest], method: str, k: int = 0,
              use_tqdm: bool = False) -> list[Any]:
-    """Submit all requests together on one path (`submit_together`); the RequestOutputs."""
-    if path == "fast":
+    """Submit all requests together with one method (`submit_together`); the outputs."""
+    if method == "fast":
         prompts = [fast_prompt(r) for r in requests]
     else:
         prompts = [{"prompt_token_ids": list(r.prompt_token_ids)} for r in requests]
-    return submit_together(llm, prompts, scoring_params(path, k), use_tqdm=use_tqdm)
+    return submit_together(llm, prompts, scoring_params(method, k), use_tqdm=use_tqdm)
 
 
 def read_logprobs(outputs: Sequence[Any], requests: Sequence[ScoreRequest],
-                  path: str) -> list[np.ndarray]:
+                  method: str) -> list[np.ndarray]:
     """Each request's target logprobs (float32) from its output; empty for `prefill`."""
-    if path == "fast":
+    if method == "fast":
         return [target_logprobs(o) for o in outputs]
-    if path == "standard":
+    if method == "standard":
         return [standard_logprobs(o, r) for o, r in zip(outputs, requests, strict=True)]
     return [np.empty(0, dtype=np.float32) for _ in outputs]
 
 
-def score(llm: Any, requests: Sequence[ScoreRequest], path: str, k: int = 0,
+def score(llm: Any, requests: Sequence[ScoreRequest], method: str, k: int = 0,
           use_tqdm: bool = False) -> list[np.ndarray]:
     """Submit all requests together and return float32 logprobs each (empty for prefill)."""
-    return read_logprobs(generate(llm, requests, path, k, use_tqdm), requests, path)
+    return read_logprobs(generate(llm, requests, method, k, use_tqdm), requests, method)

@@ -75,7 +75,7 @@ class FastpathRoutes:
       workers are asked over vLLM's collective RPC);
     - `GET /fastpath/tokenizer`: the BOS and EOS ids, the vocabulary size and the
       tokenizer's fingerprint (`basefile.tokenizer_fingerprint`), which a client needs to
-      lay out windows as a protocol does and to match a base file
+      lay out windows as a convention does and to match a base file
       (`fastpath.client.ServerTokenizer`).
     """
 

@@ -26,7 +26,7 @@ class WindowError(ValueError):
 class Window:
     """Tokens [begin, end) of the stream; tokens [score_from, end) are scored.
 
-    `first_token`, where set, replaces token `begin` in the prompt (llama.cpp's protocol
+    `first_token`, where set, replaces token `begin` in the prompt (llama.cpp's convention
     starts every chunk with BOS); that token is context only, never scored.
     """
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastpath import basefile, protocols, zoo
+from fastpath import basefile, conventions, zoo
 
 
-def make_base(layout: protocols.Layout, k: int = 4, vocab: int = 50, seed: int = 0):
+def make_base(layout: conventions.Layout, k: int = 4, vocab: int = 50, seed: int = 0):
     rng = np.random.default_rng(seed)
     n = layout.num_scored
     logprobs = np.sort(-rng.exponential(3.0, (n, k)).astype(np.float32), axis=1)[:, ::-1]
@@ -20,7 +20,7 @@ def make_base(layout: protocols.Layout, k: int = 4, vocab: int = 50, seed: int =
 @pytest.fixture
 def layout():
     rng = np.random.default_rng(1)
-    return protocols.layout("llama.cpp", rng.integers(0, 50, 200).tolist(), 32, None, bos=1)
+    return conventions.layout("llama.cpp", rng.integers(0, 50, 200).tolist(), 32, None, bos=1)
 
 
 def test_round_trip_is_bitwise(tmp_path, layout):
@@ -30,7 +30,7 @@ def test_round_trip_is_bitwise(tmp_path, layout):
     for name in ("target_logprobs", "topk_logprobs", "topk_ids", "tokens", "windows"):
         ours, theirs = getattr(base, name), getattr(loaded, name)
         assert ours.dtype == theirs.dtype and ours.tobytes() == theirs.tobytes(), name
-    assert (loaded.protocol, loaded.context_length, loaded.stride, loaded.vocab_size,
+    assert (loaded.convention, loaded.context_length, loaded.stride, loaded.vocab_size,
             loaded.tokenizer, loaded.model, loaded.meta, loaded.top_k) == (
         "llama.cpp", 32, None, 50, "sha256:abc", "base", {"note": "test"}, 4)
     loaded.check_matches(layout, 4, 50, "sha256:abc")  # made for this run: accepted
@@ -43,7 +43,7 @@ def test_round_trip_is_bitwise(tmp_path, layout):
     ({"vocab_size": 51}, "vocabulary size 50, this model 51"),
     ({"tokenizer": "sha256:def"}, "another tokenizer"),
     ({"layout": ("llama.cpp", 16, None)}, "--context-length 32"),
-    ({"layout": ("fastpath", 32, 8)}, "--protocol llama.cpp"),
+    ({"layout": ("fastpath", 32, 8)}, "--convention llama.cpp"),
     ({"tokens": 5}, "other text: 200 tokens, this run has 200; first difference at token 5"),
     ({"tokens": None}, "other text: 200 tokens, this run has 199"),
 ])
@@ -53,14 +53,14 @@ def test_mismatch_refused_by_name(tmp_path, layout, change, message):
     tokens = list(layout.tokens)
     run = layout
     if "layout" in change:
-        protocol, context, stride = change["layout"]
-        run = protocols.layout(protocol, tokens, context, stride, bos=1)
+        convention, context, stride = change["layout"]
+        run = conventions.layout(convention, tokens, context, stride, bos=1)
     if "tokens" in change:
         if change["tokens"] is None:
             tokens = tokens[:-1]
         else:
             tokens[change["tokens"]] = (tokens[change["tokens"]] + 1) % 50
-        run = protocols.layout("llama.cpp", tokens, 32, None, bos=1)
+        run = conventions.layout("llama.cpp", tokens, 32, None, bos=1)
     with pytest.raises(basefile.BaseFileError, match=message.replace("(", r"\(")):
         loaded.check_matches(run, change.get("top_k", 4), change.get("vocab_size", 50),
                              change.get("tokenizer", "sha256:abc"))
@@ -70,7 +70,7 @@ def test_window_layout_mismatch_refused(tmp_path, layout):
     """Same tokens and flags, other windows (another BOS): refused."""
     make_base(layout).save(tmp_path / "base.npz")
     loaded = basefile.BaseScores.load(tmp_path / "base.npz")
-    other = protocols.layout("llama.cpp", layout.tokens, 32, None, bos=2)
+    other = conventions.layout("llama.cpp", layout.tokens, 32, None, bos=2)
     with pytest.raises(basefile.BaseFileError, match="other windows"):
         loaded.check_matches(other, 4, 50, "sha256:abc")
 

@@ -1,4 +1,4 @@
-"""`fastpath check-vllm`: a vLLM release judged against the register without installing it."""
+"""`fastpath check-vllm`: a vLLM release judged against the ledger without installing it."""
 
 from __future__ import annotations
 
@@ -50,8 +50,8 @@ def copy_tree(tmp_path: Path) -> Path:
 
 @needs_patch
 def test_manifest_is_the_register(tmp_path, monkeypatch):
-    """The stored entries and known sources are what `--write-known` makes from the register."""
-    assert check_vllm.register_entries() == ENTRIES, f"run `{check_vllm.WRITE_COMMAND}`"
+    """The stored entries and known sources are what `--write-known` makes from the ledger."""
+    assert check_vllm.ledger_entries() == ENTRIES, f"run `{check_vllm.WRITE_COMMAND}`"
     monkeypatch.setattr(check_vllm, "KNOWN_DIR", tmp_path)
     monkeypatch.setattr(check_vllm, "MANIFEST", tmp_path / "manifest.json")
     check_vllm.write_known(ENTRIES)
@@ -74,7 +74,7 @@ def test_static_fingerprint_is_the_runtime_fingerprint(entry):
 
 @pytest.mark.parametrize("module", sorted({e.module for e in ENTRIES}))
 def test_static_source_is_inspect_getsource_for_every_function(module):
-    """Beyond the register: every function of the modules the patches touch, text for text."""
+    """Beyond the ledger: every function of the modules the patches touch, text for text."""
     loaded = importlib.import_module(module)
     text = installed_text(module)
     functions = [obj for obj in vars(loaded).values()

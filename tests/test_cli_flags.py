@@ -31,7 +31,8 @@ def given(parsers, *words: str) -> set[str]:
     (("--no-enable-prefix-caching",), {"enable_prefix_caching"}),
     (("--enforce-eager",), {"enforce_eager"}),
     (("--compilation-config.mode", "0"), {"compilation_config"}),  # dotted form
-    (("--seed", "0", "--stride", "512", "--path", "fast"), {"seed", "stride", "path"}),
+    (("--seed", "0", "--stride", "512", "--method", "fast"), {"seed", "stride", "method"}),
+    (("--path", "fast", "--protocol", "hf"), {"method", "convention"}),  # hidden old spellings
 ])
 def test_given_flags_reads_every_spelling(parsers, words, dests):
     assert given(parsers, *words) == dests
@@ -85,3 +86,14 @@ def test_given_flags_on_vllms_server_parser():
              "--enable-scale-out"]
     assert common.given_flags(parser, words) == {"port", "middleware", "dtype", "max_logprobs",
                                               "enable_scale_out"}
+
+
+def test_old_spellings_are_hidden_aliases(parsers, capsys):
+    """`--path` and `--protocol` (0.1) still parse, to the new names, and help shows only those."""
+    args = parsers[0].parse_args(["ppl", "--path", "standard", "--protocol", "hf"])
+    assert (args.method, args.convention) == ("standard", "hf")
+    with pytest.raises(SystemExit):
+        parsers[0].parse_args(["ppl", "--help"])
+    shown = capsys.readouterr().out
+    assert "--method" in shown and "--convention" in shown
+    assert "--path" not in shown and "--protocol" not in shown

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastpath import basefile, cli, kld, perplexity, protocols, quantize, reference, scoring, zoo
+from fastpath import basefile, cli, conventions, kld, perplexity, quantize, reference, scoring, zoo
 from fastpath.data import bundled_text
 from fastpath.scorer import EngineScorer
 from tests.conftest import assert_bitwise_equal, engine_kwargs
@@ -49,7 +49,7 @@ def run_passes(base_llm, model_llm, layout, k):
 
 @pytest.fixture(scope="module")
 def layout(llama_llm):
-    return protocols.build("fastpath", llama_llm.get_tokenizer(), TEXT, CONTEXT, STRIDE)
+    return conventions.build("fastpath", llama_llm.get_tokenizer(), TEXT, CONTEXT, STRIDE)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""`fastpath kld` and `ppl --protocol` flags, without an engine: refusals by name, and the
+"""`fastpath kld` and `ppl --convention` flags, without an engine: refusals by name, and the
 base engine's flags (the model's, with the --base-* overrides)."""
 
 from __future__ import annotations
@@ -11,16 +11,16 @@ from fastpath.cli import kld as kld_command
 
 
 @pytest.mark.parametrize("argv, fragment", [
-    (["ppl", "--protocol", "lm-eval", "--stride", "10"],
-     "--stride does not apply to --protocol lm-eval"),
-    (["ppl", "--protocol", "llama.cpp", "--context-length", "2"],
+    (["ppl", "--convention", "lm-eval", "--stride", "10"],
+     "--stride does not apply to --convention lm-eval"),
+    (["ppl", "--convention", "llama.cpp", "--context-length", "2"],
      "--context-length must be at least 3"),
-    (["ppl", "--protocol", "hf", "--context-length", "64", "--stride", "65"],
+    (["ppl", "--convention", "hf", "--context-length", "64", "--stride", "65"],
      "--stride must be in"),
     (["kld", "--model", "m"], "--base-model is required unless --base-cache"),
     (["kld", "--base-model", "b"], "--model is required"),
     (["kld", "--base-model", "b", "--model", "m", "--top-k", "0"], "--top-k must be a positive"),
-    (["kld", "--base-model", "b", "--model", "m", "--protocol", "llama.cpp", "--stride", "4"],
+    (["kld", "--base-model", "b", "--model", "m", "--convention", "llama.cpp", "--stride", "4"],
      "--stride does not apply"),
     (["kld", "--base-model", "b", "--model", "m", "--max-batch-windows", "0"],
      "--max-batch-windows must be positive"),

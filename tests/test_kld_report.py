@@ -26,7 +26,7 @@ def kld_report(path, model: str, scale: float, seed: int) -> None:
         ppl_base=math.exp(nll_base.mean()), mean_nll=nll.mean(), mean_nll_base=nll_base.mean(),
         top_k=32)
     report = {"kind": "fastpath-kld", "model": model, "base_model": "/models/base",
-              "protocol": "fastpath", "context_length": 2048, "stride": 512,
+              "convention": "fastpath", "context_length": 2048, "stride": 512,
               "base_file_bytes_per_token": 264.0, **result.summary()}
     path.write_text(json.dumps(report))
 

@@ -89,9 +89,9 @@ def test_readme_figure(tmp_path, capsys):
 
 
 def test_cli_both_on_embedded_default(tmp_path, capsys, runner):
-    """`fastpath ppl --path both` end to end: JSON with every figure, per-token file."""
+    """`fastpath ppl --method both` end to end: JSON with every figure, per-token file."""
     out_json, out_npy = tmp_path / "ppl.json", tmp_path / "logprobs.npy"
-    code = cli.main(["ppl", "--path", "both", "--num-samples", "40", "--context-length", "128",
+    code = cli.main(["ppl", "--method", "both", "--num-samples", "40", "--context-length", "128",
                      "--stride", "48", "--max-batch-windows", "7", "--json", str(out_json),
                      "--save-logprobs", str(out_npy), "--model-runner", runner])
     assert code == 0

@@ -1,7 +1,7 @@
 """Past one machine through Ray: a local Ray cluster, vLLM's Ray executor, fast == standard.
 
 `ray start --head` on 127.0.0.1 with its own temp dir (stopped after), then
-`fastpath ppl --path both --distributed-executor-backend ray` as a user runs it: exit 0
+`fastpath ppl --method both --distributed-executor-backend ray` as a user runs it: exit 0
 means every scored logprob of the fast path is bitwise equal to the standard path's,
 with both computed in Ray workers (where the plugin must be live).
 
@@ -87,7 +87,7 @@ def _ppl_over_ray(address: str, tmp_path,
     env = {**os.environ, "RAY_ADDRESS": address}
     done = subprocess.run(
         [sys.executable, "-m", "fastpath.cli", "ppl", "--model", str(zoo.get_model("tiny-llama")),
-         "--text-file", str(text), "--context-length", "128", "--stride", "48", "--path", "both",
+         "--text-file", str(text), "--context-length", "128", "--stride", "48", "--method", "both",
          "--distributed-executor-backend", "ray", *parallel, "--max-model-len", "256",
          "--kv-cache-memory-bytes", str(64 << 20), "--json", str(report)],
         capture_output=True, text=True, timeout=900, env=env)

@@ -140,12 +140,12 @@ def test_v2_within_stated_bound_of_v1_in_raw_logprobs(scores):
 
 @pytest.mark.slow
 def test_cli_ppl_both_on_v2(tmp_path):
-    """`fastpath ppl --path both --model-runner v2` as a user runs it: V2, bitwise equal.
+    """`fastpath ppl --method both --model-runner v2` as a user runs it: V2, bitwise equal.
 
     A fresh process must register the stand-in Triton backend itself, before vLLM is imported.
     """
     out_json = tmp_path / "ppl.json"
-    command = [sys.executable, "-m", "fastpath.cli", "ppl", "--path", "both", "--model-runner",
+    command = [sys.executable, "-m", "fastpath.cli", "ppl", "--method", "both", "--model-runner",
                "v2", "--num-samples", "4", "--context-length", "128", "--stride", "48",
                "--json", str(out_json)]
     # What a user's shell has: none of the V2 set-up, so the command must do it itself.

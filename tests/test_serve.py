@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 
-from fastpath import basefile, cli, client, kld, perplexity, protocols, scoring, zoo
+from fastpath import basefile, cli, client, conventions, kld, perplexity, scoring, zoo
 from fastpath.client import ScoringClient, ServerPool, score_body
 from fastpath.data import bundled_text
 from fastpath.scorer import EngineScorer
@@ -140,27 +140,27 @@ def test_ppl_server_bitwise_equal_to_offline(servers, offline, tokens, text_file
         assert served["workers"][0]["kernels"] == offline_report["workers"][0]["kernels"]
 
 
-@pytest.mark.parametrize("protocol, stride", [("hf", "32"), ("lm-eval", None),
+@pytest.mark.parametrize("convention, stride", [("hf", "32"), ("lm-eval", None),
                                               ("llama.cpp", None)])
-def test_ppl_server_every_protocol_bitwise_equal_to_offline(servers, offline, text_file,
-                                                            tmp_path, protocol, stride):
-    """`fastpath ppl --server --protocol P` lays out P's windows from the server's tokenizer
+def test_ppl_server_every_convention_bitwise_equal_to_offline(servers, offline, text_file,
+                                                            tmp_path, convention, stride):
+    """`fastpath ppl --server --convention P` lays out P's windows from the server's tokenizer
     (its /tokenize and /fastpath/tokenizer) and scores them there: the offline engine's
     layout and bits, and the same (weighted) perplexity."""
     text = text_file.read_text()
-    layout = protocols.build(protocol, offline.get_tokenizer(), text, 128,
+    layout = conventions.build(convention, offline.get_tokenizer(), text, 128,
                              None if stride is None else int(stride))
     expected = perplexity.score_layout(EngineScorer(offline), layout)
     saved, report = tmp_path / "p.npy", tmp_path / "p.json"
     code = cli.main(["ppl", "--server", servers[0].url, "--text-file", str(text_file),
-                     "--protocol", protocol, "--context-length", "128",
+                     "--convention", convention, "--context-length", "128",
                      *(["--stride", stride] if stride else []),
                      "--save-logprobs", str(saved), "--json", str(report)])
     assert code == 0
     summary = json.loads(report.read_text())
-    assert (summary["protocol"], summary["windows"]) == (protocol, len(layout.windows))
+    assert (summary["convention"], summary["windows"]) == (convention, len(layout.windows))
     assert summary["stream_tokens"] == len(layout.tokens)
-    assert_bitwise_equal(np.load(saved), expected.logprobs, what=f"--protocol {protocol}")
+    assert_bitwise_equal(np.load(saved), expected.logprobs, what=f"--convention {convention}")
     assert summary["perplexity"] == expected.perplexity
 
 
@@ -169,7 +169,7 @@ def test_kld_on_servers_bitwise_equal_to_offline(servers, offline, text_file, tm
     base file of an offline base pass): per-token values and statistics equal the offline
     passes' bit for bit (both servers serve the offline engine's model and flags)."""
     text = text_file.read_text()
-    layout = protocols.build("fastpath", offline.get_tokenizer(), text, 128, 64)
+    layout = conventions.build("fastpath", offline.get_tokenizer(), text, 128, 64)
     engine = EngineScorer(offline)
     target, top_lp, top_ids, _ = kld.base_pass(engine, layout, 8)
     base = basefile.from_layout(layout, target, top_lp, top_ids, vocab(offline),

@@ -64,7 +64,7 @@ def test_given_flags_sees_serve_spellings(parser):
     (["--tensor-parallel-size", "2", "--max-model-len", "64"],
      "engine flags --max-model-len, --tensor-parallel-size apply to a local engine"),
     (["--model", "m"], "engine flags --model apply"),
-    (["--path", "both"], "--path both needs a local engine"),
+    (["--method", "both"], "--method both needs a local engine"),
     (["--max-in-flight", "0"], "--max-in-flight must be positive"),
     (["--request-timeout", "0"], "--request-timeout must be positive"),
     ([], "cannot reach a server"),

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fastpath import protocols
+from fastpath import conventions
 
 EXIT_USAGE = 2
 EXIT_NOT_EQUAL = 3
@@ -137,24 +137,29 @@ def add_text_flags(group: Any) -> None:
     group.add_argument("--context-length", type=int, default=2048, help="tokens per window")
     group.add_argument("--stride", type=int, default=None,
                        help="new tokens scored per window after the first (<= context length; "
-                       f"default {protocols.DEFAULT_STRIDE}; protocols fastpath and hf only)")
-    group.add_argument("--protocol", choices=protocols.PROTOCOLS,
-                       default=protocols.DEFAULT_PROTOCOL,
-                       help="whose windows to use: fastpath (default), hf (the Hugging Face "
-                       "guide's loop), lm-eval (loglikelihood_rolling), llama.cpp "
-                       "(llama-perplexity's chunks); see docs/cli.md")
+                       f"default {conventions.DEFAULT_STRIDE}; conventions fastpath and hf only)")
+    group.add_argument("--convention", choices=conventions.CONVENTIONS,
+                       default=conventions.DEFAULT_CONVENTION,
+                       help="whose evaluation convention (tokens, windows, averaging): "
+                       "fastpath (default), hf (the Hugging Face guide's loop), lm-eval "
+                       "(loglikelihood_rolling), llama.cpp (llama-perplexity's chunks); see "
+                       "docs/cli.md")
+    # The spelling of 0.1, kept for one release (hidden): "protocol" also meant HTTP.
+    group.add_argument("--protocol", dest="convention", choices=conventions.CONVENTIONS,
+                       help=argparse.SUPPRESS)
     group.add_argument("--max-batch-windows", type=int, default=16,
                        help="windows submitted together: bounds front-end memory and sets "
                        "how often the progress bar moves (default 16)")
 
 
 def check_window_flags(args: argparse.Namespace) -> None:
-    """Refuse bad window flags (`ppl` and `kld` share them): protocol, context, stride, and
-    --max-batch-windows; fills in the protocol's stride."""
+    """Refuse bad window flags (`ppl` and `kld` share them): convention, context, stride, and
+    --max-batch-windows; fills in the convention's stride."""
     from fastpath.windows import WindowError
 
     try:
-        args.stride = protocols.check_protocol(args.protocol, args.context_length, args.stride)
+        args.stride = conventions.check_convention(args.convention, args.context_length,
+                                                   args.stride)
     except WindowError as error:
         raise UsageError(str(error)) from None
     if args.max_batch_windows < 1:
@@ -184,8 +189,8 @@ def context_limit_error(context_length: int, max_len: int, where: str) -> UsageE
 
 
 def build_layout(scorer: Any, args: argparse.Namespace, text: str, source: str
-                 ) -> protocols.Layout:
-    """The windows of `--protocol` over `text` in the scorer's tokens (an engine's or a
+                 ) -> conventions.Layout:
+    """The windows of `--convention` over `text` in the scorer's tokens (an engine's or a
     server's tokenizer); UsageError where it cannot score the context length or the text
     gives no window."""
     from fastpath.windows import WindowError
@@ -194,7 +199,7 @@ def build_layout(scorer: Any, args: argparse.Namespace, text: str, source: str
     if args.context_length > info.max_model_len - 1:
         raise context_limit_error(args.context_length, info.max_model_len, info.where)
     try:
-        return protocols.build(args.protocol, scorer.tokenizer(), text, args.context_length,
+        return conventions.build(args.convention, scorer.tokenizer(), text, args.context_length,
                                args.stride)
     except WindowError as error:
         raise UsageError(f"{source}: {error}") from None

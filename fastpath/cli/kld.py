@@ -105,10 +105,10 @@ def check_base_flags(base: basefile.BaseScores, args: argparse.Namespace) -> Non
     if base.top_k != args.top_k:
         raise UsageError(f"{source} holds the top-{base.top_k}, this run asks for "
                          f"--top-k {args.top_k}")
-    theirs = (base.protocol, base.context_length, base.stride)
-    ours = (args.protocol, args.context_length, args.stride)
+    theirs = (base.convention, base.context_length, base.stride)
+    ours = (args.convention, args.context_length, args.stride)
     if theirs != ours:
-        raise UsageError(f"{source} was made with --protocol {theirs[0]} --context-length "
+        raise UsageError(f"{source} was made with --convention {theirs[0]} --context-length "
                          f"{theirs[1]} --stride {theirs[2]}, this run uses {ours[0]}, "
                          f"{ours[1]}, {ours[2]}")
 
@@ -240,8 +240,8 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"        vLLM {report['vllm_version']}, {report['runner']} runner, "
           f"{report['device']}, TP {report['tensor_parallel_size']}")
     stride = f", stride {report['stride']}" if report["stride"] is not None else ""
-    print(f"text    {report['source']}: {report['stream_tokens']} tokens; protocol "
-          f"{report['protocol']}, context {report['context_length']}{stride}, "
+    print(f"text    {report['source']}: {report['stream_tokens']} tokens; convention "
+          f"{report['convention']}, context {report['context_length']}{stride}, "
           f"{report['windows']} windows, {report['scored_tokens']} scored")
     if report["base_file_bytes"]:
         print(f"base file {report['base_file_bytes']} bytes, "

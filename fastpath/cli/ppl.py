@@ -34,9 +34,13 @@ def add_ppl_flags(parser: argparse.ArgumentParser) -> None:
     """The original script's flags and fastpath's own (engine flags come from EngineArgs)."""
     group = parser.add_argument_group("perplexity (fastpath)")
     add_text_flags(group)
-    group.add_argument("--path", choices=("fast", "standard", "both"), default="fast",
-                       help="fast: target_token_ids; standard: prompt_logprobs=K dicts; "
-                       "both: run both and check every logprob is bitwise equal")
+    group.add_argument("--method", choices=("fast", "standard", "both"), default="fast",
+                       help="how the engine scores: fast (target_token_ids), standard "
+                       "(prompt_logprobs=K dicts), both (run both and check every logprob "
+                       "is bitwise equal)")
+    # The spelling of 0.1, kept for one release (hidden): "path" also meant file paths.
+    group.add_argument("--path", dest="method", choices=("fast", "standard", "both"),
+                       help=argparse.SUPPRESS)
     group.add_argument("--standard-k", type=int, default=0,
                        help="K of prompt_logprobs on the standard path (default 0)")
     group.add_argument("--model-runner", choices=("auto", "v1", "v2"), default="auto",
@@ -59,9 +63,9 @@ def check_ppl_flags(args: argparse.Namespace, given: set[str]) -> None:
     if not args.servers:
         check_runner(args.model_runner)
         return
-    if args.path != "fast":
-        raise UsageError(f"--path {args.path} needs a local engine; servers answer the fast "
-                         "path (drop --server, or --path fast)")
+    if args.method != "fast":
+        raise UsageError(f"--method {args.method} needs a local engine; servers answer the "
+                         "fast method (drop --server, or --method fast)")
     if args.model_runner != "auto":
         raise UsageError(f"--model-runner {args.model_runner} applies to a local engine; a "
                          "server runs the runner it was started with (VLLM_USE_V2_MODEL_RUNNER "
@@ -92,14 +96,14 @@ def open_scorers(args: argparse.Namespace, given: set[str], text: str
             stack.enter_context(runner_environment(args.model_runner))
         llm = scoring.build_llm_from_engine_args(engine)
         stack.callback(scoring.shutdown, llm)
-        paths = ("fast", "standard") if args.path == "both" else (args.path,)
-        yield ({path: EngineScorer(llm, path, args.standard_k, args.max_batch_windows)
-                for path in paths}, model_name,
+        methods = ("fast", "standard") if args.method == "both" else (args.method,)
+        yield ({method: EngineScorer(llm, method, args.standard_k, args.max_batch_windows)
+                for method in methods}, model_name,
                {"model_path": args.model, "tensor_parallel_size": engine.tensor_parallel_size})
 
 
 def run(args: argparse.Namespace, given: set[str]) -> int:
-    """`fastpath ppl`: the windows of --protocol scored on a local engine (each --path) or
+    """`fastpath ppl`: the windows of --convention scored on a local engine (each --method) or
     on `fastpath serve` servers (--server); one flow, one report."""
     from tqdm import tqdm
 
@@ -126,19 +130,19 @@ def run(args: argparse.Namespace, given: set[str]) -> int:
         exactness = first.exactness()
         served = first.report() if args.servers else {}
 
-    main = results["fast" if args.path == "both" else args.path]
+    main = results["fast" if args.method == "both" else args.method]
     report: dict[str, Any] = {
         "model": model_name, "model_path": None, "source": source,
         "vllm_version": info.vllm_version, "runner": info.runner,
         "device": info.extra.get("device"), "tensor_parallel_size": None,
         **engine_fields, **layout.describe(), **main.summary(), **served,
-        "paths": {path: r.summary() for path, r in results.items()},
+        "methods": {method: r.summary() for method, r in results.items()},
         "exactness": exactness,
     }
     if args.servers:
         report["servers"] = info.extra["servers"]
     exit_code = 0
-    if args.path == "both":
+    if args.method == "both":
         mismatches = perplexity.bitwise_mismatches(results["fast"].logprobs,
                                                    results["standard"].logprobs)
         report["bitwise_equal"] = mismatches.size == 0
@@ -176,8 +180,8 @@ def print_summary(report: dict[str, Any], results: dict[str, Any]) -> None:
         print(f"model   {report['model']}  (vLLM {report['vllm_version']}, {report['runner']} "
               f"runner, {report['device']}, TP {report['tensor_parallel_size']})")
     stride = f", stride {report['stride']}" if report.get("stride") is not None else ""
-    print(f"text    {report['source']}: {report['stream_tokens']} tokens; protocol "
-          f"{report.get('protocol', 'fastpath')}, context {report['context_length']}{stride}, "
+    print(f"text    {report['source']}: {report['stream_tokens']} tokens; convention "
+          f"{report.get('convention', 'fastpath')}, context {report['context_length']}{stride}, "
           f"{report['windows']} windows")
     for path, result in results.items():
         s = result.summary()

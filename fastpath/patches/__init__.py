@@ -1,11 +1,11 @@
-"""Every patch fastpath applies to vLLM, in one place, with its register.
+"""Every patch fastpath applies to vLLM, in one place, with its ledger.
 
 One module per patched upstream component. Each module defines `REPLACEMENTS` (what it
 binds, with the fingerprints of the upstream functions it was checked against) and a
 header saying what it replaces, why, which versions, and when it can go; a module may
 also define `ADDITIONS`, names it adds to an upstream class (refused where upstream has
-the name). The register
-below repeats those facts for review; `tests/test_patch_register.py` keeps it in step
+the name). The ledger
+below repeats those facts for review; `tests/test_patch_ledger.py` keeps it in step
 with the modules.
 
 `apply()` is idempotent and all-or-nothing: every fingerprint is checked before anything
@@ -32,7 +32,7 @@ SUPPORTED_VLLM = ("0.32.0", "0.33.0")
 
 @dataclass(frozen=True)
 class PatchEntry:
-    """One register row: a patch module and the four facts a reviewer needs."""
+    """One ledger row: a patch module and the four facts a reviewer needs."""
 
     module: str
     component: str
@@ -159,7 +159,7 @@ def native_support() -> bool:
 
 
 def replacements() -> list[Replacement]:
-    """Every replacement of every registered module, in register order."""
+    """Every replacement of every listed module, in ledger order."""
     found: list[Replacement] = []
     for entry in REGISTER:
         module = importlib.import_module(f"{__name__}.{entry.module}")
@@ -168,7 +168,7 @@ def replacements() -> list[Replacement]:
 
 
 def additions() -> list[Addition]:
-    """Every name the patch modules add to upstream classes, in register order."""
+    """Every name the patch modules add to upstream classes, in ledger order."""
     found: list[Addition] = []
     for entry in REGISTER:
         module = importlib.import_module(f"{__name__}.{entry.module}")

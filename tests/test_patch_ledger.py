@@ -1,4 +1,4 @@
-"""The patch register matches the patch modules, and a patch refuses code it does not know."""
+"""The patch ledger matches the patch modules, and a patch refuses code it does not know."""
 
 from __future__ import annotations
 
@@ -21,12 +21,12 @@ def _patch_modules() -> set[str]:
     return {m.name for m in pkgutil.iter_modules(patches.__path__) if not m.name.startswith("_")}
 
 
-def test_register_lists_every_patch_module_and_nothing_else():
+def test_ledger_lists_every_patch_module_and_nothing_else():
     assert {entry.module for entry in patches.REGISTER} == _patch_modules()
 
 
 @pytest.mark.parametrize("entry", patches.REGISTER, ids=lambda e: e.module)
-def test_register_entry_is_complete_and_module_has_header(entry):
+def test_ledger_entry_is_complete_and_module_has_header(entry):
     for field in ("component", "why", "how", "upstream_pr", "removal_plan"):
         assert len(getattr(entry, field).strip()) > 10, f"{entry.module}.{field} is empty"
     module = importlib.import_module(f"fastpath.patches.{entry.module}")
@@ -100,7 +100,7 @@ def test_refusal_is_all_or_nothing(monkeypatch):
 def test_disabled_plugin_binds_nothing(monkeypatch):
     monkeypatch.setenv(plugin.DISABLE_ENV, "1")
     monkeypatch.setattr(patches, "apply", lambda: pytest.fail("apply() ran while disabled"))
-    plugin.register()
+    plugin.ledger()
 
 
 def test_plugin_stands_aside_when_vllm_has_target_token_ids(monkeypatch):
@@ -109,11 +109,11 @@ def test_plugin_stands_aside_when_vllm_has_target_token_ids(monkeypatch):
     monkeypatch.setitem(TokensPrompt.__annotations__, "target_token_ids", list[int])
     assert patches.native_support()
     monkeypatch.setattr(patches, "apply", lambda: pytest.fail("patched a native vLLM"))
-    plugin.register()
+    plugin.ledger()
 
 
 def test_entry_point_is_registered_with_vllm():
     from importlib.metadata import entry_points
 
     (entry,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "fastpath"]
-    assert entry.load() is plugin.register
+    assert entry.load() is plugin.ledger

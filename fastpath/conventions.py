@@ -1,8 +1,8 @@
-"""Evaluation protocols: which tokens each tool scores, with which context, and how it averages.
+"""Evaluation conventions: which tokens each tool scores, with which context, and how it averages.
 
-A protocol turns a text into a token stream and windows over it (`Layout`); the engine
-scores the windows the same way whatever the protocol. Pure arithmetic (no vLLM), so each
-protocol is unit-tested against a transcription of the tool's own loop.
+A convention turns a text into a token stream and windows over it (`Layout`); the engine
+scores the windows the same way whatever the convention. Pure arithmetic (no vLLM), so each
+convention is unit-tested against a transcription of the tool's own loop.
 
 - `fastpath` (default): `fastpath.windows`: every token after the first scored exactly
   once, each with at least one token of context; the last window is full length.
@@ -34,17 +34,17 @@ import numpy as np
 
 from fastpath.windows import Window, WindowError, check_parameters, check_shape, make_windows
 
-PROTOCOLS = ("fastpath", "hf", "lm-eval", "llama.cpp")
-DEFAULT_PROTOCOL = "fastpath"
+CONVENTIONS = ("fastpath", "hf", "lm-eval", "llama.cpp")
+DEFAULT_CONVENTION = "fastpath"
 DEFAULT_STRIDE = 512
-STRIDED = frozenset({"fastpath", "hf"})  # the protocols that take --stride
+STRIDED = frozenset({"fastpath", "hf"})  # the conventions that take --stride
 
 
 @dataclass(frozen=True)
 class Layout:
-    """A protocol applied to one token stream: its windows and how perplexity averages."""
+    """A convention applied to one token stream: its windows and how perplexity averages."""
 
-    protocol: str
+    convention: str
     tokens: tuple[int, ...]
     windows: tuple[Window, ...]
     context_length: int
@@ -71,7 +71,7 @@ class Layout:
         The HF guide adds each window's mean loss times (its valid labels - 1); spread over
         the window's scored tokens, that is `(labels - 1) / scored` per token.
         """
-        if self.protocol != "hf":
+        if self.convention != "hf":
             return None
         weights, previous_end = [], 0
         for w in self.windows:
@@ -82,61 +82,62 @@ class Layout:
 
     def describe(self) -> dict[str, Any]:
         """The layout in JSON-able form (for reports and the base file)."""
-        return {"protocol": self.protocol, "context_length": self.context_length,
+        return {"convention": self.convention, "context_length": self.context_length,
                 "stride": self.stride, "windows": len(self.windows),
                 "stream_tokens": len(self.tokens), "scored_tokens": self.num_scored}
 
 
-def check_protocol(protocol: str, context_length: int, stride: int | None) -> int | None:
-    """The stride to use (None where the protocol takes none); WindowError naming the flag."""
-    if protocol not in PROTOCOLS:
-        raise WindowError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    if protocol in STRIDED:
+def check_convention(convention: str, context_length: int, stride: int | None) -> int | None:
+    """The stride to use (None where the convention takes none); WindowError naming the flag."""
+    if convention not in CONVENTIONS:
+        raise WindowError(f"--convention must be one of {', '.join(CONVENTIONS)}, "
+                          f"got {convention!r}")
+    if convention in STRIDED:
         stride = DEFAULT_STRIDE if stride is None else stride
         check_shape(context_length, stride)
         return stride
     if stride is not None:
         raise WindowError(
-            f"--stride does not apply to --protocol {protocol} (its windows are set by "
+            f"--stride does not apply to --convention {convention} (its windows are set by "
             "--context-length alone); leave --stride out")
-    minimum = 3 if protocol == "llama.cpp" else 2
+    minimum = 3 if convention == "llama.cpp" else 2
     if context_length < minimum:
-        raise WindowError(f"--context-length must be at least {minimum} for --protocol "
-                          f"{protocol}, got {context_length}")
+        raise WindowError(f"--context-length must be at least {minimum} for --convention "
+                          f"{convention}, got {context_length}")
     return None
 
 
-def stream(protocol: str, tokenizer: Any, text: str) -> list[int]:
-    """The token stream a protocol scores: the tokenizer's own encoding, or lm-eval's."""
-    if protocol != "lm-eval":
+def stream(convention: str, tokenizer: Any, text: str) -> list[int]:
+    """The token stream a convention scores: the tokenizer's own encoding, or lm-eval's."""
+    if convention != "lm-eval":
         return list(tokenizer.encode(text))
     prefix = tokenizer.bos_token_id
     if prefix is None:
         prefix = tokenizer.eos_token_id
     if prefix is None:
-        raise WindowError("--protocol lm-eval needs a prefix token: the tokenizer has "
+        raise WindowError("--convention lm-eval needs a prefix token: the tokenizer has "
                           "neither a BOS nor an EOS token")
     return [int(prefix), *tokenizer.encode(text, add_special_tokens=False)]
 
 
 def bos_token(tokenizer: Any) -> int | None:
-    """The BOS id llama.cpp's protocol starts each chunk with (None: chunks left as they are)."""
+    """The BOS id llama.cpp's convention starts each chunk with (None: chunks left as they are)."""
     return tokenizer.bos_token_id
 
 
-def windows(protocol: str, num_tokens: int, context_length: int, stride: int | None,
+def windows(convention: str, num_tokens: int, context_length: int, stride: int | None,
             bos: int | None = None) -> list[Window]:
-    """The windows of `protocol` over a stream of `num_tokens` tokens."""
-    stride = check_protocol(protocol, context_length, stride)
-    if protocol == "fastpath":
+    """The windows of `convention` over a stream of `num_tokens` tokens."""
+    stride = check_convention(convention, context_length, stride)
+    if convention == "fastpath":
         return make_windows(num_tokens, context_length, stride)
-    if protocol == "lm-eval":
+    if convention == "lm-eval":
         # get_rolling_token_windows(max_seq_len=C-1, context_len=1) + make_disjoint_window,
         # over [prefix] + text: exactly fastpath's windows with stride C - 1.
         if num_tokens < 2:
-            raise WindowError("the text has no tokens; --protocol lm-eval needs at least one")
+            raise WindowError("the text has no tokens; --convention lm-eval needs at least one")
         return make_windows(num_tokens, context_length, context_length - 1)
-    if protocol == "hf":
+    if convention == "hf":
         return _hf_windows(num_tokens, context_length, stride)
     return _llama_cpp_windows(num_tokens, context_length, bos)
 
@@ -160,7 +161,7 @@ def _llama_cpp_windows(num_tokens: int, context_length: int, bos: int | None) ->
     """llama-perplexity's chunks: BOS first, rows n_ctx/2 .. n_ctx-2 scored."""
     if num_tokens < 2 * context_length:
         raise WindowError(
-            f"--protocol llama.cpp needs at least 2 * --context-length = {2 * context_length} "
+            f"--convention llama.cpp needs at least 2 * --context-length = {2 * context_length} "
             f"tokens (as llama-perplexity does), the text has {num_tokens}")
     first = context_length // 2
     return [Window(begin, begin + context_length, begin + first + 1, first_token=bos)
@@ -168,18 +169,18 @@ def _llama_cpp_windows(num_tokens: int, context_length: int, bos: int | None) ->
                                context_length)]
 
 
-def layout(protocol: str, tokens: Sequence[int], context_length: int, stride: int | None,
+def layout(convention: str, tokens: Sequence[int], context_length: int, stride: int | None,
            bos: int | None = None) -> Layout:
-    """Windows of `protocol` over `tokens` (a stream built by `stream`)."""
-    stride = check_protocol(protocol, context_length, stride)
-    return Layout(protocol, tuple(int(t) for t in tokens),
-                  tuple(windows(protocol, len(tokens), context_length, stride, bos)),
+    """Windows of `convention` over `tokens` (a stream built by `stream`)."""
+    stride = check_convention(convention, context_length, stride)
+    return Layout(convention, tuple(int(t) for t in tokens),
+                  tuple(windows(convention, len(tokens), context_length, stride, bos)),
                   context_length, stride)
 
 
-def build(protocol: str, tokenizer: Any, text: str, context_length: int,
+def build(convention: str, tokenizer: Any, text: str, context_length: int,
           stride: int | None) -> Layout:
-    """Tokenize `text` as `protocol` does and lay out its windows."""
-    check_protocol(protocol, context_length, stride)
-    return layout(protocol, stream(protocol, tokenizer, text), context_length, stride,
-                  bos_token(tokenizer) if protocol == "llama.cpp" else None)
+    """Tokenize `text` as `convention` does and lay out its windows."""
+    check_convention(convention, context_length, stride)
+    return layout(convention, stream(convention, tokenizer, text), context_length, stride,
+                  bos_token(tokenizer) if convention == "llama.cpp" else None)
