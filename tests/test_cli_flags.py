@@ -69,7 +69,7 @@ def test_typed_values_equal_to_vllms_defaults_are_kept(parsers):
 
 def test_main_hands_the_given_flags_to_ppl(monkeypatch):
     seen = {}
-    monkeypatch.setattr(ppl_command, "run_locally",
+    monkeypatch.setattr(ppl_command, "run",
                         lambda args, given: seen.update(given=given) or 0)
     assert cli.main(["ppl", "--dtype", "auto", "--max_logprobs=20", "-tp", "1"]) == 0
     assert seen["given"] == {"dtype", "max_logprobs", "tensor_parallel_size"}

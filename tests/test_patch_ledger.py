@@ -100,7 +100,7 @@ def test_refusal_is_all_or_nothing(monkeypatch):
 def test_disabled_plugin_binds_nothing(monkeypatch):
     monkeypatch.setenv(plugin.DISABLE_ENV, "1")
     monkeypatch.setattr(patches, "apply", lambda: pytest.fail("apply() ran while disabled"))
-    plugin.ledger()
+    plugin.register()
 
 
 def test_plugin_stands_aside_when_vllm_has_target_token_ids(monkeypatch):
@@ -109,11 +109,11 @@ def test_plugin_stands_aside_when_vllm_has_target_token_ids(monkeypatch):
     monkeypatch.setitem(TokensPrompt.__annotations__, "target_token_ids", list[int])
     assert patches.native_support()
     monkeypatch.setattr(patches, "apply", lambda: pytest.fail("patched a native vLLM"))
-    plugin.ledger()
+    plugin.register()
 
 
 def test_entry_point_is_registered_with_vllm():
     from importlib.metadata import entry_points
 
     (entry,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "fastpath"]
-    assert entry.load() is plugin.ledger
+    assert entry.load() is plugin.register

@@ -5,7 +5,7 @@ same flags. Shown here: server == offline bitwise (per-token logprobs of `fastpa
 and arbitrary requests under concurrent load); one server == two servers; a server killed
 mid-run loses no window and counts none twice; a client that disconnects and bad input
 over HTTP leave the server serving the same bits; the prefix cache cannot be reached.
-The test that kills a server runs last (it kills the second server).
+The test that kills a server kills one started for it alone.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from fastpath.data import bundled_text
 from fastpath.scorer import EngineScorer
 from fastpath.scoring import ScoreRequest
 from tests.conftest import assert_bitwise_equal
-from tests.serving import VLLM_INFO_LINE, Server
+from tests.serving import VLLM_INFO_LINE, Server, running
 
 pytestmark = [pytest.mark.engine, pytest.mark.correctness]
 
@@ -383,11 +383,9 @@ def test_client_disconnect_leaves_server_serving(servers, good, offline):
 
 
 def test_prefix_cache_cannot_be_reached_over_http(servers, offline):
-    """A warm prefix cache and skip_reading_prefix_cache=False: the cold bits, or a refusal.
-
-    Fails until the runner/front-end change that makes fixed-id scoring never read the
-    prefix cache is merged (upstream only fills the flag when it is None).
-    """
+    """A warm prefix cache and skip_reading_prefix_cache=False: the cold bits, as README
+    promises (the scheduler patch turns prefix-cache reads off for every fixed-id request,
+    whatever the request says; upstream only fills the flag when it is None)."""
     url = servers[0].url
     rng = np.random.default_rng(5)
     prompt = rng.integers(0, vocab(offline), 450).tolist()
@@ -399,13 +397,12 @@ def test_prefix_cache_cannot_be_reached_over_http(servers, offline):
         body = score_body(request)
         body["sampling_params"]["skip_reading_prefix_cache"] = False
         reply = post(url, body)
-        if reply.status_code == 200:  # NaN here is a mismatch too: the bit check shows all
-            warm = client.decode_scores(reply.json()["prompt_token_id_logprobs"])
-            assert warm.shape == (len(request.target_token_ids), 1), warm.shape
-            assert_bitwise_equal(warm[:, 0], cold, what=f"warm prefix cache, start {start}")
-        else:
-            assert 400 <= reply.status_code < 500, reply.text[:500]
-            assert "prefix" in reply.json()["error"]["message"], reply.text[:500]
+        assert reply.status_code == 200, reply.text[:500]
+        encoded = reply.json()["prompt_token_id_logprobs"]
+        assert encoded, f"start {start}: no scores (the request failed): {reply.text[:500]}"
+        warm = client.decode_scores(encoded)  # NaN would be a mismatch too: bits compared
+        assert warm.shape == (len(request.target_token_ids), 1), warm.shape
+        assert_bitwise_equal(warm[:, 0], cold, what=f"warm prefix cache, start {start}")
 
 
 @pytest.fixture
@@ -452,9 +449,17 @@ def test_windows_of_a_hung_server_time_out_and_move(servers, offline, tokens, hu
                          what="after timeouts on a hung server")
 
 
-def test_one_of_two_servers_killed_mid_run(servers, offline, tokens):
-    """Runs last: kills server b once a quarter of the windows are answered."""
-    a, b = servers
+@pytest.fixture
+def doomed_server(tmp_path):
+    """A server of its own for the test that kills one: the module's servers stay up for
+    every other test, whatever order they run in."""
+    with running(model_path(), SERVE_FLAGS, tmp_path / "doomed.log") as server:
+        yield server
+
+
+def test_one_of_two_servers_killed_mid_run(servers, offline, tokens, doomed_server):
+    """Kills server b once a quarter of the windows are answered."""
+    a, b = servers[0], doomed_server
     windows, requests = window_stream(tokens, 64, 8)
     expected = perplexity.score_stream(EngineScorer(offline), tokens, 64, 8).logprobs
     answered = {a.url: 0, b.url: 0}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -87,7 +89,19 @@ def test_prompt_kinds_that_cannot_carry_targets(prompt, fragment):
         check_prompt_kind(prompt)
 
 
-def test_plain_prompts_pass_untouched():
-    check_prompt_kind({"prompt": "text"})
-    check_prompt_kind({"prompt_token_ids": [1, 2], "target_token_ids": [2]})
-    check_prompt_kind("a string prompt")
+@pytest.mark.parametrize("prompt", [{"prompt": "text"}, "a string prompt",
+                                    {"prompt_token_ids": [1, 2], "target_token_ids": [2]},
+                                    {"prompt_token_ids": [1, 2, 3], "target_token_ids": [3],
+                                     "target_start": 1}])
+def test_prompts_without_a_kind_problem_pass_untouched(prompt):
+    """Plain prompts and TokensPrompts with targets pass, unchanged; the same targets on a
+    prompt without token ids of its own are refused (the check does look)."""
+    before = copy.deepcopy(prompt)
+    assert check_prompt_kind(prompt) is None
+    assert prompt == before
+    if isinstance(prompt, dict) and "target_token_ids" in prompt:
+        text_prompt = {"prompt": "text", "target_token_ids": prompt["target_token_ids"]}
+        with pytest.raises(TargetTokenIdsError, match="needs a TokensPrompt"):
+            check_prompt_kind(text_prompt)
+
+
