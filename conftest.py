@@ -55,7 +55,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # (the V2 tests run in every session); engines stay V1 unless a test asks for V2. An
     # engine core run in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) would see the
     # stand-in too and try to compile V1's Triton kernels: run such a test in a fresh
-    # interpreter (tests/test_prefix_cache.py does).
+    # interpreter (tests/engine/test_prefix_cache.py does).
     prepare_process()
     # Before any test imports vLLM: this process and every engine process load the kernel
     # build asked for (the environment reaches vLLM's spawned processes).

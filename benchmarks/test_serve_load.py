@@ -21,7 +21,7 @@ from fastpath.client import ScoringClient, ServerPool
 from fastpath.data import bundled_text
 from fastpath.perplexity import make_windows, window_requests
 from fastpath.runners import device_name
-from tests.serving import running
+from tests.helpers import running
 
 MODEL = "trained-llama"
 CONTEXT, STRIDE, WINDOWS = 1024, 256, 48

@@ -5,7 +5,7 @@ binds, with the fingerprints of the upstream functions it was checked against) a
 header saying what it replaces, why, which versions, and when it can go; a module may
 also define `ADDITIONS`, names it adds to an upstream class (refused where upstream has
 the name). The ledger
-below repeats those facts for review; `tests/test_patch_ledger.py` keeps it in step
+below repeats those facts for review; `tests/unit/test_patch_ledger.py` keeps it in step
 with the modules.
 
 `apply()` is idempotent and all-or-nothing: every fingerprint is checked before anything

@@ -1,7 +1,7 @@
 """Build the JSONL files of the local lm-eval tasks from fastpath's bundled text.
 
 Run from the repository root: `python tests/data/lm_eval_tasks/build.py`. The output is
-committed; tests/test_lm_eval.py checks that it still matches what this script writes.
+committed; tests/engine/test_lm_eval.py checks that it still matches what this script writes.
 Deterministic: no randomness, paragraphs picked by position in the bundled text.
 
 - fastpath_wikitext.jsonl: a few "pages" (runs of consecutive paragraphs), field `page`,

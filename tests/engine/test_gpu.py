@@ -12,7 +12,7 @@ import pytest
 
 from fastpath import zoo
 from fastpath.scoring import ScoreRequest, score
-from tests.conftest import assert_bitwise_equal, engine_kwargs, random_prompt, runner_engine
+from tests.helpers import assert_bitwise_equal, engine_kwargs, random_prompt, runner_engine
 
 pytestmark = [pytest.mark.gpu, pytest.mark.correctness, pytest.mark.engine]
 

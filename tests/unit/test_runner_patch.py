@@ -29,7 +29,7 @@ from fastpath.patches import _scores as _base
 from fastpath.patches import gpu_model_runner as patch
 from fastpath.patches import scheduler as scheduler_patch
 from fastpath.scoring import split_top_k
-from tests.conftest import assert_bitwise_equal
+from tests.helpers import assert_bitwise_equal
 
 VOCAB, HIDDEN = 11, 4
 CHUNK = 3

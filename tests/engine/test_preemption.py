@@ -14,7 +14,7 @@ from fastpath.scoring import (
     submit_together,
     target_logprobs,
 )
-from tests.conftest import assert_bitwise_equal, engine_kwargs, random_prompt, runner_engine
+from tests.helpers import assert_bitwise_equal, engine_kwargs, random_prompt, runner_engine
 
 pytestmark = [pytest.mark.correctness, pytest.mark.engine]
 

@@ -26,9 +26,9 @@ from fastpath import lm_eval_model as fl
 from fastpath import scoring, zoo
 from fastpath.scorer import Scores
 from fastpath.targets import TOP_K_KEY
-from tests.conftest import assert_bitwise_equal
+from tests.helpers import assert_bitwise_equal
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TASKS_DIR = "tests/data/lm_eval_tasks"  # the YAMLs name their data relative to the root
 TASKS = ["fastpath_wikitext", "fastpath_lambada", "fastpath_mc"]
 MODEL = "trained-llama"  # trained on the bundled text: a real mix of greedy and not

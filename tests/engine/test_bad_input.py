@@ -9,7 +9,7 @@ from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 
 from fastpath.scoring import ScoreRequest, fast_prompt, score
-from tests.conftest import assert_bitwise_equal, vocab_size
+from tests.helpers import assert_bitwise_equal, vocab_size
 
 pytestmark = [pytest.mark.engine]
 

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastpath import basefile, cli, conventions, kld, perplexity, quantize, reference, scoring, zoo
+from fastpath import basefile, cli, conventions, kld, perplexity, quantize, reference, zoo
 from fastpath.data import bundled_text
 from fastpath.scorer import EngineScorer
-from tests.conftest import assert_bitwise_equal, engine_kwargs
+from tests.helpers import assert_bitwise_equal, engine_kwargs, runner_engine
 
 pytestmark = [pytest.mark.correctness, pytest.mark.engine,
               pytest.mark.v1_only(reason="the base pass's top-K (fastpath_top_k) is computed "
@@ -59,7 +59,7 @@ def quantized_path():
 
 @pytest.fixture(scope="module")
 def quantized_llm(quantized_path):
-    with scoring.engine(quantized_path, **engine_kwargs()) as llm:
+    with runner_engine(quantized_path, "v1", **engine_kwargs()) as llm:
         yield llm
 
 

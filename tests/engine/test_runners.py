@@ -23,7 +23,7 @@ from vllm import SamplingParams
 
 from fastpath import runners, zoo
 from fastpath.scoring import ScoreRequest, score
-from tests.conftest import CHUNK, assert_bitwise_equal, engine_kwargs, random_prompt, runner_engine
+from tests.helpers import CHUNK, assert_bitwise_equal, engine_kwargs, random_prompt, runner_engine
 
 pytestmark = [pytest.mark.correctness, pytest.mark.engine, pytest.mark.v2]
 

@@ -11,7 +11,7 @@ from fastpath import cli, client, scoring
 from fastpath.cli import common
 from fastpath.cli import serve as serve_command
 from fastpath.scoring import ScoreRequest
-from tests.serving import free_port
+from tests.helpers import free_port
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ import pytest
 
 from fastpath import zoo
 from fastpath.data import bundled_text
-from tests.serving import free_port
+from tests.helpers import free_port
 
 
 def _ray_device_key() -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from fastpath import rowsubset
-from tests.test_row_subset import CHUNK, EPS32, SHAPES, cpu_plan, describe, shape_id
+from tests.helpers import EPS32, ROW_CHUNK, SHAPES, cpu_plan, describe, shape_id
 
 pytest.importorskip("vllm")
 
@@ -42,7 +42,7 @@ pytestmark = [pytest.mark.skipif(not _vllm_on_cpu(), reason="vLLM's platform her
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_vllm_cpu_lm_head_is_row_subset_invariant_in_float32(shape):
     report = rowsubset.sweep(*shape, kernel="vllm-cpu", device="cpu",
-                             **cpu_plan(*shape, chunk=CHUNK))
+                             **cpu_plan(*shape, chunk=ROW_CHUNK))
     print(rowsubset.summary(report))
     assert report["invariant"], describe(report)
     assert report["log_softmax_invariant"], describe(report)
@@ -57,7 +57,7 @@ def test_vllm_cpu_lm_head_is_row_subset_invariant_on_one_thread():
             "cpu_plan; print(json.dumps(rowsubset.sweep(128, 2048, kernel='vllm-cpu', "
             "threads=1, **cpu_plan(128, 2048))))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True, cwd=Path(__file__).resolve().parent.parent, timeout=600)
+                          check=True, cwd=Path(__file__).resolve().parents[2], timeout=600)
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["threads"] == 1
     assert report["invariant"] and report["log_softmax_invariant"], describe(report)
@@ -66,7 +66,7 @@ def test_vllm_cpu_lm_head_is_row_subset_invariant_on_one_thread():
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_vllm_cpu_lm_head_in_16_bit_differs_by_rounding_at_most(dtype):
     """Measured, not relied on: 1100 rows, where AMX's bf16 kernel rounded a row differently."""
-    report = rowsubset.sweep(128, 2048, rows=1100, chunk=CHUNK, dtype=dtype, kernel="vllm-cpu",
+    report = rowsubset.sweep(128, 2048, rows=1100, chunk=ROW_CHUNK, dtype=dtype, kernel="vllm-cpu",
                              counts=(2, 3, 8, 255, 1024))
     print(describe(report))
     assert report["log_softmax_invariant"], describe(report)

@@ -71,7 +71,7 @@ def test_trained_model_perplexity_far_below_vocabulary():
 
 # README's first command (`fastpath ppl`: the embedded default on the bundled text, context
 # 2048, stride 512), measured on an AVX2 machine. The weights are the same bytes everywhere
-# (tests/test_zoo.py); inference on another kernel build moves the PPL in its last digits,
+# (tests/unit/test_zoo.py); inference on another kernel build moves the PPL in its last digits,
 # measured at under 1e-5 here between engine settings, hence the bound.
 README_PPL = 76.123559830639
 README_PPL_ATOL = 1e-4
@@ -83,7 +83,7 @@ def test_readme_figure(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["scored_tokens"] == 79990 and report["windows"] == 154
     assert abs(report["perplexity"] - README_PPL) <= README_PPL_ATOL, report["perplexity"]
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert f"PPL {README_PPL:.4f}" in readme
     assert "exact   fast == standard for the same schedule" in capsys.readouterr().out
 

@@ -20,11 +20,11 @@ from vllm import SamplingParams
 
 from fastpath import scoring, zoo
 from fastpath.scoring import ScoreRequest, fast_prompt, target_logprobs
-from tests.conftest import assert_bitwise_equal, engine_kwargs, runner_engine
+from tests.helpers import assert_bitwise_equal, engine_kwargs, runner_engine
 
 pytestmark = [pytest.mark.correctness, pytest.mark.engine]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 IDS = list(range(5, 205))  # the prompt: 200 tokens, many full 32-token blocks
 
 
@@ -125,8 +125,8 @@ def guard_scenario() -> None:
     from fastpath.patches import scheduler as scheduler_patch
 
     ids = list(range(900, 1100))
-    with scoring.engine(str(zoo.get_model("tiny-llama")),
-                        **engine_kwargs(block_size=32, enable_prefix_caching=True)) as llm:
+    with runner_engine(str(zoo.get_model("tiny-llama")), "v1",
+                       **engine_kwargs(block_size=32, enable_prefix_caching=True)) as llm:
         (cold,) = llm.generate([{"prompt_token_ids": ids}], _fixed_ids(ids), use_tqdm=False)
         _warm(llm, ids)
         Scheduler.add_request = scheduler_patch._original_add_request

@@ -49,8 +49,9 @@ from vllm.exceptions import VLLMValidationError
 
 from fastpath import zoo
 from fastpath.scoring import split_top_k
-from tests.conftest import (
+from tests.helpers import (
     assert_bitwise_equal,
+    ci_or_slow,
     engine_kwargs,
     isolated_engine_kwargs,
     runner_engine,
@@ -147,22 +148,15 @@ def reference(runner):
 
 def _params() -> list:
     """The settings of this run; all but CI's are slow (nightly and `-m correctness` run them)."""
-    return [pytest.param(s, id=s.name, marks=[] if s.name in CI_SETTINGS else [pytest.mark.slow])
-            for s in _settings_for_this_run()]
+    return ci_or_slow(_settings_for_this_run(), CI_SETTINGS, ids=lambda s: s.name)
 
 
 @pytest.fixture(scope="module", params=_params())
 def engine_under_test(request, runner):
-    saved = os.environ.get("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION")
-    os.environ["VLLM_DISABLE_REQUEST_ID_RANDOMIZATION"] = "1"  # ids reach the runner as given
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION", "1")  # ids reach the runner as given
         with runner_engine(str(zoo.get_model(MODEL)), runner, **request.param.kwargs()) as llm:
             yield request.param, llm
-    finally:
-        if saved is None:
-            os.environ.pop("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION", None)
-        else:
-            os.environ["VLLM_DISABLE_REQUEST_ID_RANDOMIZATION"] = saved
 
 
 # Prompts that share prefixes: three roots, each cut and extended in several ways.
@@ -204,7 +198,7 @@ class RequestSpace(RuleBasedStateMachine):
         super().__init__()
         self.engine = self.llm.llm_engine
         # fastpath's top-K extension lives in its V1 runner patch; V2 refuses it (checked in
-        # tests/test_fast_vs_standard.py), so on V2 the space has no top-K requests.
+        # tests/engine/test_fast_vs_standard.py), so on V2 the space has no top-K requests.
         self.top_k_drawn = not self.engine.vllm_config.use_v2_model_runner
         self.live: dict[str, Submitted] = {}
         self.used: list[str] = []  # every id submitted so far, in order
@@ -212,7 +206,7 @@ class RequestSpace(RuleBasedStateMachine):
         # outputs on their way from the engine core, which the front end would hand to a
         # new request of the same id, and an add racing its abort stops vLLM on "duplicate
         # request id": why vLLM randomizes ids by default. Abort + resubmission under one id
-        # at the runner is covered by tests/test_runner_patch.py.
+        # at the runner is covered by tests/unit/test_runner_patch.py.
         self.ever_aborted: set[str] = set()
         self.ids = itertools.count()
         _drain(self.engine)  # what an earlier, failed sequence left in flight

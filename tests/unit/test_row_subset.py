@@ -9,7 +9,7 @@ pytest alone, so it also runs on a GPU machine without vLLM:
 - CPU: log-softmax and the gather never change a row's bits among fewer rows (asserted).
   `torch.nn.functional.linear` is *not* row-subset invariant on CPU (MKL's small-M kernels
   round differently, for 1 to 3 rows at least), but vLLM's CPU backend does not use it for
-  the lm_head (oneDNN there: `tests/test_row_subset_vllm_cpu.py` checks that kernel); here
+  the lm_head (oneDNN there: `tests/engine/test_row_subset_vllm_cpu.py` checks that kernel); here
   its differences are only bounded.
 - CUDA (`gpu`): `torch.nn.functional.linear` is vLLM's lm_head there (cuBLAS); asserted
   invariant for every subset of two or more rows at Llama-3-8B's head in bf16/fp16/fp32 and
@@ -27,35 +27,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastpath import rowsubset, zoo
+from fastpath import rowsubset
+from tests.helpers import EPS32, ROW_CHUNK, SHAPES, cpu_plan, describe, shape_id
 
-ROOT = Path(__file__).resolve().parents[1]
-SHAPES = sorted({(spec.hidden_size, spec.vocab_size) for spec in zoo.ZOO.values()})
-CHUNK = 1024  # FASTPATH_SCORE_CHUNK_ROWS' default off CPU; CPU's (64) is among COUNTS and
-# the big shapes' runs below
-EPS32 = 2.0**-23
-
-
-def cpu_plan(hidden: int, vocab: int, chunk: int = 256) -> dict:
-    """Subsets for a CPU run: every one at the small shape, the key ones at the big vocabularies.
-
-    The big shapes take `chunk + 1` rows: two chunks, the second a lone row.
-    """
-    if hidden * vocab <= 1 << 20:
-        return {"rows": 2047, "chunk": CHUNK, "counts": rowsubset.COUNTS, "count_starts": "edges"}
-    return {"rows": chunk + 1, "chunk": chunk, "counts": (2, 3, 8, 64, 255),
-            "count_starts": "one"}
-
-
-def shape_id(shape: tuple[int, int]) -> str:
-    return f"{shape[0]}x{shape[1]}"
-
-
-def describe(report: dict, key: str = "mismatches") -> str:
-    items = report[key]
-    return f"{rowsubset.summary(report)}; first: {json.dumps(items[:5])}"
-
-
+ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module", params=SHAPES, ids=shape_id)
 def cpu_linear(request) -> dict:
     """One bare-torch sweep per zoo lm_head shape, shared by the tests below."""
@@ -140,7 +115,7 @@ def test_cuda_linear_is_row_subset_invariant_at_llama3_8b(dtype, chunk):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_cuda_linear_is_row_subset_invariant_at_zoo_shapes(shape, dtype):
-    report = rowsubset.sweep(*shape, rows=2047, chunk=CHUNK, dtype=dtype, device="cuda")
+    report = rowsubset.sweep(*shape, rows=2047, chunk=ROW_CHUNK, dtype=dtype, device="cuda")
     print(rowsubset.summary(report))
     assert report["invariant"], describe(report)
     assert report["log_softmax_invariant"], describe(report)

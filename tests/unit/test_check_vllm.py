@@ -21,7 +21,7 @@ from fastpath.source_text import decode, fingerprint_text, function_source
 
 SITE = Path(importlib.util.find_spec("vllm").origin).parents[1]  # holds vllm/, not imported here
 MANIFEST, ENTRIES = check_vllm.load_manifest()
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 needs_patch = pytest.mark.skipif(
     patches.native_support(),

@@ -14,7 +14,7 @@ from fastpath.data import bundled_text
 from fastpath.plugin import LOG_ENV
 from fastpath.scorer import EngineScorer
 from fastpath.scoring import ScoreRequest, score
-from tests.conftest import (
+from tests.helpers import (
     assert_bitwise_equal,
     engine_kwargs,
     random_prompt,
@@ -45,26 +45,20 @@ def _worker_pid_and_patches(self) -> tuple[int, list[str]]:
 def tp2(tmp_path_factory, runner):
     """A tensor-parallel-2 engine on the two cores, with a log of every patched process."""
     log = tmp_path_factory.mktemp("patchlog") / "patches.jsonl"
-    saved = {k: os.environ.get(k) for k in (LOG_ENV, "VLLM_CPU_OMP_THREADS_BIND", _PICKLE_ENV)}
-    os.environ[LOG_ENV] = str(log)
-    os.environ[_PICKLE_ENV] = "1"  # lets collective_rpc send the probe function
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(LOG_ENV, str(log))
+        env.setenv(_PICKLE_ENV, "1")  # lets collective_rpc send the probe function
+        env.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
         with runner_engine(str(zoo.get_model("tiny-llama")), runner,
                            **engine_kwargs(tensor_parallel_size=2)) as llm:
             yield llm, log
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.mark.skipif(patches.native_support(),
                     reason="this vLLM has target_token_ids natively: no patch to find")
 @pytest.mark.v1_only(reason="fastpath's model-runner patch binds the V1 runner, which V2 "
-                     "workers do not run; on V2 upstream's runner answers (tests/test_runners.py)")
+                     "workers do not run; on V2 upstream's runner answers "
+                     "(tests/engine/test_runners.py)")
 def test_patch_active_in_engine_core_and_workers(tp2):
     llm, log = tp2
     records = [json.loads(line) for line in log.read_text().splitlines()]

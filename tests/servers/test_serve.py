@@ -26,8 +26,7 @@ from fastpath.client import ScoringClient, ServerPool, score_body
 from fastpath.data import bundled_text
 from fastpath.scorer import EngineScorer
 from fastpath.scoring import ScoreRequest
-from tests.conftest import assert_bitwise_equal
-from tests.serving import VLLM_INFO_LINE, Server, running
+from tests.helpers import VLLM_INFO_LINE, Server, assert_bitwise_equal, runner_engine, running
 
 pytestmark = [pytest.mark.engine, pytest.mark.correctness]
 
@@ -66,7 +65,7 @@ def servers(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def offline():
-    with scoring.engine(model_path(), **OFFLINE_KWARGS) as llm:
+    with runner_engine(model_path(), "v1", **OFFLINE_KWARGS) as llm:
         yield llm
 
 

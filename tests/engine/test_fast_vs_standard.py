@@ -26,7 +26,7 @@ from fastpath.scoring import (
     submit_together,
     target_logprobs,
 )
-from tests.conftest import (
+from tests.helpers import (
     CHUNK,
     assert_bitwise_equal,
     engine_kwargs,

@@ -22,14 +22,14 @@ import pytest
 from fastpath import scoring, zoo
 from fastpath.scoring import ScoreRequest, fast_prompt, score
 from fastpath.testing import kernels
-from tests.conftest import assert_bitwise_equal, isolated_engine_kwargs, random_prompt
+from tests.helpers import assert_bitwise_equal, isolated_engine_kwargs, random_prompt, runner_engine
 
 MODEL = "tiny-llama"
 
 
 @pytest.fixture(scope="module")
 def isolated_llm():
-    with scoring.engine(str(zoo.get_model(MODEL)), **isolated_engine_kwargs()) as llm:
+    with runner_engine(str(zoo.get_model(MODEL)), "v1", **isolated_engine_kwargs()) as llm:
         yield llm
 
 
@@ -106,7 +106,7 @@ def test_by_construction_mode_equals_standard(monkeypatch):
     """FASTPATH_EXACTNESS=construction (what a failed probe falls back to): the standard
     path's rows in one call, and still the standard bits, with and without a start."""
     monkeypatch.setenv("FASTPATH_EXACTNESS", "construction")
-    with scoring.engine(str(zoo.get_model(MODEL)), **isolated_engine_kwargs()) as llm:
+    with runner_engine(str(zoo.get_model(MODEL)), "v1", **isolated_engine_kwargs()) as llm:
         report = scoring.exactness(llm)
         assert report["lm_head_rows"] == "construction"
         assert "FASTPATH_EXACTNESS=construction" in report["workers"][0]["reason"]
@@ -121,7 +121,7 @@ def test_oneDNN_without_avx2_the_probe_decides_and_bits_hold(monkeypatch):
     this was written on: the probe failed there and the runner fell back to construction):
     whatever the probe finds, fast == standard for the same schedule, starts included."""
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX")
-    with scoring.engine(str(zoo.get_model(MODEL)), **isolated_engine_kwargs()) as llm:
+    with runner_engine(str(zoo.get_model(MODEL)), "v1", **isolated_engine_kwargs()) as llm:
         (worker,) = scoring.exactness(llm)["workers"]
         probe = worker["probe"]
         assert worker["lm_head_rows"] == ("verified" if probe["exact"] else "construction")

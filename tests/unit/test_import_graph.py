@@ -21,7 +21,7 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parents[1] / "fastpath"
+PACKAGE_DIR = Path(__file__).resolve().parents[2] / "fastpath"
 TESTING = "fastpath.testing"
 
 

@@ -1,7 +1,7 @@
 """Conventions: each tool's windows, and fastpath's perplexity under them against that tool's loop.
 
 Pure checks (no engine): the positions each convention scores are the positions the tool's
-own loop scores (transcribed in `tests/convention_loops.py`; lm-eval's functions themselves
+own loop scores (transcribed in `tests/engine/convention_loops.py`; lm-eval's functions themselves
 too where lm-eval is installed). Engine checks: vLLM through fastpath against the
 transformers transcription of each loop on one zoo model: PPL within a stated relative
 bound, the same positions in the same order, each token within a stated bound.
@@ -18,7 +18,7 @@ from fastpath import conventions, perplexity, reference, zoo
 from fastpath.data import bundled_text
 from fastpath.scorer import EngineScorer
 from fastpath.windows import WindowError
-from tests import convention_loops
+from tests.engine import convention_loops
 
 # As in test_perplexity: fp32 vLLM against fp32 transformers on the tiny models.
 REFERENCE_PPL_RTOL = 1e-6

@@ -9,7 +9,7 @@ import pytest
 
 from fastpath.scoring import ScoreRequest, generate
 from fastpath.testing.measure import result_objects
-from tests.conftest import random_prompt, vocab_size
+from tests.helpers import random_prompt, vocab_size
 
 pytestmark = [pytest.mark.engine]
 

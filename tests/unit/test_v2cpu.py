@@ -24,7 +24,7 @@ if cpu is not None:
 def _python(code: str, *path: str, enable: bool = False) -> str:
     """Run `code` in a fresh interpreter with the site directory first on PYTHONPATH."""
     env = {k: v for k, v in os.environ.items() if k not in (runners.ENABLE_ENV, "PYTHONPATH")}
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join([str(runners.SITE_DIR), *path, repo])
     if enable:
         env[runners.ENABLE_ENV] = "1"

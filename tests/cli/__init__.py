@@ -1,0 +1,1 @@
+"""The `fastpath` command line: flags, errors, reports."""
