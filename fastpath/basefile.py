@@ -133,6 +133,20 @@ class BaseScores:
         scores.check_consistent()
         return scores
 
+    def check_settings(self, top_k: int, convention: str, context_length: int,
+                       stride: int | None, source: str = "the base file") -> None:
+        """Refuse (BaseFileError) unless made with this K, convention and window shape: what
+        can be checked from the flags alone, before any engine starts."""
+        if top_k != self.top_k:
+            raise BaseFileError(f"{source} holds the top-{self.top_k}, this run asks for "
+                                f"--top-k {top_k}")
+        theirs = (self.convention, self.context_length, self.stride)
+        ours = (convention, context_length, stride)
+        if theirs != ours:
+            raise BaseFileError(f"{source} was made with --convention {theirs[0]} "
+                                f"--context-length {theirs[1]} --stride {theirs[2]}, this "
+                                f"run uses {ours[0]}, {ours[1]}, {ours[2]}")
+
     def check_matches(self, layout: Layout, top_k: int, vocab_size: int, tokenizer: str,
                       source: str = "the base file") -> None:
         """Refuse (BaseFileError naming what differs) unless made for exactly this run."""
@@ -143,15 +157,8 @@ class BaseScores:
         if vocab_size != self.vocab_size:
             raise BaseFileError(f"{source} has vocabulary size {self.vocab_size}, this "
                                 f"model {vocab_size}")
-        if top_k != self.top_k:
-            raise BaseFileError(f"{source} holds the top-{self.top_k}, this run asks for "
-                                f"--top-k {top_k}")
-        theirs = (self.convention, self.context_length, self.stride)
-        ours = (layout.convention, layout.context_length, layout.stride)
-        if theirs != ours:
-            raise BaseFileError(f"{source} was made with --convention {theirs[0]} "
-                                f"--context-length {theirs[1]} --stride {theirs[2]}, this "
-                                f"run uses {ours[0]}, {ours[1]}, {ours[2]}")
+        self.check_settings(top_k, layout.convention, layout.context_length, layout.stride,
+                            source)
         tokens = np.asarray(layout.tokens, dtype=np.int32)
         if tokens.shape != self.tokens.shape or not np.array_equal(tokens, self.tokens):
             common = min(tokens.size, self.tokens.size)

@@ -101,16 +101,11 @@ def check_kld_flags(args: argparse.Namespace, given: set[str]) -> None:
 
 def check_base_flags(base: basefile.BaseScores, args: argparse.Namespace) -> None:
     """Refuse a base file made with other flags before any engine starts."""
-    source = f"--base-cache {args.base_cache}"
-    if base.top_k != args.top_k:
-        raise UsageError(f"{source} holds the top-{base.top_k}, this run asks for "
-                         f"--top-k {args.top_k}")
-    theirs = (base.convention, base.context_length, base.stride)
-    ours = (args.convention, args.context_length, args.stride)
-    if theirs != ours:
-        raise UsageError(f"{source} was made with --convention {theirs[0]} --context-length "
-                         f"{theirs[1]} --stride {theirs[2]}, this run uses {ours[0]}, "
-                         f"{ours[1]}, {ours[2]}")
+    try:
+        base.check_settings(args.top_k, args.convention, args.context_length, args.stride,
+                            source=f"--base-cache {args.base_cache}")
+    except basefile.BaseFileError as error:
+        raise UsageError(str(error)) from None
 
 
 @contextlib.contextmanager
