@@ -104,12 +104,17 @@ def assert_bitwise_equal(fast: np.ndarray, reference: np.ndarray, *, what: str) 
 
 def ci_or_slow(values: Iterable[Any], kept_in_ci: Iterable[Any],
                ids: Any = None) -> list[Any]:
-    """`pytest.param`s of `values`, each marked `slow` unless CI keeps it (the nightly and
-    `-m correctness` run them all)."""
+    """`pytest.param`s of `values` (a tuple is one value per argument name), each marked
+    `slow` unless CI keeps it (`kept_in_ci` holds values, or their `ids`); the nightly and
+    `-m correctness` run them all."""
     kept = set(kept_in_ci)
-    return [pytest.param(v, id=None if ids is None else ids(v),
-                         marks=[] if (v if ids is None else ids(v)) in kept else [pytest.mark.slow])
-            for v in values]
+    params = []
+    for value in values:
+        name = value if ids is None else ids(value)
+        marks = [] if name in kept else [pytest.mark.slow]
+        args = value if isinstance(value, tuple) else (value,)
+        params.append(pytest.param(*args, id=None if ids is None else name, marks=marks))
+    return params
 
 
 # ---------------------------------------------------------------- servers

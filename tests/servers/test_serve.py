@@ -26,7 +26,14 @@ from fastpath.client import ScoringClient, ServerPool, score_body
 from fastpath.data import bundled_text
 from fastpath.scorer import EngineScorer
 from fastpath.scoring import ScoreRequest
-from tests.helpers import VLLM_INFO_LINE, Server, assert_bitwise_equal, runner_engine, running
+from tests.helpers import (
+    VLLM_INFO_LINE,
+    Server,
+    assert_bitwise_equal,
+    ci_or_slow,
+    runner_engine,
+    running,
+)
 
 pytestmark = [pytest.mark.engine, pytest.mark.correctness]
 
@@ -139,8 +146,10 @@ def test_ppl_server_bitwise_equal_to_offline(servers, offline, tokens, text_file
         assert served["workers"][0]["kernels"] == offline_report["workers"][0]["kernels"]
 
 
-@pytest.mark.parametrize("convention, stride", [("hf", "32"), ("lm-eval", None),
-                                              ("llama.cpp", None)])
+# CI keeps lm-eval's (no special tokens, a prefix token: the least like fastpath's own);
+# the nightly and `-m correctness` run all three.
+@pytest.mark.parametrize("convention, stride", ci_or_slow(
+    [("hf", "32"), ("lm-eval", None), ("llama.cpp", None)], ["lm-eval"], ids=lambda p: p[0]))
 def test_ppl_server_every_convention_bitwise_equal_to_offline(servers, offline, text_file,
                                                             tmp_path, convention, stride):
     """`fastpath ppl --server --convention P` lays out P's windows from the server's tokenizer
