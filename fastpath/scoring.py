@@ -169,12 +169,70 @@ def submit_together(llm: Any, prompts: Sequence[Any], params: Any,
     aborted (vLLM's `enqueue`), and scheduling always resumes. `enqueue_kwargs` go to
     `LLM.enqueue` (`lora_request`, `priority`).
     """
-    llm.sleep(level=0, mode="keep")
+    checked_call(llm, llm.sleep, level=0, mode="keep")
     try:
         llm.enqueue(prompts, params, use_tqdm=False, **enqueue_kwargs)
     finally:
-        llm.wake_up(tags=["scheduling"])
+        checked_call(llm, llm.wake_up, tags=["scheduling"])
     return llm.wait_for_completion(use_tqdm=use_tqdm)
+
+
+class EngineClientStopped(RuntimeError):
+    """vLLM's engine-core client stopped reading the engine's outputs, so a reply the caller
+    waits for would never arrive: raised instead of waiting forever."""
+
+
+CLIENT_POLL_SECONDS = 1.0  # how often a waiting call checks that the client still reads
+
+
+def checked_call(llm: Any, call: Any, *args: Any, **kwargs: Any) -> Any:
+    """`call(*args, **kwargs)`, an engine-core utility call of `llm` (sleep, wake_up), that
+    fails loudly where vLLM's client has stopped reading the engine's outputs.
+
+    vLLM's multiprocess client reads every output of the engine core in one thread; if that
+    thread ends (an output it cannot decode: e.g. an engine core started with
+    VLLM_ALLOW_INSECURE_SERIALIZATION=1 answering a client without it), a utility call
+    waits forever for its reply. The call runs in a helper thread while this one watches
+    the reader (`output_queue_thread`, read defensively: a client without one, such as the
+    in-process client, is called directly) and raises `EngineClientStopped` with the
+    reader's recorded error.
+    """
+    import threading
+
+    client = llm.llm_engine.engine_core
+    reader = getattr(client, "output_queue_thread", None)
+    if reader is None:
+        return call(*args, **kwargs)
+    if not reader.is_alive():
+        raise EngineClientStopped(_stopped_message(client, call))
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = call(*args, **kwargs)
+        except BaseException as error:  # noqa: BLE001  (handed to the caller below)
+            box["error"] = error
+
+    helper = threading.Thread(target=run, name="fastpath-engine-call", daemon=True)
+    helper.start()
+    while True:
+        helper.join(CLIENT_POLL_SECONDS)
+        if not helper.is_alive():
+            break
+        if not reader.is_alive():
+            raise EngineClientStopped(_stopped_message(client, call))
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def _stopped_message(client: Any, call: Any) -> str:
+    queued = list(getattr(getattr(client, "outputs_queue", None), "queue", ()))
+    errors = [item for item in queued if isinstance(item, BaseException)]
+    reason = f"{type(errors[0]).__name__}: {errors[0]}" if errors else "no error recorded"
+    return (f"vLLM's engine-core client stopped reading the engine's outputs ({reason}); "
+            f"{getattr(call, '__name__', 'the call')} would wait forever for its reply. The "
+            "engine cannot answer this process any more: build a new one")
 
 
 def fast_prompt(request: ScoreRequest) -> dict[str, Any]:

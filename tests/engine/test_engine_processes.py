@@ -42,8 +42,15 @@ def _worker_pid_and_patches(self) -> tuple[int, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def tp2(tmp_path_factory, runner):
-    """A tensor-parallel-2 engine on the two cores, with a log of every patched process."""
+def tp2(tmp_path_factory, runner, llama_llm):
+    """A tensor-parallel-2 engine on the two cores, with a log of every patched process.
+
+    The environment below is set in this process while the engine starts, so every engine
+    started meanwhile inherits it for life: the session's `llama_llm`, which these tests
+    compare with, is requested first so that it is started outside this window (started
+    inside, its engine core kept VLLM_ALLOW_INSECURE_SERIALIZATION=1 and sent replies this
+    process could no longer decode once it was unset: the client stopped reading and
+    `-m correctness` hung in `LLM.wake_up`)."""
     log = tmp_path_factory.mktemp("patchlog") / "patches.jsonl"
     with pytest.MonkeyPatch.context() as env:
         env.setenv(LOG_ENV, str(log))
