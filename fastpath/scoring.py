@@ -210,7 +210,7 @@ def checked_call(llm: Any, call: Any, *args: Any, **kwargs: Any) -> Any:
     def run() -> None:
         try:
             box["value"] = call(*args, **kwargs)
-        except BaseException as error:  # noqa: BLE001  (handed to the caller below)
+        except BaseException as error:
             box["error"] = error
 
     helper = threading.Thread(target=run, name="fastpath-engine-call", daemon=True)

@@ -82,7 +82,7 @@ def test_the_installed_vllm_client_has_what_the_guard_reads(attribute):
     import importlib.util
     from pathlib import Path
 
-    from fastpath.patches._source import decode, has_attribute
+    from fastpath.source_text import decode, has_attribute
 
     origin = importlib.util.find_spec("vllm.v1.engine.core_client").origin
     assert has_attribute(decode(Path(origin).read_bytes()), "SyncMPClient", attribute)
