@@ -159,8 +159,6 @@ def run(args: argparse.Namespace, given: set[str]) -> int:
 
 def _run_kld(args: argparse.Namespace, given: set[str]) -> int:
     """Base pass (or base file), model pass, statistics."""
-    import vllm
-
     check_kld_flags(args, given)
     text, source = load_text(args)
 
@@ -187,10 +185,11 @@ def _run_kld(args: argparse.Namespace, given: set[str]) -> int:
             with _progress(len(layout.windows), "base pass") as bar:
                 target, top_lp, top_ids, base_timing = base_pass(scorer, layout, args.top_k,
                                                                  bar.update)
-        base_name = args.base_model or scorer.describe().model
+        described = scorer.describe()
         base = basefile.from_layout(layout, target, top_lp, top_ids, vocab, tokenizer,
-                                    model=base_name,
-                                    meta={"vllm_version": vllm.__version__, "source": source})
+                                    model=args.base_model or described.model,
+                                    meta={"vllm_version": described.vllm_version,
+                                          "source": source})
         if args.base_cache:
             base_file_bytes = base.save(args.base_cache)
 
@@ -232,8 +231,11 @@ def print_report(report: dict[str, Any]) -> None:
     base = report["base_model"] + (f" (base file {report['base_file']})"
                                    if report["base_file_reused"] else "")
     print(f"model   {report['model']}  vs base {base}")
-    print(f"        vLLM {report['vllm_version']}, {report['runner']} runner, "
-          f"{report['device']}, TP {report['tensor_parallel_size']}")
+    if report.get("servers"):
+        print(f"        vLLM {report['vllm_version']}, servers {', '.join(report['servers'])}")
+    else:
+        print(f"        vLLM {report['vllm_version']}, {report['runner']} runner, "
+              f"{report['device']}, TP {report['tensor_parallel_size']}")
     stride = f", stride {report['stride']}" if report["stride"] is not None else ""
     print(f"text    {report['source']}: {report['stream_tokens']} tokens; convention "
           f"{report['convention']}, context {report['context_length']}{stride}, "
