@@ -112,7 +112,7 @@ def test_guard_fails_a_request_whose_rows_were_not_computed():
     (fastpath/runners.py), which an in-process V1 engine would try to compile with.
     """
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    done = subprocess.run([sys.executable, "-c", "from tests.test_prefix_cache import "
+    done = subprocess.run([sys.executable, "-c", "from tests.engine.test_prefix_cache import "
                            "guard_scenario; guard_scenario(); print('GUARD-SCENARIO-OK')"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "GUARD-SCENARIO-OK" in done.stdout, done.stderr[-4000:]

@@ -53,7 +53,7 @@ def test_vllm_cpu_lm_head_is_row_subset_invariant_on_one_thread():
 
     In a fresh process: where vLLM already set up its CPU threads, torch keeps that count.
     """
-    code = ("import json; from fastpath import rowsubset; from tests.test_row_subset import "
+    code = ("import json; from fastpath import rowsubset; from tests.helpers import "
             "cpu_plan; print(json.dumps(rowsubset.sweep(128, 2048, kernel='vllm-cpu', "
             "threads=1, **cpu_plan(128, 2048))))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
