@@ -95,7 +95,13 @@ def build_llm_from_engine_args(engine_args: Any):
     from vllm import LLM
 
     ensure_active()
-    return LLM.from_engine_args(engine_args)
+    llm = LLM.from_engine_args(engine_args)
+    # Each worker probes its lm_head once before it scores (patches/gpu_model_runner.py).
+    # Asked here, outside any step, the probe has no time limit; left to the first scoring
+    # step it counts against vLLM's VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS (300 s), which a
+    # heavily loaded machine was seen to exceed (the engine core then dies).
+    llm.collective_rpc("fastpath_exactness")
+    return llm
 
 
 def build_llm(model: str, **engine_kwargs: Any):
