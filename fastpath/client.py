@@ -417,12 +417,6 @@ async def describe_servers(urls: Sequence[str], api_key: str | None = None,
     return described
 
 
-def tokenize(urls: Sequence[str], text: str, api_key: str | None = None,
-             timeout: float = DEFAULT_TIMEOUT) -> list[int]:
-    """Token ids of `text` from the first server that answers."""
-    return asyncio.run(_first_answer(urls, lambda c: c.tokenize(text), api_key, timeout))
-
-
 def percentiles(latencies: Sequence[float], qs: Sequence[float] = (50, 90, 99)) -> dict[str, float]:
     """Latency percentiles in seconds, keyed p50/p90/p99 (NaN with no samples)."""
     if not latencies:
@@ -483,6 +477,10 @@ class ServerScorer:
         self.api_key = api_key
         self.describe_timeout = describe_timeout
         self._tokenizer = tokenizer
+        # One per server, each asking its /fastpath/tokenizer once (describe, tokenizer and
+        # check_tokenizers share them).
+        self._server_tokenizers = [ServerTokenizer(u, api_key, self.pool.timeout)
+                                   for u in self.urls]
         self._described: list[dict[str, Any]] | None = None
         self._info: ScorerInfo | None = None
 
@@ -503,8 +501,7 @@ class ServerScorer:
         models = sorted({str(d["model"]) for d in described})
         return ScorerInfo(model=models[0] if len(models) == 1 else models,
                           max_model_len=min(int(d["max_model_len"]) for d in described),
-                          vocab_size=ServerTokenizer(self.urls[0], self.api_key,
-                                                     self.describe_timeout).info()["vocab_size"],
+                          vocab_size=self._server_tokenizers[0].info()["vocab_size"],
                           runner="server",
                           vllm_version=described[0]["vllm_version"],
                           where="these servers", extra={"servers": described})
@@ -513,20 +510,19 @@ class ServerScorer:
         return [{"url": d["url"], **d["exactness"]} for d in self.servers()]
 
     def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            self._tokenizer = ServerTokenizer(self.urls[0], self.api_key, self.pool.timeout)
-        return self._tokenizer
+        return self._tokenizer if self._tokenizer is not None else self._server_tokenizers[0]
 
     def check_tokenizers(self, probe: str) -> None:
         """ValueError unless every server gives `probe` the same token ids (with and
         without special tokens): they must serve the same tokenizer."""
         if len(self.urls) == 1:
             return
+        first, *others = self._server_tokenizers
         for special in (True, False):
-            first = ServerTokenizer(self.urls[0], self.api_key).encode(probe, special)
-            for url in self.urls[1:]:
-                if ServerTokenizer(url, self.api_key).encode(probe, special) != first:
-                    raise ValueError(f"{url} and {self.urls[0]} tokenize the text "
+            ids = first.encode(probe, special)
+            for other in others:
+                if other.encode(probe, special) != ids:
+                    raise ValueError(f"{other.url} and {first.url} tokenize the text "
                                      "differently: they serve different models")
 
     def warm_up(self, requests: Sequence[ScoreRequest]) -> None:

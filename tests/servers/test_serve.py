@@ -119,7 +119,7 @@ def test_quiet_by_default_and_verbose_reaches_engine_processes(servers):
 
 
 def test_server_tokenizer_is_the_offline_tokenizer(servers, tokens, text_file):
-    assert client.tokenize([servers[0].url], text_file.read_text()) == tokens
+    assert client.ServerTokenizer(servers[0].url).encode(text_file.read_text()) == tokens
 
 
 def test_ppl_server_bitwise_equal_to_offline(servers, offline, tokens, text_file, tmp_path,
