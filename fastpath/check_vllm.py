@@ -153,6 +153,33 @@ class Tree:
                 return found.group(1)
         return "unknown"
 
+    def file_bytes(self, rel: str) -> bytes | None:
+        """A file of the release by its path from the repository root, or None."""
+        return self._read(rel)
+
+    def carries_series(self) -> bool:
+        """Whether the release has fastpath's upstream series applied (`fastpath.upstream`):
+        `TokensPrompt` declares target_token_ids and the series' runner module exists."""
+        llm = self.file_bytes("vllm/inputs/llm.py")
+        return (llm is not None and b"target_token_ids:" in llm
+                and self.file_bytes("vllm/v1/worker/fixed_id_runner.py") is not None)
+
+    def matching_series(self) -> str | None:
+        """The release series of `fastpath.upstream` made from exactly this tree's files."""
+        import hashlib
+
+        from fastpath import upstream
+
+        for version in upstream.versions():
+            base = upstream.base_hashes(version)
+            found = {}
+            for path in base:
+                data = self.file_bytes(path)
+                found[path] = None if data is None else hashlib.sha256(data).hexdigest()
+            if found == base:
+                return version
+        return None
+
     def module_text(self, module: str) -> tuple[str, str] | None:
         """A module's source text and its path in the release, or None where it has none."""
         for rel in module_path(module):
@@ -336,9 +363,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TreeError as error:
         print(f"fastpath check-vllm: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    if tree.carries_series():
+        print(f"vLLM {tree.version} ({tree.label}): native: it carries fastpath's upstream "
+              "series (TokensPrompt.target_token_ids, the V1 fixed-id scorer); the plugin "
+              "stands aside there and patches nothing")
+        return EXIT_OK
     manifest, entries = load_manifest()
     findings = assess(tree, entries)
     print(report(tree, findings, manifest))
+    series = tree.matching_series()
+    print(f"upstream series: the {series} series applies (every file it edits is identical)"
+          if series else "upstream series: no series was made from these files; "
+          "`fastpath upstream apply --check` tells whether one still applies")
     return EXIT_OK if all(f.ok for f in findings) else EXIT_CHANGED
 
 

@@ -14,25 +14,25 @@ recorded; a request whose scored rows were not all written is never answered wit
 the scorer emits `FAILED_SCORES` instead, which the scheduler patch turns into an error
 finish for that request alone (the engine keeps serving).
 
-Memory: rows are scored at most `FASTPATH_SCORE_CHUNK_ROWS` at a time (default: 64 on CPU,
-1024 elsewhere, as measured below), so the logits and log-softmax a step materialises are
-bounded by the chunk, not by `max_num_batched_tokens`.
+Memory: rows are scored at most `FASTPATH_SCORE_CHUNK_ROWS` at a time (default: 64 on
+CPU, 1024 elsewhere, as measured below), so the logits and log-softmax a step
+materialises are bounded by the chunk, not by `max_num_batched_tokens`.
 
-Exactness, for the same schedule (the same rows in the same steps): each value is a gather
-from the fp32 log-softmax of logits of the same hidden states the standard path uses. The
-standard path computes a request's rows of a step in one lm_head call; chunking, and
-computing only the scored rows (`prompt_logprob_start > 0`), call it on fewer rows, which
-is exact only where the kernel gives a row the same bits among fewer rows. That is a fact
-about one machine's kernels, so it is decided on the machine, once per worker, before the
-first scored row (`RowMode`, `decide_rows`):
-- `verified`: a probe on the real lm_head and log-softmax (`fastpath.rowsubset.probe`:
-  every piece size the scorer uses, against steps of several sizes, in the model's dtype,
-  on this worker's threads) found every row bitwise equal: rows are chunked and only the
-  scored rows computed;
-- `construction`: the probe found a difference, or `FASTPATH_EXACTNESS=construction`: every
-  row of the step from the request's first row of the step, in one lm_head and one
-  log-softmax call, exactly as the standard path calls them; exact by construction, memory
-  bounded by the step.
+Exactness, for the same schedule (the same rows in the same steps): each value is a
+gather from the fp32 log-softmax of logits of the same hidden states the standard path
+uses. The standard path computes a request's rows of a step in one lm_head call;
+chunking, and computing only the scored rows (`prompt_logprob_start > 0`), call it on
+fewer rows, which is exact only where the kernel gives a row the same bits among fewer
+rows. That is a fact about one machine's kernels, so it is decided on the machine, once
+per worker, before the first scored row (`RowMode`, `decide_rows`):
+- `verified`: a probe on the real lm_head and log-softmax
+  (`fastpath.rowsubset.probe`): every piece size the scorer uses, against
+  steps of several sizes, in the model's dtype, on this worker's threads, found
+  every row bitwise equal: rows are chunked and only the scored rows computed;
+- `construction`: the probe found a difference, or `FASTPATH_EXACTNESS=construction`:
+  every row of the step from the request's first row of the step, in one lm_head and one
+  log-softmax call, exactly as the standard path calls them; exact by construction,
+  memory bounded by the step.
 With tensor parallelism the ranks agree on the mode (any rank's mismatch means
 `construction` for all).
 """
@@ -53,18 +53,19 @@ logger = logging.getLogger("fastpath")
 CHUNK_ROWS_ENV = "FASTPATH_SCORE_CHUNK_ROWS"
 EXACTNESS_ENV = "FASTPATH_EXACTNESS"
 EXACTNESS_CHOICES = ("auto", "construction")  # auto: probe, fall back to construction
-# Measured defaults (benchmarks/test_memory.py; benchmarks/gpu_step_memory.py). CPU, 8B twin,
-# fp32, 8,192-token whole-window step: 64 rows 6.2 s and 0.12 GiB, 256 rows 8.3 s, 1024 rows
-# 8.2 s and 1.47 GiB, unchunked 11.6 s and 7.8 GiB (a chunk's logits stay in cache). H200,
-# 8B head in bf16: 1024 rows 1.13x the unchunked time, 256 rows 1.19x (fewer rows per GEMM).
+# Measured defaults (benchmarks/test_memory.py; benchmarks/gpu_step_memory.py). CPU, 8B
+# twin, fp32, 8,192-token whole-window step: 64 rows 6.2 s and 0.12 GiB, 256 rows 8.3 s,
+# 1024 rows 8.2 s and 1.47 GiB, unchunked 11.6 s and 7.8 GiB (a chunk's logits stay in
+# cache). H200, 8B head in bf16: 1024 rows 1.13x the unchunked time, 256 rows 1.19x
+# (fewer rows per GEMM).
 DEFAULT_CHUNK_ROWS = {"cpu": 64}
 DEFAULT_CHUNK_ROWS_ELSEWHERE = 1024
 
 Tensor = torch.Tensor
 
 # What the scorer emits instead of scores when a request's scored rows were not all
-# computed: a 1-D empty tensor (real scores are 2-D with at least one row). The scheduler
-# patch turns it into an error finish for that request.
+# computed: a 1-D empty tensor (real scores are 2-D with at least one row). The
+# scheduler patch turns it into an error finish for that request.
 FAILED_SCORES = torch.empty(0, dtype=torch.float32)
 
 
@@ -74,8 +75,8 @@ def is_failed_scores(scores: Any) -> bool:
 
 
 def chunk_rows_setting(device_type: str) -> int:
-    """Rows scored per lm_head/log-softmax call: env FASTPATH_SCORE_CHUNK_ROWS (>= 2), else
-    the measured default for the device type."""
+    """Rows scored per lm_head/log-softmax call: env FASTPATH_SCORE_CHUNK_ROWS (>= 2),
+    else the measured default for the device type."""
     raw = os.environ.get(CHUNK_ROWS_ENV, "")
     if not raw:
         return DEFAULT_CHUNK_ROWS.get(device_type, DEFAULT_CHUNK_ROWS_ELSEWHERE)
@@ -90,7 +91,8 @@ def chunk_rows_setting(device_type: str) -> int:
 
 @dataclass(frozen=True)
 class RowMode:
-    """How the scorer computes rows on this worker, and why (see the module docstring)."""
+    """How the scorer computes rows on this worker, and why (see the module
+    docstring)."""
 
     mode: str  # "verified" | "construction"
     reason: str
@@ -117,8 +119,8 @@ def exactness_setting() -> str:
 def decide_rows(logits: Callable[[Tensor], Tensor], logprobs: Callable[[Tensor], Tensor],
                 hidden_size: int, dtype: torch.dtype, device: torch.device, max_rows: int,
                 chunk_rows: int) -> RowMode:
-    """Probe this worker's lm_head (`logits`) and log-softmax (`logprobs`) unless told not
-    to, on steps of up to `max_rows` rows; agree across tensor-parallel ranks."""
+    """Probe this worker's lm_head (`logits`) and log-softmax (`logprobs`) unless told
+    not to, on steps of up to `max_rows` rows; agree across tensor-parallel ranks."""
     if exactness_setting() == "construction":
         return RowMode("construction", f"{EXACTNESS_ENV}=construction", chunk_rows)
     from fastpath import rowsubset
@@ -142,7 +144,8 @@ def decide_rows(logits: Callable[[Tensor], Tensor], logprobs: Callable[[Tensor],
 
 
 def _all_ranks_agree(exact: bool) -> bool:
-    """Whether every rank of this worker's tensor-parallel group found its rows exact."""
+    """Whether every rank of this worker's tensor-parallel group found its rows
+    exact."""
     if not torch.distributed.is_initialized():
         return exact  # one process, no group to ask
     from vllm.distributed.parallel_state import get_tp_group
@@ -178,9 +181,9 @@ class ScheduledPrompt:
 
 @dataclass(frozen=True)
 class Piece:
-    """One lm_head call: prompt positions [call_from, end) go in, the scores of positions
-    [write_from, end) are kept (call_from < write_from where a row is computed beside
-    rows it does not score)."""
+    """One lm_head call: prompt positions [call_from, end) go in, the scores of
+    positions [write_from, end) are kept (call_from < write_from where a row is computed
+    beside rows it does not score)."""
 
     call_from: int
     write_from: int
@@ -189,7 +192,8 @@ class Piece:
 
 @dataclass
 class RequestScores:
-    """Fixed-id scores of one request, filled piece by piece until its prompt is done."""
+    """Fixed-id scores of one request, filled piece by piece until its prompt is
+    done."""
 
     token_ids: Tensor  # [rows, ids] int64 on the device, padding clamped to 0
     padding: np.ndarray  # [rows, ids] bool, True where the request padded with -1
@@ -207,7 +211,8 @@ class RequestScores:
 class FixedIdScorer:
     """Owns the fixed-id scoring state of every request of one runner.
 
-    `decide` gives this worker's `RowMode`; it is asked once, before the first scored row.
+    `decide` gives this worker's `RowMode`; it is asked once, before the first scored
+    row.
     """
 
     def __init__(self, device: torch.device, chunk_rows: int,
@@ -225,8 +230,8 @@ class FixedIdScorer:
         return self._row_mode
 
     def add_request(self, req_id: str, token_ids: Any, start: int, top_k: int) -> None:
-        """A new request ([rows, ids] ids, -1 for padding): fresh state, whatever an earlier
-        request of this id left."""
+        """A new request ([rows, ids] ids, -1 for padding): fresh state, whatever an
+        earlier request of this id left."""
         ids = np.array(token_ids, dtype=np.int64, copy=True)
         self.requests[req_id] = RequestScores(
             token_ids=torch.from_numpy(ids.clip(min=0)).to(self.device),
@@ -243,7 +248,8 @@ class FixedIdScorer:
         self.requests.pop(req_id, None)
 
     def resume_request(self, req_id: str) -> None:
-        """Resumed after preemption: a prompt not yet answered is computed from scratch."""
+        """Resumed after preemption: a prompt not yet answered is computed from
+        scratch."""
         state = self.requests.get(req_id)
         if state is not None:
             state.reset()
@@ -251,10 +257,10 @@ class FixedIdScorer:
     def score_step(self, hidden_states: Tensor, scheduled: Sequence[ScheduledPrompt],
                    logits: Callable[[Tensor], Tensor], logprobs: Callable[[Tensor], Tensor],
                    sync: Callable[[], None] | None = None) -> dict[str, Tensor]:
-        """Score this step's rows of every tracked request that is `scheduled`; return the
-        finished requests' scores. `logits(rows)` is the lm_head, `logprobs(logits)` the
-        fp32 log-softmax (or the raw logits in a raw-logits mode); `sync()` waits for the
-        device copies to the host."""
+        """Score this step's rows of every tracked request that is `scheduled`; return
+        the finished requests' scores. `logits(rows)` is the lm_head, `logprobs(logits)`
+        the fp32 log-softmax (or the raw logits in a raw-logits mode); `sync()` waits
+        for the device copies to the host."""
         exact = self.row_mode().subsets_exact if self.requests else False
         finished: dict[str, RequestScores] = {}
         copied = False
@@ -282,11 +288,11 @@ class FixedIdScorer:
                subsets_exact: bool) -> list[Piece]:
         """The lm_head calls that score this step's scored rows of one request.
 
-        Scored rows are prompt positions [start, prompt_len - 1). Where subsets are exact
-        (`verified`): pieces of `chunk_rows`, a lone row computed beside its predecessor (a
-        one-row GEMM rounds differently). Otherwise (`construction`): every row of the
-        step from its first position, in one call, exactly as the standard path computes
-        them.
+        Scored rows are prompt positions [start, prompt_len - 1). Where subsets are
+        exact (`verified`): pieces of `chunk_rows`, a lone row computed beside its
+        predecessor (a one-row GEMM rounds differently). Otherwise (`construction`):
+        every row of the step from its first position, in one call, exactly as the
+        standard path computes them.
         """
         lo = max(state.start, prompt.computed)
         hi = min(prompt.end, prompt.prompt_len - 1)
@@ -316,13 +322,14 @@ class FixedIdScorer:
 
     @staticmethod
     def _emit(req_id: str, state: RequestScores) -> Tensor:
-        """The request's scores, or FAILED_SCORES when any scored row was never computed."""
+        """The request's scores, or FAILED_SCORES when any scored row was never
+        computed."""
         if not state.written.all():
             missing = np.flatnonzero(~state.written)
             logger.error(
-                "fastpath: request %s reached the end of its prompt with %d of %d scored "
-                "rows never computed (first: prompt row %d); failing it instead of "
-                "returning unwritten scores", req_id, missing.size, state.written.size,
+                "fastpath: request %s reached the end of its prompt with %d of %d "
+                "scored rows never computed (first: prompt row %d); failing it "
+                "instead of returning unwritten scores", req_id, missing.size, state.written.size,
                 int(missing[0]) + state.start)
             return FAILED_SCORES
         if state.padding.any():

@@ -3,8 +3,10 @@
 That is the front end, the engine core and each worker, so the patches reach the code
 that runs there, not only the process that imported fastpath. Switch it off with
 `FASTPATH_DISABLE=1` (or leave `fastpath` out of vLLM's own `VLLM_PLUGINS`).
-`FASTPATH_PATCH_LOG=path` appends one line per process that applied the patches (pid and
-functions), which the tests use to show the patch is live inside the engine processes.
+`FASTPATH_PATCH_LOG=path` appends one line per process the plugin ran in: its pid and the
+functions it patched, or `"native": true` with none where the installed vLLM carries the
+upstream series (`fastpath.upstream`) and the plugin stood aside. The tests use it to show
+the patch is live inside the engine processes, and `tox -e upstream` that it is not.
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ def register() -> None:
     if disabled():
         logger.info("fastpath: disabled by %s", DISABLE_ENV)
         return
-    if patches.native_support():
+    native = patches.native_support()
+    if native:
         logger.info("fastpath: vLLM supports target_token_ids natively; not patching")
-        return
-    functions = patches.apply()
+    functions = [] if native else patches.apply()
     if log_path := os.environ.get(LOG_ENV):
         with open(log_path, "a") as log:
             log.write(json.dumps({"pid": os.getpid(), "ppid": os.getppid(),
-                                  "patched": functions}) + "\n")
+                                  "patched": functions, "native": native}) + "\n")

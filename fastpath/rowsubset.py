@@ -1,27 +1,29 @@
 """Row-subset invariance: does a row get the same bits when computed among fewer rows?
 
-fastpath's exactness argument for `target_start > 0` and for row-chunked scoring is that a
-row's logits (the lm_head GEMM), its fp32 log-softmax and the gather of one id out of it
-have the same bit pattern whether the row is computed among all the prompt rows of a step
-(what the standard `prompt_logprobs` path computes) or among a subset of them (what the fast
-path computes). That is a property of the kernels, not of the mathematics, so it is swept
-here: deterministic random hidden states and lm_head weights of a given shape, every row
-computed once among all `rows`, then again inside subsets (suffixes as `target_start` makes
-them, runs of 2..N rows at several starts, the chunks of `chunk` rows, lone rows), compared
-bit for bit per row at each stage.
+fastpath's exactness argument for `target_start > 0` and for row-chunked scoring is that
+a row's logits (the lm_head GEMM), its fp32 log-softmax and the gather of one id out of
+it have the same bit pattern whether the row is computed among all the prompt rows of a
+step (what the standard `prompt_logprobs` path computes) or among a subset of them (what
+the fast path computes). That is a property of the kernels, not of the mathematics, so
+it is swept here: deterministic random hidden states and lm_head weights of a given
+shape, every row computed once among all `rows`, then again inside subsets (suffixes as
+`target_start` makes them, runs of 2..N rows at several starts, the chunks of `chunk`
+rows, lone rows), compared bit for bit per row at each stage.
 
 Kernels: `linear` is `torch.nn.functional.linear`, which is vLLM's lm_head on CUDA;
 `vllm-cpu` is whatever vLLM's CPU backend dispatches the lm_head to on this machine
 (`dispatch_cpu_unquantized_gemm`: oneDNN, or sgl-kernel for 16-bit weights on AMX CPUs).
-Only that kernel imports vLLM, and only when asked for; the module itself needs torch alone,
-so it runs on a GPU machine that has torch and nothing else:
+Only that kernel imports vLLM, and only when asked for; the module itself needs torch
+alone, so it runs on a GPU machine that has torch and nothing else:
 
-    python -m fastpath.rowsubset --device cuda --hidden 4096 --vocab 128256 --rows 2048 \
-        --chunk 1024 512 --dtype bfloat16 float16 float32
+    python -m fastpath.rowsubset --device cuda --hidden 4096 \
+        --vocab 128256 --rows 2048 --chunk 1024 512 \
+        --dtype bfloat16 float16 float32
 
-prints a JSON list of reports (one per dtype x chunk) and exits 1 when any row computed among
-two or more rows differs; a lone row that differs is reported apart (`lone_row_mismatches`),
-since the patch never computes a lone row where the standard path computes several.
+prints a JSON list of reports (one per dtype x chunk) and exits 1 when any row computed
+among two or more rows differs; a lone row that differs is reported apart
+(`lone_row_mismatches`), since the patch never computes a lone row where the standard
+path computes several.
 
 `probe` is the same check on a live engine's own lm_head (`compute_logits`) and
 log-softmax, run by the V1 runner patch on each worker before it scores: the subsets it
@@ -54,8 +56,8 @@ def subsets(rows: int, chunk: int, counts: Iterable[int] = COUNTS,
             count_starts: str = "edges") -> list[Subset]:
     """The row ranges checked among `rows` rows: suffixes, runs, chunks and lone rows.
 
-    `count_starts`: "edges" puts each run of `count` rows at the start, one row in, and the
-    end; "one" only one row in (cheaper, for the large shapes on CPU).
+    `count_starts`: "edges" puts each run of `count` rows at the start, one row in, and
+    the end; "one" only one row in (cheaper, for the large shapes on CPU).
     """
     if rows < 2:
         raise ValueError(f"rows must be at least 2, got {rows}")
@@ -97,7 +99,8 @@ def lm_head(kernel: str, weight: torch.Tensor) -> Callable[[torch.Tensor], torch
 
 def inputs(hidden: int, vocab: int, rows: int, dtype: torch.dtype, device: str,
            seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Hidden states [rows, hidden], lm_head weight [vocab, hidden], target ids [rows, 1].
+    """Hidden states [rows, hidden], lm_head weight [vocab, hidden], target ids
+    [rows, 1].
 
     Drawn on the CPU from one seed, then moved, so every device sees the same values.
     """
@@ -116,7 +119,8 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def differing_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Indices of the rows whose bit patterns differ anywhere (NaNs and -0.0 included)."""
+    """Indices of the rows whose bit patterns differ anywhere (NaNs and -0.0
+    included)."""
     kind = _INT_OF[a.element_size()]
     return (a.contiguous().view(kind) != b.contiguous().view(kind)).any(dim=-1).nonzero()[:, 0]
 
@@ -127,14 +131,15 @@ def sweep(hidden: int, vocab: int, rows: int, chunk: int = 1024, dtype: str = "f
           ) -> dict[str, Any]:
     """Compare every checked subset's rows with the same rows computed among all `rows`.
 
-    Returns a JSON-ready report. `mismatches` lists each (subset of two or more rows, stage)
-    whose rows differ in bits, with the count of rows, the first one and the largest absolute
-    difference; `lone_row_mismatches` the same for one-row subsets. Stages: `logits` (the
-    lm_head), `log_softmax` (fp32, of the subset's own logits), `gather` (one target id per
-    row); where a subset's logits differ, `log_softmax_given_logits` also checks log-softmax
-    alone on the full computation's logits of those rows (where they are equal, `log_softmax`
-    already is that check). `invariant`: no multi-row mismatch at any stage;
-    `log_softmax_invariant`: log-softmax and gather never add a difference of their own.
+    Returns a JSON-ready report. `mismatches` lists each (subset of two or more rows,
+    stage) whose rows differ in bits, with the count of rows, the first one and the
+    largest absolute difference; `lone_row_mismatches` the same for one-row subsets.
+    Stages: `logits` (the lm_head), `log_softmax` (fp32, of the subset's own logits),
+    `gather` (one target id per row); where a subset's logits differ,
+    `log_softmax_given_logits` also checks log-softmax alone on the full computation's
+    logits of those rows (where they are equal, `log_softmax` already is that check).
+    `invariant`: no multi-row mismatch at any stage; `log_softmax_invariant`:
+    log-softmax and gather never add a difference of their own.
     """
     if threads is not None:  # CPU kernels may split work by thread: sweep the worker's count
         saved = torch.get_num_threads()
@@ -201,14 +206,14 @@ def sweep(hidden: int, vocab: int, rows: int, chunk: int = 1024, dtype: str = "f
 
 
 def probe_plan(budget: int, chunk: int) -> tuple[int, list[int], list[Subset]]:
-    """What `probe` checks for an engine step of at most `budget` rows scored `chunk` rows at
-    a time: (rows, reference row counts, subsets).
+    """What `probe` checks for an engine step of at most `budget` rows scored `chunk`
+    rows at a time: (rows, reference row counts, subsets).
 
-    The scorer computes rows in pieces of `chunk` rows and a remainder of 2..chunk rows (a
-    lone row is computed beside its predecessor); the standard path computes a step's rows
-    of a request in one call of any size up to the budget. So: references over the first
-    M rows for a few M (each must agree with the largest on their common rows), every piece
-    size 2..chunk at one offset, and whole chunks at both ends.
+    The scorer computes rows in pieces of `chunk` rows and a remainder of 2..chunk rows
+    (a lone row is computed beside its predecessor); the standard path computes a step's
+    rows of a request in one call of any size up to the budget. So: references over the
+    first M rows for a few M (each must agree with the largest on their common rows),
+    every piece size 2..chunk at one offset, and whole chunks at both ends.
     """
     if budget < 2 or chunk < 2:
         raise ValueError(f"budget and chunk must be at least 2, got {budget} and {chunk}")
@@ -227,12 +232,12 @@ def probe(logits_of: Callable[[torch.Tensor], torch.Tensor],
           logprobs_of: Callable[[torch.Tensor], torch.Tensor], hidden_size: int,
           dtype: torch.dtype, device: torch.device | str, budget: int, chunk: int,
           seed: int = 0) -> dict[str, Any]:
-    """Check, on a real lm_head (`logits_of`) and log-softmax (`logprobs_of`), that a row
-    gets the same bits among the rows the scorer computes as among the rows the standard
-    path computes (see `probe_plan`); a JSON-ready report, `exact` the verdict.
+    """Check, on a real lm_head (`logits_of`) and log-softmax (`logprobs_of`), that a
+    row gets the same bits among the rows the scorer computes as among the rows the
+    standard path computes (see `probe_plan`); a JSON-ready report, `exact` the verdict.
 
-    Every check runs whatever the earlier ones found, so the sequence of `logits_of` calls
-    is the same on every tensor-parallel rank (it may gather across them).
+    Every check runs whatever the earlier ones found, so the sequence of `logits_of`
+    calls is the same on every tensor-parallel rank (it may gather across them).
     """
     started = time.perf_counter()
     rows, references, checked = probe_plan(budget, chunk)
@@ -275,7 +280,8 @@ def _device_name(device: str) -> str:
 
 def summary(report: dict[str, Any]) -> str:
     """One line per report: shape, dtype, chunk, verdict and the worst stage."""
-    shape = f"{report['hidden']}x{report['vocab']} rows {report['rows']} chunk {report['chunk']}"
+    shape = (f"{report['hidden']}x{report['vocab']} rows {report['rows']} "
+             f"chunk {report['chunk']}")
     verdict = "invariant" if report["invariant"] else f"{len(report['mismatches'])} mismatches"
     lone = len({(m["start"], m["stop"]) for m in report["lone_row_mismatches"]})
     return (f"{report['kernel']} {report['dtype']} {shape}: {verdict} over "
@@ -283,7 +289,8 @@ def summary(report: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Sweep the shapes, dtypes and chunk sizes given; print JSON; 1 if a multi-row run differs."""
+    """Sweep the shapes, dtypes and chunk sizes given; print JSON; 1 if a multi-row run
+    differs."""
     parser = argparse.ArgumentParser(prog="python -m fastpath.rowsubset", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")

@@ -100,7 +100,7 @@ def build_llm_from_engine_args(engine_args: Any):
     # Asked here, outside any step, the probe has no time limit; left to the first scoring
     # step it counts against vLLM's VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS (300 s), which a
     # heavily loaded machine was seen to exceed (the engine core then dies).
-    llm.collective_rpc("fastpath_exactness")
+    llm.collective_rpc("fixed_id_exactness")
     return llm
 
 
@@ -146,7 +146,7 @@ def schedule_mode(scheduler_config: Any) -> str:
 def exactness_report(scheduler_config: Any, workers: Sequence[dict[str, Any]]
                      ) -> dict[str, Any]:
     """What the fast path's bits rest on in one engine: its schedule mode and, from every
-    worker (`collective_rpc("fastpath_exactness")`), how it computes the scored rows
+    worker (`collective_rpc("fixed_id_exactness")`), how it computes the scored rows
     (`verified` by a probe of its lm_head, or `construction`; see
     fastpath/fixed_ids.py)."""
     mode = schedule_mode(scheduler_config)
@@ -158,7 +158,7 @@ def exactness_report(scheduler_config: Any, workers: Sequence[dict[str, Any]]
 def exactness(llm: Any) -> dict[str, Any]:
     """`exactness_report` of an offline engine (probes the workers not yet decided)."""
     return exactness_report(llm.llm_engine.vllm_config.scheduler_config,
-                            llm.collective_rpc("fastpath_exactness"))
+                            llm.collective_rpc("fixed_id_exactness"))
 
 
 def submit_together(llm: Any, prompts: Sequence[Any], params: Any,

@@ -103,7 +103,7 @@ class FastpathRoutes:
             return
         from fastpath import scoring
 
-        workers = await engine.collective_rpc("fastpath_exactness")
+        workers = await engine.collective_rpc("fixed_id_exactness")
         report = scoring.exactness_report(engine.vllm_config.scheduler_config, workers)
         await _json(send, 200, report)
 

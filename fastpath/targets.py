@@ -1,4 +1,5 @@
-"""The `target_token_ids` prompt field: its form, its checks, and its upstream equivalent.
+"""The `target_token_ids` prompt field: its form, its checks, and its upstream
+equivalent.
 
 Pure (numpy only) so it is unit-tested without an engine. The patches call it at
 submission time, in the front-end process, so bad input never reaches the engine core.
@@ -7,7 +8,8 @@ Form: `TokensPrompt(prompt_token_ids=ids, target_token_ids=targets, target_start
 - `targets[i]` is scored as the prediction of prompt position `s + i + 1`, i.e. from
   the causal row `s + i`; `len(targets) == len(ids) - 1 - s`.
 - `target_start` (default 0) skips the first `s` rows: only the last
-  `len(ids) - 1 - s` rows are computed (perplexity with a stride scores only new tokens).
+  `len(ids) - 1 - s` rows are computed (perplexity with a stride scores only new
+  tokens).
 - Perplexity: `targets = ids[s + 1:]`. Any in-vocabulary id is allowed, so alternative
   continuations can be scored.
 
@@ -27,6 +29,7 @@ import numpy as np
 TARGET_KEY = "target_token_ids"
 START_KEY = "target_start"
 TOP_K_KEY = "fastpath_top_k"  # SamplingParams.extra_args key: top-K columns per scored row
+MAX_EXACT_FLOAT32_ID = 1 << 24  # top-K ids travel as float32: exact only below this
 EXPECTED_FORM = (
     "a flat list (or 1-D integer numpy array) of token ids, one per scored prompt "
     "position: len(prompt_token_ids) - 1 - target_start entries "
@@ -101,7 +104,8 @@ def _as_id_array(targets: Any) -> np.ndarray:
 def normalize_targets(
     targets: Any, start: Any, prompt_len: int, vocab_size: int
 ) -> tuple[np.ndarray, int]:
-    """Check targets against the prompt and vocabulary; return (int32 ids [R, 1], start).
+    """Check targets against the prompt and vocabulary; return
+    (int32 ids [R, 1], start).
 
     Raises TargetTokenIdsError naming the parameter and the expected form.
     """

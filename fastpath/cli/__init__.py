@@ -1,7 +1,8 @@
 """`fastpath` command line: `fastpath ppl` (sliding-window perplexity), `fastpath serve`
 (vLLM's OpenAI-compatible server with the scoring route), `fastpath kld` (KL divergence
 against a base model, `fastpath.kld`), `fastpath report`, `fastpath check-vllm` (judge a
-vLLM release against the patches without installing it), `fastpath lm-eval`
+vLLM release against the patches without installing it), `fastpath upstream` (the same
+change as a vLLM patch series), `fastpath lm-eval`
 (lm-evaluation-harness's own command line with the `fastpath-vllm` model).
 
 `fastpath ppl` and `fastpath kld` take every vLLM engine flag through vLLM's own
@@ -59,6 +60,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser,
     add_report_flags(commands.add_parser("report", help="benchmark or kld JSON -> CSVs and plots"))
     add_check_vllm_flags(commands.add_parser(
         "check-vllm", help="judge a vLLM wheel or source tree against fastpath's patches"))
+    commands.add_parser("upstream", add_help=False, help="the fast path as a vLLM patch "
+                        "series: apply, copy, test, refresh (fastpath/upstream)")
     commands.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness's command line "
                         "with the fastpath-vllm model (fastpath/lm_eval_model.py)")
     return parser, ppl, kld, serve
@@ -83,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         from fastpath import check_vllm
 
         return check_vllm.main(argv[1:])
+    if argv[:1] == ["upstream"]:  # the patch series: imports no vLLM either
+        from fastpath import upstream
+
+        return upstream.main(argv[1:])
     quiet_vllm(verbose_requested(argv))  # before vLLM is imported
     _prepare_runner(argv)  # before vLLM is imported
     if argv[:1] == ["lm-eval"]:  # the rest is lm-eval's own command line

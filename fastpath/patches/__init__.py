@@ -87,7 +87,7 @@ REGISTER: tuple[PatchEntry, ...] = (
         why="Whether a worker may compute fewer rows than the standard path (row chunks, "
         "only the scored rows) is decided on the worker by a probe of its own lm_head; the "
         "front end must report which mode answered.",
-        how="Add WorkerBase.fastpath_exactness (refused if upstream defines the name), an "
+        how="Add WorkerBase.fixed_id_exactness (refused if upstream defines the name), an "
         "RPC target for collective_rpc that returns the worker's row mode and probe report.",
         upstream_pr="none: an upstream V1 implementation would report it as engine state",
         removal_plan="Remove with the V1 runner patch.",

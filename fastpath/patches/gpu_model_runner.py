@@ -15,9 +15,11 @@ row's top-K log-probs and ids (torch.topk, as the standard path's), appended as 
 
 The scoring itself (request lifecycle, row pieces, exactness modes, memory bound) is
 `fastpath.fixed_ids.FixedIdScorer`, which takes explicit inputs; this module only binds it
-to the runner: which requests it tracks (`_update_states`), what this step scheduled
-(`scheduled_prompts`), the runner's lm_head and log-softmax, and where the finished scores
-go (`sample_tokens`). `WorkerBase.fastpath_exactness` (patches/worker.py) reports the mode.
+to the runner: which requests it tracks (`_update_states`), what this step scheduled,
+the runner's lm_head and log-softmax, and where the finished scores go (`sample_tokens`).
+Those calls are `fastpath.fixed_id_runner`, shared with the upstream series, which makes
+them from inside the same three methods. `WorkerBase.fixed_id_exactness`
+(patches/worker.py) reports the mode.
 Checked against: vLLM 0.32.0 and 0.33.0 (fingerprints below).
 Removal: when upstream's V1 runner answers `prompt_logprob_token_ids` itself, or V1 is retired.
 """
@@ -27,79 +29,21 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from vllm.v1.worker.gpu_model_runner import AsyncGPUModelRunnerOutput, GPUModelRunner
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-from fastpath.fixed_ids import (
-    FixedIdScorer,
-    RowMode,
-    ScheduledPrompt,
-    chunk_rows_setting,
-    decide_rows,
-)
+from fastpath import fixed_id_runner
 from fastpath.patches._base import Replacement
-from fastpath.patches._scores import top_k_of
 
 _original_update_states = GPUModelRunner._update_states
 _original_get_prompt_logprobs_dict = GPUModelRunner._get_prompt_logprobs_dict
 _original_sample_tokens = GPUModelRunner.sample_tokens
 
-_SCORER = "_fastpath_scorer"  # runner attribute: the FixedIdScorer
-_STEP_OUTPUT = "_fastpath_step_output"  # runner attribute: this step's finished scores
-
-
-def row_mode(runner: GPUModelRunner, chunk_rows: int) -> RowMode:
-    """`decide_rows` on this runner's own lm_head and log-softmax, at its step size."""
-    return decide_rows(runner.model.compute_logits, runner.sampler.compute_logprobs,
-                       runner.model_config.get_hidden_size(), runner.model_config.dtype,
-                       runner.device, runner.max_num_tokens, chunk_rows)
-
-
-def scorer(runner: GPUModelRunner) -> FixedIdScorer:
-    """The runner's FixedIdScorer, created on first use."""
-    found = runner.__dict__.get(_SCORER)
-    if found is None:
-        chunk_rows = chunk_rows_setting(runner.device.type)
-        found = runner.__dict__[_SCORER] = FixedIdScorer(
-            runner.device, chunk_rows, lambda: row_mode(runner, chunk_rows))
-    return found
-
-
-def scheduled_prompts(runner: GPUModelRunner, tracked: Any,
-                      num_scheduled_tokens: dict[str, int]) -> list[ScheduledPrompt]:
-    """This step's part of each tracked request, read from the runner's batch."""
-    scheduled = []
-    for req_id in tracked:
-        num_tokens = num_scheduled_tokens.get(req_id)
-        request = runner.requests.get(req_id)
-        if num_tokens is None or request is None or request.prompt_token_ids is None:
-            continue
-        index = runner.input_batch.req_id_to_index[req_id]
-        scheduled.append(ScheduledPrompt(req_id, len(request.prompt_token_ids),
-                                         request.num_computed_tokens, num_tokens,
-                                         int(runner.query_start_loc.np[index])))
-    return scheduled
-
-
-def scores_function(runner: GPUModelRunner) -> Any:
-    """What a row's scores are: the fp32 log-softmax, or the logits in a raw-logits mode."""
-    if runner.model_config.logprobs_mode in ("raw_logits", "processed_logits"):
-        return lambda logits: logits.to(torch.float32)
-    return runner.sampler.compute_logprobs
-
 
 def _update_states(self: GPUModelRunner, scheduler_output: Any) -> Any:
     """Upstream's state update, with the fixed-id scoring state following each request."""
-    tracker = scorer(self)
-    for req_id in scheduler_output.finished_req_ids:
-        tracker.remove_request(req_id)
-    for req_id in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
-        tracker.resume_request(req_id)
+    fixed_id_runner.forget_requests(self, scheduler_output)
     result = _original_update_states(self, scheduler_output)
-    for new_request in scheduler_output.scheduled_new_reqs:
-        params = new_request.sampling_params
-        if params is not None and params.prompt_logprob_token_ids is not None:
-            tracker.add_request(new_request.req_id, params.prompt_logprob_token_ids,
-                                params.prompt_logprob_start or 0, top_k_of(params))
+    fixed_id_runner.track_new_requests(self, scheduler_output)
     return result
 
 
@@ -108,29 +52,14 @@ def _get_prompt_logprobs_dict(
 ) -> Any:
     """Upstream's prompt logprobs, plus this step's fixed-id scores kept for sample_tokens."""
     result = _original_get_prompt_logprobs_dict(self, hidden_states, num_scheduled_tokens)
-    tracker = scorer(self)
-    self.__dict__[_STEP_OUTPUT] = tracker.score_step(
-        hidden_states, scheduled_prompts(self, tracker.requests, num_scheduled_tokens),
-        self.model.compute_logits, scores_function(self), self._sync_device)
+    fixed_id_runner.score_step(self, hidden_states, num_scheduled_tokens)
     return result
 
 
 def sample_tokens(self: GPUModelRunner, *args: Any, **kwargs: Any) -> Any:
     """Upstream's step output, with the fixed-id scores attached to the ModelRunnerOutput."""
-    self.__dict__[_STEP_OUTPUT] = {}
-    output = _original_sample_tokens(self, *args, **kwargs)
-    scores = self.__dict__.pop(_STEP_OUTPUT, None)
-    if scores:
-        target = (
-            output._model_runner_output
-            if isinstance(output, AsyncGPUModelRunnerOutput)
-            else output
-        )
-        target.prompt_token_id_logprobs_dict = {
-            **target.prompt_token_id_logprobs_dict,
-            **scores,
-        }
-    return output
+    fixed_id_runner.begin_step(self)
+    return fixed_id_runner.attach_scores(self, _original_sample_tokens(self, *args, **kwargs))
 
 
 REPLACEMENTS = [

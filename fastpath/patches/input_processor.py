@@ -23,10 +23,15 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.engine.input_processor import InputProcessor
 
 from fastpath.patches._base import Replacement
-from fastpath.patches._scores import TOP_K_KEY
-from fastpath.targets import START_KEY, TARGET_KEY, TargetTokenIdsError, normalize_targets
+from fastpath.targets import (
+    MAX_EXACT_FLOAT32_ID,
+    START_KEY,
+    TARGET_KEY,
+    TOP_K_KEY,
+    TargetTokenIdsError,
+    normalize_targets,
+)
 
-MAX_EXACT_FLOAT32_ID = 1 << 24  # every id below this is exact as a float32
 _original_process_inputs = InputProcessor.process_inputs
 _original_validate_params = InputProcessor._validate_params
 

@@ -91,6 +91,24 @@ def test_patch_active_in_engine_core_and_workers(tp2):
         assert getattr(getattr(owner, name), "__fastpath_patch__", False), f"{owner}.{name}"
 
 
+@pytest.mark.skipif(not patches.native_support(),
+                    reason="this vLLM lacks target_token_ids: the plugin patches it "
+                    "(test_patch_active_in_engine_core_and_workers); run under tox -e upstream")
+def test_plugin_stands_aside_in_every_process_on_native_vllm(tp2):
+    """With the upstream series applied, the plugin runs in every process and patches
+    nothing: the front end, the engine core and both workers log `native` and no function."""
+    llm, log = tp2
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    by_pid = {r["pid"]: r for r in records}
+    workers = dict(llm.collective_rpc(_worker_pid_and_patches))
+    (core_pid,) = {psutil.Process(pid).ppid() for pid in workers}
+    for pid in (*workers, core_pid):
+        assert pid in by_pid, f"process {pid} has no plugin record"
+    assert all(r["native"] and r["patched"] == [] for r in records), records
+    assert all(patched == [] for patched in workers.values())
+    assert patches.applied() == []
+
+
 def test_tp2_fast_equals_standard_and_tp1_within_bound(tp2, llama_llm):
     llm, _ = tp2
     rng = np.random.default_rng(7)

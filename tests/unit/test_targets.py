@@ -94,8 +94,8 @@ def test_prompt_kinds_that_cannot_carry_targets(prompt, fragment):
                                     {"prompt_token_ids": [1, 2, 3], "target_token_ids": [3],
                                      "target_start": 1}])
 def test_prompts_without_a_kind_problem_pass_untouched(prompt):
-    """Plain prompts and TokensPrompts with targets pass, unchanged; the same targets on a
-    prompt without token ids of its own are refused (the check does look)."""
+    """Plain prompts and TokensPrompts with targets pass, unchanged; the same targets on
+    a prompt without token ids of its own are refused (the check does look)."""
     before = copy.deepcopy(prompt)
     assert check_prompt_kind(prompt) is None
     assert prompt == before
