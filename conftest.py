@@ -71,9 +71,18 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(str(error)) from None
 
 
-def pytest_report_header(config: pytest.Config) -> str:
-    return (f"fastpath: CPU kernels {config.getoption('cpu_isa')}, "
-            f"busy cores {config.fastpath_busy_cores}, runner(s) {'/'.join(runners(config))}")
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    import importlib.util
+    from pathlib import Path
+
+    from fastpath import upstream
+
+    vllm_dir = Path(importlib.util.find_spec("vllm").origin).parent  # found, not imported
+    source = ("native: it carries the upstream series, the plugin stands aside"
+              if upstream.carries_series(vllm_dir.parent) else "stock: the plugin patches it")
+    return [f"fastpath: CPU kernels {config.getoption('cpu_isa')}, busy cores "
+            f"{config.fastpath_busy_cores}, runner(s) {'/'.join(runners(config))}",
+            f"fastpath: vLLM from {vllm_dir} ({source})"]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -6,7 +6,7 @@ import copy
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastpath.targets import TargetTokenIdsError, check_prompt_kind, normalize_targets
@@ -14,6 +14,7 @@ from fastpath.targets import TargetTokenIdsError, check_prompt_kind, normalize_t
 VOCAB = 100
 
 
+@settings(deadline=None)  # timing is not what these properties test
 @given(length=st.integers(2, 300), data=st.data())
 def test_valid_targets_round_trip(length, data):
     start = data.draw(st.integers(0, length - 2))
@@ -25,6 +26,7 @@ def test_valid_targets_round_trip(length, data):
     assert ids[:, 0].tolist() == targets
 
 
+@settings(deadline=None)  # timing is not what these properties test
 @given(length=st.integers(2, 300), wrong=st.integers(-3, 3).filter(bool))
 def test_every_wrong_length_is_refused(length, wrong):
     count = max(length - 1 + wrong, 0)
