@@ -24,6 +24,8 @@ call sites inside vLLM's own methods, where the plugin wraps them) is checked by
     fastpath upstream refresh [--tree T]     rewrite a release's series from its committed
                                              patches and fastpath's shared modules
     fastpath upstream check-log LOG          FASTPATH_PATCH_LOG shows no process was patched
+    fastpath upstream compare-answers BASE   the request-space answers recorded under the
+                                             plugin and under the series are bitwise equal
     fastpath upstream test DEST [PYTEST ARGS] copy + apply to DEST, run pytest with DEST first
                                              on PYTHONPATH, then check-log (`tox -e upstream`)
 """
@@ -399,6 +401,54 @@ def run_suite(destination: Path, pytest_args: Sequence[str]) -> int:
     return code
 
 
+ANSWER_RECORD_ENV = "FASTPATH_ANSWER_RECORD"
+
+
+def record_answer(setting: str, prompt: Sequence[int], start: int, ids: object, top_k: int,
+                  scores: object) -> None:
+    """Append one answer's digest to `$FASTPATH_ANSWER_RECORD.{plugin|native}.jsonl` (if set):
+    the request (setting, prompt, start, ids, top-K, forced CPU kernels) and the float32
+    bits it received."""
+    base = os.environ.get(ANSWER_RECORD_ENV)
+    if not base:
+        return
+    import numpy as np
+
+    from fastpath import patches
+
+    isa = os.environ.get("FASTPATH_CPU_ISA", "native")  # fastpath.testing.kernels.ISA_ENV
+    request = hashlib.sha256(repr((setting, isa, tuple(prompt), start, top_k)).encode())
+    request.update(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
+    bits = hashlib.sha256(np.ascontiguousarray(scores, dtype=np.float32).tobytes()).hexdigest()
+    mode = "native" if patches.native_support() else "plugin"
+    with open(f"{base}.{mode}.jsonl", "a") as record:
+        record.write(json.dumps({"request": request.hexdigest(), "bits": bits}) + "\n")
+
+
+def compare_answers(base: str) -> str:
+    """Raise unless every request answered both under the plugin and under the series got
+    the same bits (and at least one was); returns the summary."""
+    def load(mode: str) -> dict[str, set[str]]:
+        path = Path(f"{base}.{mode}.jsonl")
+        if not path.is_file():
+            raise SeriesError(f"{path}: no answers recorded under the {mode}")
+        answers: dict[str, set[str]] = {}
+        for line in path.read_text().splitlines():
+            entry = json.loads(line)
+            answers.setdefault(entry["request"], set()).add(entry["bits"])
+        return answers
+
+    plugin, native = load("plugin"), load("native")
+    shared = sorted(set(plugin) & set(native))
+    differ = [key for key in shared if plugin[key] != native[key] or len(plugin[key]) != 1]
+    if not shared or differ:
+        raise SeriesError(f"{base}: {len(shared)} requests answered under both; "
+                          f"{len(differ)} with different bits (run both derandomized, e.g. "
+                          "HYPOTHESIS_PROFILE=ci)")
+    return (f"{base}: {len(shared)} requests answered under both the plugin and the series "
+            f"(of {len(plugin)} and {len(native)}): every answer bitwise equal")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`fastpath upstream apply|copy|refresh`."""
     parser = argparse.ArgumentParser(prog="fastpath upstream", description=__doc__,
@@ -418,6 +468,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     test_parser.add_argument("destination", type=Path)
     test_parser.add_argument("pytest_args", nargs=argparse.REMAINDER,
                              help="pytest's arguments (after --)")
+    compare_parser = commands.add_parser(
+        "compare-answers", help="the request-space answers recorded under the plugin and "
+        "under the series (FASTPATH_ANSWER_RECORD=BASE) are bitwise equal")
+    compare_parser.add_argument("base")
     log_parser = commands.add_parser(
         "check-log", help="fail unless a FASTPATH_PATCH_LOG shows the plugin patched nothing")
     log_parser.add_argument("log", type=Path)
@@ -443,6 +497,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             pytest_args = [a for a in args.pytest_args if a != "--"] or ["-q", "-rs", "-m",
                                                                          "correctness"]
             return run_suite(args.destination, pytest_args)
+        elif args.command == "compare-answers":
+            print(compare_answers(args.base))
         elif args.command == "check-log":
             print(check_log(args.log))
         else:

@@ -24,6 +24,10 @@ Invariant, per engine setting:
 - always: a request is answered with its own kind of scores or refused with a clear error
   at submission, and the engine keeps serving.
 `HYPOTHESIS_PROFILE=nightly` runs every setting, many more and longer sequences.
+With `FASTPATH_ANSWER_RECORD=BASE`, each isolated answer's digest is recorded (BASE.plugin or
+BASE.native, `fastpath.upstream.record_answer`), so that a run against a vLLM carrying the
+upstream series can be compared with the plugin's run of the same derandomized sequences
+(`fastpath upstream compare-answers BASE`; `tox -e test` does).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from hypothesis.stateful import (
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 
-from fastpath import zoo
+from fastpath import upstream, zoo
 from fastpath.scoring import split_top_k
 from tests.helpers import (
     assert_bitwise_equal,
@@ -372,6 +376,9 @@ class RequestSpace(RuleBasedStateMachine):
         elif scores is not None:
             self._check_fixed_ids(scores, sub, what)
             self.stats["checked_rows"] += scores.shape[0]
+            if self.setting.isolated:  # schedule-free answers: comparable across vLLM builds
+                upstream.record_answer(self.setting.name, sub.prompt, sub.start, sub.ids,
+                                       sub.top_k, scores)
         elif output.finished:
             raise AssertionError(f"{what}: finished without its scores")
         if sub.prompt_logprobs is not None and output.prompt_logprobs is not None:
