@@ -118,3 +118,28 @@ def test_copy_never_writes_through_to_the_installed_package(tmp_path):
     assert upstream.carries_series(root)
     assert upstream.file_hashes(installed, list(base)) == base
     assert all(upstream.file_hashes(root, [p])[p] != digest for p, digest in base.items())
+
+
+def test_answers_compare_bitwise_across_builds(tmp_path, monkeypatch):
+    """The record keys a request by what was asked and compares the bits it received;
+    a one-ulp difference, or nothing answered under both builds, is refused."""
+    import numpy as np
+
+    from fastpath import patches
+
+    base = str(tmp_path / "answers")
+    monkeypatch.setenv(upstream.ANSWER_RECORD_ENV, base)
+    scores = np.array([[-1.5], [-0.25]], dtype=np.float32)
+    ids = np.array([[3], [4]])
+    with pytest.raises(upstream.SeriesError, match="no answers recorded"):
+        upstream.compare_answers(base)
+    for native in (False, True):
+        monkeypatch.setattr(patches, "native_support", lambda native=native: native)
+        upstream.record_answer("isolated-cache", (1, 2, 3), 0, ids, 0, scores)
+        upstream.record_answer("isolated-cache", (1, 2, 9), 0, ids, 0, scores)
+    assert "2 requests answered under both" in upstream.compare_answers(base)
+    one_ulp = scores.copy()
+    one_ulp.view(np.uint32)[1, 0] += 1
+    upstream.record_answer("isolated-cache", (1, 2, 3), 0, ids, 0, one_ulp)  # native again
+    with pytest.raises(upstream.SeriesError, match="1 with different bits"):
+        upstream.compare_answers(base)
