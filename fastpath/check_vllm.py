@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import email.parser
 import inspect
 import json
 import re
@@ -35,9 +34,11 @@ from typing import Any
 
 from fastpath.source_text import (
     decode,
+    directory_version,
     fingerprint_text,
     function_source,
     has_attribute,
+    metadata_version,
     module_path,
 )
 
@@ -101,7 +102,7 @@ class Tree:
             if root is None or not (root / "vllm" / "__init__.py").exists():
                 raise TreeError(f"{path}: no vllm/ package in this directory")
             self._read = lambda rel: (root / rel).read_bytes() if (root / rel).is_file() else None
-            self.version = self._version_of_directory(root)
+            self.version = directory_version(root)
         elif self.path.name.endswith(".whl"):
             self._open_wheel()
         elif self.path.name.endswith((".tar.gz", ".tgz")):
@@ -119,7 +120,7 @@ class Tree:
             raise TreeError(f"{self.path}: this wheel has no vllm/ package")
         self._read = lambda rel: archive.read(rel) if rel in names else None
         metadata = [n for n in names if re.fullmatch(r"[^/]+\.dist-info/METADATA", n)]
-        self.version = _metadata_version(archive.read(metadata[0])) if metadata else "unknown"
+        self.version = metadata_version(archive.read(metadata[0])) if metadata else "unknown"
 
     def _open_sdist(self) -> None:
         try:
@@ -138,20 +139,8 @@ class Tree:
 
         self._read = read
         info = members.get(prefix + "PKG-INFO")
-        self.version = (_metadata_version(archive.extractfile(info).read()) if info
+        self.version = (metadata_version(archive.extractfile(info).read()) if info
                         else "unknown")
-
-    @staticmethod
-    def _version_of_directory(root: Path) -> str:
-        for info in sorted(root.glob("vllm*.dist-info/METADATA")):
-            return _metadata_version(info.read_bytes())
-        version_file = root / "vllm" / "_version.py"
-        if version_file.is_file():
-            found = re.search(r"""__version__\s*=\s*(?:version\s*=\s*)?['"]([^'"]+)['"]""",
-                              version_file.read_text())
-            if found:
-                return found.group(1)
-        return "unknown"
 
     def file_bytes(self, rel: str) -> bytes | None:
         """A file of the release by its path from the repository root, or None."""
@@ -187,10 +176,6 @@ class Tree:
             if data is not None:
                 return decode(data), rel
         return None
-
-
-def _metadata_version(data: bytes) -> str:
-    return email.parser.BytesHeaderParser().parsebytes(data).get("Version", "unknown")
 
 
 def load_manifest(path: Path = MANIFEST) -> tuple[dict[str, Any], list[Entry]]:

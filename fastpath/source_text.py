@@ -12,10 +12,13 @@ or an assignment to `self.<name>` in any of its methods).
 from __future__ import annotations
 
 import ast
+import email.parser
 import functools
 import hashlib
 import io
+import re
 import tokenize
+from pathlib import Path
 
 
 def fingerprint_text(source: str) -> str:
@@ -130,3 +133,22 @@ def has_attribute(text: str, class_qualname: str, name: str) -> bool:
                 for target in statement.targets for t in ast.walk(target)):
             return True
     return False
+
+
+def metadata_version(data: bytes) -> str:
+    """The `Version` of a distribution's METADATA (or an sdist's PKG-INFO)."""
+    return email.parser.BytesHeaderParser().parsebytes(data).get("Version", "unknown")
+
+
+def directory_version(root: Path) -> str:
+    """The vLLM version of a directory holding `vllm/`: its dist-info, else
+    `vllm/_version.py`, else "unknown"."""
+    for info in sorted(root.glob("vllm*.dist-info/METADATA")):
+        return metadata_version(info.read_bytes())
+    version_file = root / "vllm" / "_version.py"
+    if version_file.is_file():
+        found = re.search(r"""__version__\s*=\s*(?:version\s*=\s*)?['"]([^'"]+)['"]""",
+                          version_file.read_text())
+        if found:
+            return found.group(1)
+    return "unknown"

@@ -45,6 +45,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastpath.source_text import directory_version
+
 SERIES_ROOT = Path(__file__).resolve().parent / "series"
 RUFF_CONFIG = Path(__file__).resolve().parent / "vllm-ruff.toml"  # vLLM's own ruff rules
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # fastpath/
@@ -250,9 +252,7 @@ def choose_series(root: Path) -> str:
     found = matching_series(root)
     if found:
         return found
-    from fastpath.check_vllm import Tree
-
-    version = Tree(root).version
+    version = directory_version(root)
     return version if version in versions() else versions()[-1]
 
 
@@ -325,9 +325,7 @@ def refresh(version: str | None = None, tree: Path | None = None,
     files written."""
     root = tree_root(tree) if tree else installed_vllm().parent
     if version is None:
-        from fastpath.check_vllm import Tree
-
-        version = Tree(root).version
+        version = directory_version(root)
     if version not in versions():
         raise SeriesError(f"no series for vLLM {version}; kept for {versions()}")
     patches = series_files(version)

@@ -17,12 +17,11 @@ from pathlib import Path
 import pytest
 
 from fastpath import check_vllm, upstream
+from fastpath.source_text import directory_version
 
 
 def installed_version() -> str:
-    from fastpath.check_vllm import Tree
-
-    return Tree(upstream.installed_vllm().parent).version
+    return directory_version(upstream.installed_vllm().parent)
 
 
 @pytest.fixture
