@@ -278,8 +278,9 @@ def copy_installed(destination: Path) -> Path:
     """
     source = installed_vllm()
     target = destination / "vllm"
-    if target.exists():
-        shutil.rmtree(target)
+    for previous in (target, destination / "tests"):  # an earlier copy, with the series' tests
+        if previous.exists():
+            shutil.rmtree(previous)
     destination.mkdir(parents=True, exist_ok=True)
 
     def link_or_copy(src: str, dst: str) -> None:

@@ -101,8 +101,9 @@ def test_hand_built_engine_core_request_is_recomputed(cached_llm):
                          what="hand-built EngineCoreRequest, warm cache")
 
 
-@pytest.mark.v1_only(reason="the guard is fastpath's V1 runner patch; on V2 the engine-core "
-                     "fix above is what keeps cached rows out (its tests run on V2)")
+@pytest.mark.v1_only(reason="the guard is fastpath's V1 scorer (plugin or upstream series); on "
+                     "V2 the engine-core fix above is what keeps cached rows out (its tests "
+                     "run on V2)")
 def test_guard_fails_a_request_whose_rows_were_not_computed():
     """With the engine-core fix lifted, the runner's guard fails the request alone.
 
@@ -122,20 +123,26 @@ def guard_scenario() -> None:
     """The guard test's body; asserts, so a failure exits the interpreter non-zero."""
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    from fastpath.patches import scheduler as scheduler_patch
-
     ids = list(range(900, 1100))
     with runner_engine(str(zoo.get_model("tiny-llama")), "v1",
                        **engine_kwargs(block_size=32, enable_prefix_caching=True)) as llm:
+        # Read only now: vLLM loads the plugin (which patches add_request) with the engine.
+        fixed_add_request = Scheduler.add_request  # the plugin's, or the upstream series'
+
+        def add_request_without_the_fix(self, request):
+            """The fix forces recomputation in add_request; undo it before scheduling."""
+            fixed_add_request(self, request)
+            request.skip_reading_prefix_cache = False
+
         (cold,) = llm.generate([{"prompt_token_ids": ids}], _fixed_ids(ids), use_tqdm=False)
         _warm(llm, ids)
-        Scheduler.add_request = scheduler_patch._original_add_request
+        Scheduler.add_request = add_request_without_the_fix
         try:
             (failed,) = llm.generate([{"prompt_token_ids": ids}],
                                      _fixed_ids(ids, skip_reading_prefix_cache=False),
                                      use_tqdm=False)
         finally:
-            Scheduler.add_request = scheduler_patch.add_request
+            Scheduler.add_request = fixed_add_request
         assert failed.prompt_token_id_logprobs is None
         assert failed.outputs[0].finish_reason == "error"
         with pytest.raises(scoring.ScoringFailed, match="finished with an error"):
