@@ -147,27 +147,16 @@ class Tree:
         return self._read(rel)
 
     def carries_series(self) -> bool:
-        """Whether the release has fastpath's upstream series applied (`fastpath.upstream`):
-        `TokensPrompt` declares target_token_ids and the series' runner module exists."""
-        llm = self.file_bytes("vllm/inputs/llm.py")
-        return (llm is not None and b"target_token_ids:" in llm
-                and self.file_bytes("vllm/v1/worker/fixed_id_runner.py") is not None)
+        """Whether the release has fastpath's upstream series applied (`fastpath.upstream`)."""
+        from fastpath import upstream
+
+        return upstream.carries_series(self.file_bytes)
 
     def matching_series(self) -> str | None:
         """The release series of `fastpath.upstream` made from exactly this tree's files."""
-        import hashlib
-
         from fastpath import upstream
 
-        for version in upstream.versions():
-            base = upstream.base_hashes(version)
-            found = {}
-            for path in base:
-                data = self.file_bytes(path)
-                found[path] = None if data is None else hashlib.sha256(data).hexdigest()
-            if found == base:
-                return version
-        return None
+        return upstream.matching_series(self.file_bytes)
 
     def module_text(self, module: str) -> tuple[str, str] | None:
         """A module's source text and its path in the release, or None where it has none."""

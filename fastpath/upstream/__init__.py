@@ -41,7 +41,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,10 +134,20 @@ def edited_files(patches: Sequence[Path]) -> list[str]:
     return list(dict.fromkeys(f for patch in patches for f in touched_files(patch)[0]))
 
 
-def file_hashes(root: Path, paths: Sequence[str]) -> dict[str, str | None]:
-    """sha256 of each path under `root` (None where it is missing)."""
-    return {path: hashlib.sha256((root / path).read_bytes()).hexdigest()
-            if (root / path).is_file() else None for path in paths}
+FileReader = Callable[[str], "bytes | None"]  # a release's file by its path from the root
+
+
+def directory_reader(root: Path) -> FileReader:
+    """Read files of the tree at `root` (None where one is missing)."""
+    return lambda path: (root / path).read_bytes() if (root / path).is_file() else None
+
+
+def file_hashes(read: FileReader | Path, paths: Sequence[str]) -> dict[str, str | None]:
+    """sha256 of each path of a release (None where it is missing)."""
+    read = directory_reader(read) if isinstance(read, Path) else read
+    found = {path: read(path) for path in paths}
+    return {path: None if data is None else hashlib.sha256(data).hexdigest()
+            for path, data in found.items()}
 
 
 def base_hashes(version: str) -> dict[str, str]:
@@ -145,18 +155,20 @@ def base_hashes(version: str) -> dict[str, str]:
     return json.loads((SERIES_ROOT / version / "base.json").read_text())
 
 
-def carries_series(root: Path) -> bool:
-    """Whether the tree at `root` has the series applied (the plugin stands aside there)."""
-    llm = root / "vllm" / "inputs" / "llm.py"
-    return ((root / module_file(MODULE_MAP["fastpath.fixed_id_runner"])).is_file()
-            and llm.is_file() and "target_token_ids:" in llm.read_text())
+def carries_series(read: FileReader | Path) -> bool:
+    """Whether a release (a tree's root, or a reader of its files) has the series applied:
+    `TokensPrompt` declares target_token_ids and the series' runner module exists."""
+    read = directory_reader(read) if isinstance(read, Path) else read
+    llm = read("vllm/inputs/llm.py")
+    return (llm is not None and b"target_token_ids:" in llm
+            and read(module_file(MODULE_MAP["fastpath.fixed_id_runner"])) is not None)
 
 
-def matching_series(root: Path) -> str | None:
-    """The release whose series was made from exactly this tree's files, if any."""
+def matching_series(read: FileReader | Path) -> str | None:
+    """The release whose series was made from exactly these files, if any."""
     for version in versions():
         base = base_hashes(version)
-        if file_hashes(root, list(base)) == base:
+        if file_hashes(read, list(base)) == base:
             return version
     return None
 
@@ -372,11 +384,9 @@ def refresh(version: str | None = None, tree: Path | None = None,
 def check_log(log: Path) -> str:
     """Read a FASTPATH_PATCH_LOG written under a vLLM carrying the series: raise unless the
     plugin stood aside (`native`, nothing patched) in every process that logged."""
-    import json as json_module
-
     if not log.is_file():
         raise SeriesError(f"{log}: no plugin record at all (was FASTPATH_PATCH_LOG set?)")
-    records = [json_module.loads(line) for line in log.read_text().splitlines() if line]
+    records = [json.loads(line) for line in log.read_text().splitlines() if line]
     patched = [r for r in records if r.get("patched") or not r.get("native")]
     if not records or patched:
         raise SeriesError(f"{log}: {len(patched)} of {len(records)} plugin records patched "
