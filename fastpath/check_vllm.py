@@ -180,7 +180,7 @@ def ledger_entries() -> list[Entry]:
     from fastpath import patches
 
     entries = [Entry("replaced", r.module, r.local_name, _patch_module_of(r),
-                     tuple(sorted(r.known_fingerprints))) for r in patches.replacements()]
+                     tuple(sorted(r.known_fingerprints))) for r in patches.replacements(scope=None)]
     entries += [Entry("borrowed", b.module, b.qualname, b.used_by, tuple(sorted(b.fingerprints)))
                 for b in patches.borrowed()]
     return entries
@@ -271,7 +271,7 @@ def write_known(entries: Sequence[Entry] | None = None) -> list[Path]:
     from fastpath import patches
 
     entries = list(entries or ledger_entries())
-    live = {r.qualname: r.original() for r in patches.replacements()}
+    live = {r.qualname: r.original() for r in patches.replacements(scope=None)}
     KNOWN_DIR.mkdir(parents=True, exist_ok=True)
     written = []
     for entry in entries:

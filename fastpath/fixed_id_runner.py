@@ -24,7 +24,7 @@ from fastpath.fixed_ids import (
     chunk_rows_setting,
     decide_rows,
 )
-from fastpath.targets import TOP_K_KEY
+from fastpath.targets import RANKS_KEY, TOP_K_KEY
 
 SCORER_ATTRIBUTE = "_fixed_id_scorer"  # the runner's FixedIdScorer, created on first use
 STEP_ATTRIBUTE = "_fixed_id_step_output"  # this step's finished scores, until sample_tokens
@@ -34,6 +34,11 @@ V2_CHUNK_ROWS = 1024  # vllm/v1/worker/gpu/sample/prompt_logprob.py CHUNK_SIZE
 def top_k_of(sampling_params: Any) -> int:
     """The top-K columns a request asked for with its fixed-id scores (0: none)."""
     return int((getattr(sampling_params, "extra_args", None) or {}).get(TOP_K_KEY, 0) or 0)
+
+
+def ranks_of(sampling_params: Any) -> bool:
+    """Whether a request asked for each fixed id's rank beside its score."""
+    return bool((getattr(sampling_params, "extra_args", None) or {}).get(RANKS_KEY, False))
 
 
 def row_mode(runner: Any, chunk_rows: int) -> RowMode:
@@ -70,7 +75,8 @@ def track_new_requests(runner: Any, scheduler_output: Any) -> None:
         params = new_request.sampling_params
         if params is not None and params.prompt_logprob_token_ids is not None:
             tracker.add_request(new_request.req_id, params.prompt_logprob_token_ids,
-                                params.prompt_logprob_start or 0, top_k_of(params))
+                                params.prompt_logprob_start or 0, top_k_of(params),
+                                ranks_of(params))
 
 
 def scheduled_prompts(runner: Any, tracked: Any,

@@ -199,8 +199,9 @@ class RequestScores:
     padding: np.ndarray  # [rows, ids] bool, True where the request padded with -1
     start: int  # first scored prompt row
     top_k: int  # extra top-K columns (0: none)
-    scores: Tensor  # [rows, ids + 2 * top_k] float32 on the host, NaN until written
+    scores: Tensor  # [rows, ids + 2 * top_k (+ ids)] float32 on the host, NaN until written
     written: np.ndarray  # [rows] bool, rows computed for this request so far
+    ranks: bool = False  # one more column per id: its rank, as the standard path counts it
 
     def reset(self) -> None:
         """Forget every written row (the prompt is being computed again)."""
@@ -229,18 +230,21 @@ class FixedIdScorer:
             self._row_mode = self._decide()
         return self._row_mode
 
-    def add_request(self, req_id: str, token_ids: Any, start: int, top_k: int) -> None:
+    def add_request(self, req_id: str, token_ids: Any, start: int, top_k: int,
+                    ranks: bool = False) -> None:
         """A new request ([rows, ids] ids, -1 for padding): fresh state, whatever an
-        earlier request of this id left."""
+        earlier request of this id left. Columns: the ids' scores, `top_k` values and
+        `top_k` ids, and with `ranks` each id's rank."""
         ids = np.array(token_ids, dtype=np.int64, copy=True)
+        columns = ids.shape[1] * (2 if ranks else 1) + 2 * top_k
         self.requests[req_id] = RequestScores(
             token_ids=torch.from_numpy(ids.clip(min=0)).to(self.device),
             padding=ids < 0,
             start=start,
             top_k=top_k,
-            scores=torch.full((ids.shape[0], ids.shape[1] + 2 * top_k), float("nan"),
-                              dtype=torch.float32),
+            scores=torch.full((ids.shape[0], columns), float("nan"), dtype=torch.float32),
             written=np.zeros(ids.shape[0], dtype=bool),
+            ranks=ranks,
         )
 
     def remove_request(self, req_id: str) -> None:
@@ -309,15 +313,24 @@ class FixedIdScorer:
 
     @staticmethod
     def _write(state: RequestScores, lo: int, hi: int, scores: Tensor) -> None:
-        """Gather rows [lo, hi) of the request (and its top-K) into the host buffer."""
+        """Gather rows [lo, hi) of the request (its top-K, its ranks) into the host
+        buffer. A rank is what the standard path reports (`batched_count_greater_than`):
+        the number of vocabulary entries whose score is >= the id's, exact in float32
+        below 2**24 entries."""
         num_ids = state.token_ids.shape[1]
-        state.scores[lo:hi, :num_ids].copy_(scores.gather(-1, state.token_ids[lo:hi]),
-                                            non_blocking=True)
+        gathered = scores.gather(-1, state.token_ids[lo:hi])
+        state.scores[lo:hi, :num_ids].copy_(gathered, non_blocking=True)
+        top_end = num_ids + 2 * state.top_k
         if state.top_k:
             values, indices = torch.topk(scores, state.top_k, dim=-1)
             state.scores[lo:hi, num_ids : num_ids + state.top_k].copy_(values, non_blocking=True)
-            state.scores[lo:hi, num_ids + state.top_k :].copy_(indices.to(torch.float32),
-                                                               non_blocking=True)
+            state.scores[lo:hi, num_ids + state.top_k : top_end].copy_(
+                indices.to(torch.float32), non_blocking=True)
+        if state.ranks:
+            for column in range(num_ids):  # one [rows, vocab] comparison at a time
+                rank = (scores >= gathered[:, column : column + 1]).sum(-1)
+                state.scores[lo:hi, top_end + column].copy_(rank.to(torch.float32),
+                                                            non_blocking=True)
         state.written[lo:hi] = True
 
     @staticmethod
@@ -335,4 +348,7 @@ class FixedIdScorer:
         if state.padding.any():
             num_ids = state.token_ids.shape[1]
             state.scores[:, :num_ids][torch.from_numpy(state.padding)] = float("-inf")
+            if state.ranks:  # a padded entry has no rank
+                rank_columns = state.scores[:, num_ids + 2 * state.top_k :]
+                rank_columns[torch.from_numpy(state.padding)] = float("nan")
         return state.scores

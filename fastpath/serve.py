@@ -1,7 +1,8 @@
 """What `fastpath serve` adds inside vLLM's server: the routes' addresses, a request-body
-limit (HTTP 413 naming `--max-request-bytes`) and `GET /fastpath/exactness|tokenizer`, loaded
-through vLLM's own `--middleware` hook, so this module is imported by name in the server
-process (`fastpath.cli.serve` starts it)."""
+limit (HTTP 413 naming `--max-request-bytes`), `GET /fastpath/exactness|tokenizer`, and
+`/v1/completions` on the fast path (`fastpath.patches.completions`, bound when the routes
+are built), loaded through vLLM's own `--middleware` hook, so this module is imported by
+name in every API server process (`fastpath.cli.serve` starts them)."""
 
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ class BodyLimit:
 
 class FastpathRoutes:
     """ASGI middleware answering fastpath's two GET routes; every other request goes to
-    vLLM's app.
+    vLLM's app. Building it binds fastpath's `serve` patches in this process.
 
     - `GET /fastpath/exactness`: `scoring.exactness_report` of this server's engine (its
       workers are asked over vLLM's collective RPC);
@@ -80,7 +81,10 @@ class FastpathRoutes:
     """
 
     def __init__(self, app: Any) -> None:
+        from fastpath import patches
+
         self.app = app
+        patches.apply_serving()  # this API server process: completions on the fast path
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         path = scope.get("path")
@@ -102,9 +106,12 @@ class FastpathRoutes:
                                     "fingerprint": tokenizer_fingerprint(tokenizer)})
             return
         from fastpath import scoring
+        from fastpath.patches import completions
 
         workers = await engine.collective_rpc("fixed_id_exactness")
         report = scoring.exactness_report(engine.vllm_config.scheduler_config, workers)
+        # this API server's completions prompts answered on the fast path, by kind
+        report["completions_fast_path"] = dict(completions.ANSWERED)
         await _json(send, 200, report)
 
 

@@ -29,6 +29,7 @@ import numpy as np
 TARGET_KEY = "target_token_ids"
 START_KEY = "target_start"
 TOP_K_KEY = "fastpath_top_k"  # SamplingParams.extra_args key: top-K columns per scored row
+RANKS_KEY = "fastpath_ranks"  # extra_args key (True): each fixed id's rank, as upstream's
 MAX_EXACT_FLOAT32_ID = 1 << 24  # top-K ids travel as float32: exact only below this
 EXPECTED_FORM = (
     "a flat list (or 1-D integer numpy array) of token ids, one per scored prompt "

@@ -15,7 +15,14 @@ dies looking up the version of a distribution named "vllm". What fastpath adds:
   `fastpath ppl --json` reports it offline: the schedule mode and each worker's row mode;
 - quiet by default (warnings only; `-v` for vLLM's INFO lines) and one line saying where
   it listens once it answers.
+- `/v1/completions` on the fast path for echo + logprobs requests (lm-eval's
+  `local-completions`) and `target_token_ids` on completions requests
+  (`fastpath.patches.completions`, bound by the routes middleware in each API server);
 The two middlewares live in `fastpath.serve`, which the server process imports by name.
+
+With `FASTPATH_DISABLE=1` it serves vLLM unchanged (no plugin, no fastpath route or
+middleware) with the same engine defaults: the reference a fastpath server is compared
+with.
 """
 
 from __future__ import annotations
@@ -97,20 +104,26 @@ def run(args: argparse.Namespace, given: set[str]) -> int:
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args
 
-    from fastpath import scoring
+    from fastpath import plugin, scoring
 
     if args.max_request_bytes < 0:
         raise UsageError(f"--max-request-bytes must be >= 0 (0: no limit), "
                          f"got {args.max_request_bytes}")
     cli_env_setup()
-    scoring.ensure_active()
+    disabled = plugin.disabled()
+    if not disabled:
+        scoring.ensure_active()
     fill_defaults(args, server_defaults(args.verbose), given)
     if not args.tokens_only:
         args.enable_scale_out = True  # the scoring route is what fastpath serve is for
     os.environ[BODY_LIMIT_ENV] = str(args.max_request_bytes)
-    args.middleware = [*args.middleware, _middleware_name(FastpathRoutes)]
-    if args.max_request_bytes:
-        args.middleware = [*args.middleware, _middleware_name(BodyLimit)]
+    if disabled:
+        print(f"fastpath serve: {plugin.DISABLE_ENV} is set: serving vLLM unchanged "
+              "(standard path only, no fastpath routes)", flush=True)
+    else:
+        args.middleware = [*args.middleware, _middleware_name(FastpathRoutes)]
+        if args.max_request_bytes:
+            args.middleware = [*args.middleware, _middleware_name(BodyLimit)]
     args.subparser = "serve"
     configure_logging_from_args(args)
     command = ServeSubcommand()

@@ -40,6 +40,9 @@ class PatchEntry:
     how: str
     upstream_pr: str
     removal_plan: str
+    # Who binds it: "plugin" (every vLLM process, `apply`) or "serve" (fastpath serve's
+    # API server processes only, `apply_serving`: OpenAI-layer code an engine never runs).
+    scope: str = "plugin"
 
 
 REGISTER: tuple[PatchEntry, ...] = (
@@ -107,7 +110,24 @@ REGISTER: tuple[PatchEntry, ...] = (
         removal_plan="Remove when upstream forces recomputation for prompt_logprob_token_ids "
         "whatever the caller's flag, together with the V1 runner patch.",
     ),
+    PatchEntry(
+        module="completions",
+        component="vllm/entrypoints/openai/completion/serving.py OpenAIServingCompletion",
+        why="lm-eval's local-completions scores with echo=true and logprobs=N, which vLLM "
+        "answers from prompt_logprobs (a full-vocabulary log-softmax per position, then a "
+        "Python dict per position); and the OpenAI layer has no way to ask for fixed ids.",
+        how="Wrap _create_completion: for echo + logprobs N + max_tokens 0/1 (not streamed), "
+        "run vLLM's own handler with an engine client that asks for the prompt's own next "
+        "tokens as fixed ids with N top-K columns and ranks, and rebuilds prompt_logprobs "
+        "with vLLM's own LogprobsProcessor; target_token_ids/target_start on the request "
+        "are answered as choices[].target_logprobs.",
+        upstream_pr="none: upstream exposes no fixed-id scoring on its OpenAI endpoints",
+        removal_plan="Remove when upstream's completions endpoint answers echo logprobs "
+        "from fixed-id scoring and accepts prompt_logprob_token_ids.",
+        scope="serve",
+    ),
 )
+SCOPES = ("plugin", "serve")
 
 _WORKER = "vllm.v1.worker.gpu_model_runner"
 
@@ -146,6 +166,8 @@ BORROWED: tuple[Borrowed, ...] = (
     Borrowed("vllm.v1.request", "Request.skip_reading_prefix_cache", "scheduler"),
     Borrowed("vllm.v1.request", "Request.client_index", "scheduler"),
     Borrowed("vllm.v1.engine", "EngineCoreOutput.finish_reason", "scheduler"),
+    Borrowed("vllm.v1.engine.logprobs", "LogprobsProcessor._update_prompt_logprobs",
+             "completions", frozenset({"e55d3b9b1ad45854"})),
 )
 
 _applied = False
@@ -158,10 +180,16 @@ def native_support() -> bool:
     return "target_token_ids" in getattr(TokensPrompt, "__annotations__", {})
 
 
-def replacements() -> list[Replacement]:
-    """Every replacement of every listed module, in ledger order."""
+def _entries(scope: str | None) -> list[PatchEntry]:
+    if scope is not None and scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES} or None (all), got {scope!r}")
+    return [entry for entry in REGISTER if scope is None or entry.scope == scope]
+
+
+def replacements(scope: str | None = "plugin") -> list[Replacement]:
+    """Every replacement of every listed module of `scope` (None: all), in ledger order."""
     found: list[Replacement] = []
-    for entry in REGISTER:
+    for entry in _entries(scope):
         module = importlib.import_module(f"{__name__}.{entry.module}")
         found.extend(module.REPLACEMENTS)
     return found
@@ -170,15 +198,17 @@ def replacements() -> list[Replacement]:
 def additions() -> list[Addition]:
     """Every name the patch modules add to upstream classes, in ledger order."""
     found: list[Addition] = []
-    for entry in REGISTER:
+    for entry in _entries("plugin"):
         module = importlib.import_module(f"{__name__}.{entry.module}")
         found.extend(getattr(module, "ADDITIONS", ()))
     return found
 
 
-def borrowed() -> list[Borrowed]:
-    """Every private upstream name the patches rely on without replacing it."""
-    return list(BORROWED)
+def borrowed(scope: str | None = None) -> list[Borrowed]:
+    """The private upstream names the patches of `scope` (None: all) rely on without
+    replacing them."""
+    modules = {entry.module for entry in _entries(scope)}
+    return [name for name in BORROWED if name.used_by in modules]
 
 
 def apply() -> list[str]:
@@ -194,7 +224,7 @@ def apply() -> list[str]:
         replacement.check(vllm.__version__)
     for addition in added:
         addition.check(vllm.__version__)
-    for name in borrowed():
+    for name in borrowed("plugin"):
         name.check(vllm.__version__)
     for replacement in todo:
         replacement.bind()
@@ -203,6 +233,28 @@ def apply() -> list[str]:
     _applied = True
     logger.info("fastpath: patched %d vLLM functions", len(todo))
     return applied()
+
+
+_serving_applied = False
+
+
+def apply_serving() -> list[str]:
+    """Check, then bind, the `serve` patches, once per process: fastpath serve's routes
+    middleware calls it in each API server process (it is not mounted where fastpath is
+    disabled)."""
+    global _serving_applied
+    todo = replacements("serve")
+    if not _serving_applied:
+        import vllm
+
+        for replacement in todo:
+            replacement.check(vllm.__version__)
+        for name in borrowed("serve"):
+            name.check(vllm.__version__)
+        for replacement in todo:
+            replacement.bind()
+        _serving_applied = True
+    return [r.qualname for r in todo if r.is_bound()]
 
 
 def applied() -> list[str]:
@@ -223,6 +275,7 @@ __all__ = [
     "additions",
     "applied",
     "apply",
+    "apply_serving",
     "borrowed",
     "fingerprint",
     "native_support",

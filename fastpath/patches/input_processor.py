@@ -8,7 +8,8 @@ the V2 model runner is in use, but the V1 runner, the only one on CPU, answers i
 model-runner patch is in place. On V1 the refusal is lifted and upstream's own checks of
 the ids (`SamplingParams._validate_logprobs`) still run; on V2 nothing changes.
 (3) `SamplingParams.extra_args["fastpath_top_k"]` (top-K columns beside fixed-id scores,
-a V1 runner-patch extension) is checked here, at submission.
+a V1 runner-patch extension) and `extra_args["fastpath_ranks"]` (each fixed id's rank) are
+checked here, at submission.
 Checked against: vLLM 0.32.0 and 0.33.0 (fingerprints below).
 Removal: when upstream accepts `prompt_logprob_token_ids` on the V1 runner and
 `TokensPrompt` carries `target_token_ids`.
@@ -25,6 +26,7 @@ from vllm.v1.engine.input_processor import InputProcessor
 from fastpath.patches._base import Replacement
 from fastpath.targets import (
     MAX_EXACT_FLOAT32_ID,
+    RANKS_KEY,
     START_KEY,
     TARGET_KEY,
     TOP_K_KEY,
@@ -98,10 +100,26 @@ def _validate_top_k(self: InputProcessor, params: SamplingParams) -> None:
             f"this vocabulary has {vocab}", parameter=TOP_K_KEY)
 
 
+def _validate_ranks(self: InputProcessor, params: SamplingParams) -> None:
+    """Refuse a bad `extra_args["fastpath_ranks"]`, naming it and the expected form."""
+    value = (params.extra_args or {}).get(RANKS_KEY)
+    if value is None or value is False:
+        return
+    expected = ("true, together with target_token_ids or prompt_logprob_token_ids, on the V1 "
+                "model runner")
+    if value is not True:
+        raise VLLMValidationError(f"{RANKS_KEY} is {value!r}; expected {expected}",
+                                  parameter=RANKS_KEY)
+    if self.vllm_config.use_v2_model_runner or params.prompt_logprob_token_ids is None:
+        raise VLLMValidationError(f"{RANKS_KEY} needs fixed-id scores on the V1 model runner; "
+                                  f"expected {expected}", parameter=RANKS_KEY)
+
+
 def _validate_params(self: InputProcessor, params: Any, supported_tasks: Any) -> Any:
     """Upstream's checks, with the V2-only refusal of fixed-id scoring lifted on V1."""
     if isinstance(params, SamplingParams):
         _validate_top_k(self, params)
+        _validate_ranks(self, params)
     if (
         not isinstance(params, SamplingParams)
         or params.prompt_logprob_token_ids is None

@@ -108,12 +108,13 @@ class Steps:
 
 
 def add(steps: Steps, req_id: str, prompt_len: int, start: int = 0, seed: int = 0,
-        targets: np.ndarray | None = None, top_k: int = 0, computed: int = 0) -> np.ndarray:
+        targets: np.ndarray | None = None, top_k: int = 0, computed: int = 0,
+        ranks: bool = False) -> np.ndarray:
     """A new request, as the runner adds it: its prompt, and its ids to the scorer."""
     if targets is None:
         targets = np.random.default_rng(seed).integers(0, VOCAB, (prompt_len - 1 - start, 1))
     steps.prompts[req_id] = Prompt(prompt_len, computed, seed)
-    steps.scorer.add_request(req_id, targets, start, top_k)
+    steps.scorer.add_request(req_id, targets, start, top_k, ranks)
     return targets
 
 
@@ -317,3 +318,27 @@ def test_padding_is_minus_infinity_and_top_k_matches_topk():
     values, indices = torch.topk(reference_logprobs(6, 6), 3, dim=-1)
     assert_bitwise_equal(top_values, values.numpy(), what="top-k values")
     assert np.array_equal(top_ids, indices.numpy())
+
+
+def test_ranks_count_every_entry_at_or_above_the_id_ties_included():
+    """The rank column is the standard path's rank (vLLM's
+    `batched_count_greater_than`: entries >= the id's score); the integer lm_head
+    makes ties common. Padded entries have no rank (NaN); the top-K columns sit
+    between the ids and the ranks."""
+    steps = Steps()
+    targets = np.array([[1, -1], [2, 3], [-1, 4], [0, 10], [5, 6], [7, 8], [9, 1]])
+    add(steps, "r", prompt_len=8, targets=targets, top_k=2, seed=9, ranks=True)
+    (out,) = run_schedule(steps, "r", [3, 5])[1:]
+    answer = out["r"].numpy()
+    assert answer.shape == (7, 2 + 2 * 2 + 2)
+    ref = reference_logprobs(9, 8)
+    clamped = torch.from_numpy(targets.clip(min=0))
+    want = (ref.unsqueeze(1) >= ref.gather(-1, clamped).unsqueeze(-1)).sum(-1).numpy()
+    ranks = answer[:, 6:]
+    assert np.array_equal(np.isnan(ranks), targets < 0)
+    assert np.array_equal(ranks[targets >= 0], want[targets >= 0].astype(np.float32))
+    tied = ref.gather(-1, clamped)
+    assert any((ref[r] == tied[r, c]).sum() > 1 for r in range(7) for c in range(2)), \
+        "no tie: the test would not tell >= from >"
+    scores, _, _ = split_top_k(answer[:, :6], 2, 2)
+    assert_bitwise_equal(scores, expected(9, 8, 0, targets), what="ids beside ranks")
