@@ -10,6 +10,13 @@ The answers of the two backends are checked (repr) equal. Besides lm-eval's wall
 rest (task building, metrics) costs both backends the same, and lm-eval's task index is
 built once, untimed. Figures go to `extra_info` (key `backend`, so `fastpath report`, which
 reads `path`, leaves these rows alone).
+
+Then, in the same session, lm-eval's `local-completions` (what evaluators point at a
+server) against two servers of the same model and flags: vLLM's own (`FASTPATH_DISABLE=1
+fastpath serve`: echo + logprobs answered from `prompt_logprobs`) and `fastpath serve`
+(the same JSON from the fast path). The two servers' answers are checked equal; the
+fastpath server's row carries its speedup over vLLM's server and its time relative to
+the offline `fastpath-vllm` run.
 """
 
 from __future__ import annotations
@@ -29,11 +36,14 @@ from benchmarks.conftest import MODELS, resolve
 from fastpath import scoring
 from fastpath.runners import device_name
 from fastpath.testing.measure import result_objects
+from tests.helpers import running
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS_DIR = "tests/data/lm_eval_tasks"
 TASKS = ["fastpath_wikitext", "fastpath_lambada", "fastpath_mc"]
 BACKENDS = ("vllm", "fastpath-vllm")  # vllm first: fastpath-vllm's row reports the ratio
+# lm-eval's local-completions against vLLM's server, then fastpath serve (same order reason)
+SERVERS = ("vllm-serve", "fastpath-serve")
 MAX_MODEL_LEN = 2048
 ROUNDS = 2
 
@@ -114,6 +124,7 @@ def lm_eval_models(request):
     if model.label not in wanted:
         pytest.skip("the 8B model is not among --bench-models")
     name, path = resolve(request.config, model)
+    request.config.fastpath_lm_eval_model = (name, path)  # the servers serve the same
     args = dict(pretrained=path, max_model_len=MAX_MODEL_LEN, seed=0)
     if scoring.on_cpu():
         args.update(dtype="float32", kv_cache_memory_bytes=256 << 20, enforce_eager=True)
@@ -170,4 +181,59 @@ def test_lm_eval_wall_time(benchmark, lm_eval_models, backend):
         info["request_speedup_vs_vllm"] = _request_seconds["vllm"] / _request_seconds[backend]
         info["answers_equal_to_vllm"] = repr(_answers[backend]) == repr(_answers["vllm"])
         assert info["answers_equal_to_vllm"], "fastpath-vllm answers differ from lm-eval vllm's"
+    benchmark.extra_info.update(info)
+
+
+@pytest.fixture(scope="module")
+def completions_lms(request, lm_eval_models, tmp_path_factory):
+    """lm-eval `local-completions` models on vLLM's server (fastpath off) and on fastpath
+    serve, both serving the offline engines' model with their flags."""
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    name, path = request.config.fastpath_lm_eval_model
+    flags = ["--max-model-len", str(MAX_MODEL_LEN), "--seed", "0"]
+    if scoring.on_cpu():
+        flags += ["--dtype", "float32", "--kv-cache-memory-bytes", str(256 << 20),
+                  "--enforce-eager"]
+    logs = tmp_path_factory.mktemp("lm_eval_servers")
+    envs = {"vllm-serve": {"FASTPATH_DISABLE": "1"}, "fastpath-serve": {}}
+    with contextlib.ExitStack() as stack:
+        lms = {}
+        for backend in SERVERS:
+            server = stack.enter_context(running(path, flags, logs / f"{backend}.log",
+                                                 env=envs[backend]))
+            lm = LocalCompletionsAPI(base_url=f"{server.url}/v1/completions", model=path,
+                                     tokenizer=path, tokenizer_backend="huggingface",
+                                     max_length=MAX_MODEL_LEN, num_concurrent=1)
+            lm.bench_name = name
+            lms[backend] = lm
+        yield lms
+
+
+@pytest.mark.parametrize("backend", SERVERS)
+def test_lm_eval_local_completions_wall_time(benchmark, completions_lms, backend):
+    import lm_eval
+    import vllm
+
+    lm = completions_lms[backend]
+    evaluate(lm)  # untimed: warm-up
+    results = benchmark.pedantic(evaluate, args=(lm,), rounds=ROUNDS, iterations=1)
+    _seconds[backend] = benchmark.stats.stats.median
+    _answers[backend] = flat_answers(results)
+    info = {
+        "backend": f"local-completions@{backend}", "model": lm.bench_name,
+        "tasks": ",".join(TASKS), "max_model_len": MAX_MODEL_LEN,
+        "requests": len(_answers[backend]),
+        **{f"{t}_{k}": v for t in TASKS for k, v in results["results"][t].items()
+           if isinstance(v, float)},
+        "device": device_name(), "vllm_version": vllm.__version__,
+        "lm_eval_version": lm_eval.__version__,
+    }
+    if backend == "fastpath-serve" and "vllm-serve" in _seconds:
+        info["speedup_vs_vllm_serve"] = _seconds["vllm-serve"] / _seconds[backend]
+        info["answers_equal_to_vllm_serve"] = repr(_answers[backend]) == repr(
+            _answers["vllm-serve"])
+        assert info["answers_equal_to_vllm_serve"], "fastpath serve's answers differ"
+    if "fastpath-vllm" in _seconds:
+        info["seconds_vs_fastpath_vllm_offline"] = _seconds[backend] / _seconds["fastpath-vllm"]
     benchmark.extra_info.update(info)
