@@ -31,8 +31,13 @@ def test_serve_defaults_only_where_no_flag_was_given(parser):
     defaults = scoring.default_engine_kwargs()
     args = serve_args(parser, ["serve", "m"])
     for key, value in defaults.items():
-        assert getattr(args, key) == value, key
+        if key != "disable_log_stats":
+            assert getattr(args, key) == value, key
     assert args.enable_scale_out and args.uvicorn_log_level == "warning"
+    # A server keeps vLLM's stats (GET /metrics) unless told: a store_true flag could not
+    # undo fastpath's offline default.
+    assert args.disable_log_stats is False
+    assert serve_args(parser, ["serve", "m", "--disable-log-stats"]).disable_log_stats is True
     # An explicit flag wins even where it equals vLLM's own default.
     args = serve_args(parser, ["serve", "m", "--dtype", "auto", "--seed=7",
                                "--kv_cache_memory_bytes", "1000", "--uvicorn-log-level", "info"])
