@@ -72,8 +72,9 @@ class FastpathRoutes:
     """ASGI middleware answering fastpath's two GET routes; every other request goes to
     vLLM's app. Building it binds fastpath's `serve` patches in this process.
 
-    - `GET /fastpath/exactness`: `scoring.exactness_report` of this server's engine (its
-      workers are asked over vLLM's collective RPC);
+    - `GET /fastpath/exactness`: `scoring.exactness_report` of this server's engines (their
+      workers are asked over vLLM's collective RPC; every data-parallel engine, each worker
+      tagged with its `dp_rank`);
     - `GET /fastpath/tokenizer`: the BOS and EOS ids, the vocabulary size and the
       tokenizer's fingerprint (`basefile.tokenizer_fingerprint`), which a client needs to
       lay out windows as a convention does and to match a base file
@@ -108,11 +109,30 @@ class FastpathRoutes:
         from fastpath import scoring
         from fastpath.patches import completions
 
-        workers = await engine.collective_rpc("fixed_id_exactness")
+        workers = await every_engines_workers(engine)
         report = scoring.exactness_report(engine.vllm_config.scheduler_config, workers)
         # this API server's completions prompts answered on the fast path, by kind
         report["completions_fast_path"] = dict(completions.ANSWERED)
         await _json(send, 200, report)
+
+
+async def every_engines_workers(engine: Any) -> list[dict[str, Any]]:
+    """`fixed_id_exactness` of every worker of every engine this server sends requests to.
+
+    Under data parallelism vLLM's `collective_rpc` asks every engine but returns the first
+    one's answer only (`DPLBAsyncMPClient.call_utility_async`), so a report from it would
+    vouch for engines it never saw (another node may run other kernels). Each engine is
+    asked here as vLLM's own `compute_weight_checksums_async` does, and each worker is
+    tagged with its engine's data-parallel rank.
+    """
+    core = getattr(engine, "engine_core", None)
+    ranks = list(getattr(core, "engine_ranks_managed", None) or [])
+    if len(ranks) <= 1 or not hasattr(core, "call_utility_all_async"):
+        return await engine.collective_rpc("fixed_id_exactness")
+    per_engine = await core.call_utility_all_async("collective_rpc", "fixed_id_exactness",
+                                                   None, (), None)
+    return [{"dp_rank": rank, **worker}
+            for rank, workers in zip(ranks, per_engine, strict=True) for worker in workers]
 
 
 async def _json(send: Any, status: int, payload: dict[str, Any], close: bool = False) -> None:

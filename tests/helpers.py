@@ -151,15 +151,18 @@ class Server:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        """Until /health answers 200; fails with the log's tail if the process dies first."""
+    def wait_ready(self, timeout: float = START_TIMEOUT, also: Sequence[Server] = ()) -> None:
+        """Until /health answers 200; fails with the log's tail if the process, or one of
+        `also` it needs (a `--headless` node holding some of its engines), dies first."""
         import httpx
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"fastpath serve exited with {self.process.returncode}:\n"
-                                   f"{self.log_text()[-4000:]}")
+            for server in (self, *also):
+                if server.process.poll() is not None:
+                    raise RuntimeError(f"fastpath serve exited with "
+                                       f"{server.process.returncode}:\n"
+                                       f"{server.log_text()[-4000:]}")
             with contextlib.suppress(httpx.TransportError):
                 if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
                     return

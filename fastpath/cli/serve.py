@@ -8,7 +8,8 @@ dies looking up the version of a distribution named "vllm". What fastpath adds:
   SamplingParams (`prompt_logprob_token_ids`, `prompt_logprob_start`) and answers
   `prompt_token_id_logprobs` as a base64 `.npy` (what `fastpath ppl --server` sends);
 - fastpath's engine defaults where the user gave no flag (as `fastpath ppl`), so a
-  server and an offline run with the same flags compute the same bits;
+  server and an offline run with the same flags compute the same bits; vLLM's stats stay
+  on (GET /metrics), `--disable-log-stats` turns them off;
 - a request-body limit (`--max-request-bytes`, HTTP 413 naming it) through vLLM's own
   `--middleware` hook, so a huge body is refused before it is read;
 - `GET /fastpath/exactness` (the same hook): what the server's bits rest on, as
@@ -67,6 +68,10 @@ def server_defaults(verbose: bool) -> dict[str, Any]:
     from fastpath import scoring
 
     defaults = scoring.default_engine_kwargs()
+    # A server keeps vLLM's stats (its Prometheus counters at GET /metrics, per engine under
+    # data parallelism): `--disable-log-stats` is a store_true flag, so a default of True here
+    # could not be turned off again. They do not touch the computed bits.
+    defaults.pop("disable_log_stats", None)
     defaults["enable_scale_out"] = True
     if not verbose:
         defaults["uvicorn_log_level"] = "warning"

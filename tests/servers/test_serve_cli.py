@@ -31,8 +31,13 @@ def test_serve_defaults_only_where_no_flag_was_given(parser):
     defaults = scoring.default_engine_kwargs()
     args = serve_args(parser, ["serve", "m"])
     for key, value in defaults.items():
-        assert getattr(args, key) == value, key
+        if key != "disable_log_stats":
+            assert getattr(args, key) == value, key
     assert args.enable_scale_out and args.uvicorn_log_level == "warning"
+    # A server keeps vLLM's stats (GET /metrics) unless told: a store_true flag could not
+    # undo fastpath's offline default.
+    assert args.disable_log_stats is False
+    assert serve_args(parser, ["serve", "m", "--disable-log-stats"]).disable_log_stats is True
     # An explicit flag wins even where it equals vLLM's own default.
     args = serve_args(parser, ["serve", "m", "--dtype", "auto", "--seed=7",
                                "--kv_cache_memory_bytes", "1000", "--uvicorn-log-level", "info"])
@@ -105,3 +110,36 @@ def test_answers_of_the_wrong_shape_or_nan_are_refused(array, fragment):
         client.check_scores("http://s", request, array)
     ok = np.array([[-1.0], [-np.inf], [-0.5]], dtype=np.float32)
     assert client.check_scores("http://s", request, ok).targets.tolist() == [-1.0, -np.inf, -0.5]
+
+
+class _DataParallelCore:
+    """What `every_engines_workers` reads of vLLM's DP client: the ranks it sends requests
+    to, and one answer per engine."""
+
+    engine_ranks_managed = (0, 1)
+
+    async def call_utility_all_async(self, method, *args):
+        assert (method, args) == ("collective_rpc", ("fixed_id_exactness", None, (), None))
+        return [[{"tp_rank": 0}, {"tp_rank": 1}], [{"tp_rank": 0}, {"tp_rank": 1}]]
+
+
+class _Engine:
+    def __init__(self, core):
+        self.engine_core = core
+
+    async def collective_rpc(self, method):
+        return [{"tp_rank": 0, "first engine only": True}]
+
+
+def test_exactness_asks_every_data_parallel_engine():
+    """vLLM's collective_rpc returns the first DP engine's workers only; the route reports
+    each engine's, tagged with its rank (one engine: collective_rpc's answer as it is)."""
+    import asyncio
+
+    from fastpath.serve import every_engines_workers
+
+    workers = asyncio.run(every_engines_workers(_Engine(_DataParallelCore())))
+    assert [(w["dp_rank"], w["tp_rank"]) for w in workers] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    single = type("Single", (), {"engine_ranks_managed": (0,)})()
+    assert asyncio.run(every_engines_workers(_Engine(single))) == [
+        {"tp_rank": 0, "first engine only": True}]
