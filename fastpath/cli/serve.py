@@ -13,9 +13,11 @@ dies looking up the version of a distribution named "vllm". What fastpath adds:
   `--middleware` hook, so a huge body is refused before it is read;
 - `GET /fastpath/exactness` (the same hook): what the server's bits rest on, as
   `fastpath ppl --json` reports it offline: the schedule mode and each worker's row mode;
+- scoring-route bodies that vLLM answers with a bare HTTP 500 are refused with a 400 naming
+  the field (the same hook; `fastpath.serve.ScoringChecks`);
 - quiet by default (warnings only; `-v` for vLLM's INFO lines) and one line saying where
   it listens once it answers.
-The two middlewares live in `fastpath.serve`, which the server process imports by name.
+The middlewares live in `fastpath.serve`, which the server process imports by name.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from fastpath.serve import (
     SCORE_ROUTE,
     BodyLimit,
     FastpathRoutes,
+    ScoringChecks,
 )
 
 
@@ -108,7 +111,9 @@ def run(args: argparse.Namespace, given: set[str]) -> int:
     if not args.tokens_only:
         args.enable_scale_out = True  # the scoring route is what fastpath serve is for
     os.environ[BODY_LIMIT_ENV] = str(args.max_request_bytes)
-    args.middleware = [*args.middleware, _middleware_name(FastpathRoutes)]
+    # Starlette runs the last one added first: the body limit, then the scoring checks.
+    args.middleware = [*args.middleware, _middleware_name(FastpathRoutes),
+                       _middleware_name(ScoringChecks)]
     if args.max_request_bytes:
         args.middleware = [*args.middleware, _middleware_name(BodyLimit)]
     args.subparser = "serve"
