@@ -11,10 +11,11 @@ built from it, valid and invalid (its `positive` and `negative` modes), to the s
 - after the run the server is alive, answers /health, and answers a fixed valid scoring
   request with the same float32 bits as before the run.
 
-Size: CI (any profile but `nightly`) runs Schemathesis' fuzzing phase, `CI_EXAMPLES` cases
-per route, derandomized under the `ci` profile; `HYPOTHESIS_PROFILE=nightly` (tox -e
-nightly) adds its coverage phase (every boundary and wrong-type case the schema defines,
-about 800 per route) and fuzzes `NIGHTLY_EXAMPLES` cases per route with a fresh seed.
+Size: under any Hypothesis profile but `nightly` (conftest.py), Schemathesis' fuzzing phase,
+`CI_EXAMPLES` cases per route, with a fixed seed under the `ci` profile (CI); under
+`HYPOTHESIS_PROFILE=nightly` (tox -e nightly) also its coverage phase (every boundary and
+wrong-type case the schema defines, about 800 per route) and `NIGHTLY_EXAMPLES` fuzzed cases
+per route.
 
 Classes of bad input found (each now a 400 naming the field, with a plain regression test,
 `test_found_class_is_refused`):
@@ -32,8 +33,8 @@ import asyncio
 import collections
 import dataclasses
 import json
-import os
 import random
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,6 +43,7 @@ import numpy as np
 import pytest
 import schemathesis
 import schemathesis.engine
+from hypothesis import settings
 from hypothesis import strategies as st
 from schemathesis.config import SchemathesisConfig
 from schemathesis.engine import Status, events
@@ -62,9 +64,14 @@ FLAGS = ["--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
 COMPLETIONS_ROUTE = "/v1/completions"
 ROUTES = [SCORE_ROUTE, COMPLETIONS_ROUTE]
 REQUEST_TIMEOUT = 60.0  # seconds per request; a 512-token generation on 2 busy cores fits
-NIGHTLY = os.environ.get("HYPOTHESIS_PROFILE") == "nightly"
 CI_EXAMPLES, NIGHTLY_EXAMPLES = 30, 300  # fuzzed cases per route
 FIXED_SEED = 19  # the `ci` profile's run: the same requests every time
+SHOWN_CHARS = 3000  # of each problem in a failure message
+
+
+def nightly() -> bool:
+    """The nightly size: the Hypothesis profile conftest.py loaded is `nightly`."""
+    return settings.get_current_profile_name() == "nightly"
 
 
 @pytest.fixture(scope="module")
@@ -136,12 +143,14 @@ def fuzz_config(seed: int) -> SchemathesisConfig:
         "suppress-health-check": ["all"],
         "workers": 1,
         "request-timeout": REQUEST_TIMEOUT,
+        "continue-on-failure": True,  # every failing class in one run, not the first
+        "output": {"sanitization": {"enabled": False}},  # curl commands that reproduce
         "checks": {"enabled": False, "not_a_server_error": {"enabled": True}},
         "generation": {"mode": "all"},
-        "phases": {"examples": {"enabled": False}, "coverage": {"enabled": NIGHTLY},
+        "phases": {"examples": {"enabled": False}, "coverage": {"enabled": nightly()},
                    "stateful": {"enabled": False},
                    "fuzzing": {"generation": {
-                       "max-examples": NIGHTLY_EXAMPLES if NIGHTLY else CI_EXAMPLES}}},
+                       "max-examples": NIGHTLY_EXAMPLES if nightly() else CI_EXAMPLES}}},
     })
 
 
@@ -159,12 +168,15 @@ def run_schemathesis(url: str, seed: int) -> FuzzRun:
             for interaction in recorder.interactions.values():
                 answer = interaction.response
                 run.statuses[route][answer.status_code if answer else "no answer"] += 1
-            for checks in recorder.checks.values():
+            for case_id, checks in recorder.checks.items():
                 for check in checks:
                     if check.failure_info is not None:
                         failure = check.failure_info.failure
-                        run.problems.append(f"{event.phase} {recorder.label}: {failure.title}: "
-                                            f"{failure.message}\n{check.failure_info.code_sample}")
+                        answer = recorder.find_response(case_id=case_id)
+                        run.problems.append(
+                            f"{event.phase} {recorder.label}: {failure.title} "
+                            f"(HTTP {answer.status_code if answer else 'none'}) {failure.message}"
+                            f"\n{check.failure_info.code_sample}"[:SHOWN_CHARS])
             if event.status == Status.ERROR:
                 run.problems.append(f"{event.phase} {recorder.label}: an error (below)")
         elif isinstance(event, events.NonFatalError):
@@ -180,21 +192,25 @@ def run_schemathesis(url: str, seed: int) -> FuzzRun:
 @pytest.fixture(scope="module")
 def fuzzed(fuzz_server: Server, before: tuple[ScoreRequest, bytes]) -> FuzzRun:
     """One Schemathesis run against the server, after the fixed request's first answer."""
-    seed = FIXED_SEED if os.environ.get("HYPOTHESIS_PROFILE") == "ci" else random.getrandbits(32)
+    ci = settings.get_current_profile_name() == "ci"
+    seed = FIXED_SEED if ci else random.getrandbits(32)
+    started = time.perf_counter()
     run = run_schemathesis(fuzz_server.url, seed)
-    print(f"schemathesis (seed {run.seed}) sent {run.sent()} requests: "
+    print(f"schemathesis (seed {run.seed}, {time.perf_counter() - started:.0f} s) sent "
+          f"{run.sent()} requests: "
           + json.dumps({route: {str(k): v for k, v in counts.items()}
                         for route, counts in run.statuses.items()}))
     return run
 
 
 def test_no_server_error_no_hang(fuzzed: FuzzRun) -> None:
-    """Every generated request answered within REQUEST_TIMEOUT, none with a 5xx."""
+    """Every generated request answered within REQUEST_TIMEOUT, none with a 5xx; and the
+    run as large as asked (a request that timed out ends its route's run early)."""
+    assert not fuzzed.problems, (f"seed {fuzzed.seed} (st run --seed): "
+                                 + "\n\n".join(fuzzed.problems[:10]))
     assert sorted(fuzzed.statuses) == sorted(ROUTES), fuzzed.statuses
     for route, counts in fuzzed.statuses.items():
         assert sum(counts.values()) >= CI_EXAMPLES, (route, counts)
-    assert not fuzzed.problems, (f"seed {fuzzed.seed} (st run --seed): "
-                                 + "\n\n".join(fuzzed.problems[:10]))
 
 
 def test_after_the_run_same_bits(fuzz_server: Server, before: tuple[ScoreRequest, bytes],
