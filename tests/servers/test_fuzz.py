@@ -57,13 +57,15 @@ from tests.helpers import Server, running
 pytestmark = [pytest.mark.engine]
 
 MODEL = "tiny-llama"
-MAX_MODEL_LEN = 512
-# test_serve.py's engine flags, and a body limit the fuzzer's large bodies can meet
+# test_serve.py's engine flags but a shorter context: a generated body without max_tokens
+# generates up to the context's end, which sets the run's time; and a body limit the
+# fuzzer's large bodies can meet
+MAX_MODEL_LEN = 128
 FLAGS = ["--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
          "--kv-cache-memory-bytes", str(128 << 20), "--max-request-bytes", str(4 << 20)]
 COMPLETIONS_ROUTE = "/v1/completions"
 ROUTES = [SCORE_ROUTE, COMPLETIONS_ROUTE]
-REQUEST_TIMEOUT = 60.0  # seconds per request; a 512-token generation on 2 busy cores fits
+REQUEST_TIMEOUT = 60.0  # seconds per request; a 128-token generation on 2 busy cores fits
 CI_EXAMPLES, NIGHTLY_EXAMPLES = 30, 300  # fuzzed cases per route
 FIXED_SEED = 19  # the `ci` profile's run: the same requests every time
 SHOWN_CHARS = 3000  # of each problem in a failure message
@@ -88,8 +90,8 @@ def vocab_size(url: str) -> int:
 
 def fixed_request(vocab: int) -> ScoreRequest:
     """A valid scoring request: a prompt from a fixed seed, its own next tokens, a stride."""
-    prompt = np.random.default_rng(19).integers(0, vocab, 200).tolist()
-    return ScoreRequest(prompt, prompt[41:], 40)
+    prompt = np.random.default_rng(19).integers(0, vocab, MAX_MODEL_LEN - 8).tolist()
+    return ScoreRequest(prompt, prompt[21:], 20)
 
 
 def score_bits(url: str, request: ScoreRequest) -> bytes:
@@ -130,6 +132,7 @@ class FuzzRun:
     seed: int
     statuses: dict[str, collections.Counter]  # route -> status code (or "no answer") -> count
     problems: list[str]  # failed checks (a 5xx), errors (a timeout: a hang), a stopped run
+    slowest: float = 0.0  # seconds, the slowest answer's
 
     def sent(self) -> int:
         return sum(sum(counts.values()) for counts in self.statuses.values())
@@ -168,6 +171,7 @@ def run_schemathesis(url: str, seed: int) -> FuzzRun:
             for interaction in recorder.interactions.values():
                 answer = interaction.response
                 run.statuses[route][answer.status_code if answer else "no answer"] += 1
+                run.slowest = max(run.slowest, answer.elapsed if answer else 0.0)
             for case_id, checks in recorder.checks.items():
                 for check in checks:
                     if check.failure_info is not None:
@@ -196,8 +200,8 @@ def fuzzed(fuzz_server: Server, before: tuple[ScoreRequest, bytes]) -> FuzzRun:
     seed = FIXED_SEED if ci else random.getrandbits(32)
     started = time.perf_counter()
     run = run_schemathesis(fuzz_server.url, seed)
-    print(f"schemathesis (seed {run.seed}, {time.perf_counter() - started:.0f} s) sent "
-          f"{run.sent()} requests: "
+    print(f"schemathesis (seed {run.seed}, {time.perf_counter() - started:.0f} s, slowest "
+          f"answer {run.slowest:.1f} s) sent {run.sent()} requests: "
           + json.dumps({route: {str(k): v for k, v in counts.items()}
                         for route, counts in run.statuses.items()}))
     return run
