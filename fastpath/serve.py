@@ -128,7 +128,8 @@ class ScoringChecks:
     trace_decode_token_ids`. vLLM checks it with plain ValueErrors
     (`SamplingParams._validate_trace_replay`) inside `AsyncLLM.generate`, which turns every
     error that is not a client error into `EngineGenerateError`: an empty HTTP 500. Only a
-    body that mentions the field is parsed here; every other body goes to vLLM untouched.
+    body that names the field (or has a `\\u` escape) is parsed here; every other body goes
+    to vLLM untouched.
     """
 
     def __init__(self, app: Any) -> None:
@@ -148,7 +149,8 @@ class ScoringChecks:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        if TRACE_FIELD.encode() in body:
+        # A JSON key may be spelled with \u escapes: such a body is parsed too.
+        if TRACE_FIELD.encode() in body or b"\\u" in body:
             engine = scope["app"].state.engine_client
             refusal = trace_refusal(body, engine.model_config.enable_trace_replay)
             if refusal is not None:

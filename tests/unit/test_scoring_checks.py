@@ -101,6 +101,14 @@ def test_under_trace_replay_vllm_answers_the_rest(payload):
     assert trace_refusal(payload, enabled=True) is None
 
 
+def test_field_name_spelled_with_escapes_is_found():
+    escaped = "".join(f"\\u{ord(c):04x}" for c in TRACE_FIELD)
+    payload = body().replace(b'"max_tokens"', f'"{escaped}": [], "max_tokens"'.encode())
+    assert TRACE_FIELD.encode() not in payload
+    seen, sent = call(payload)
+    assert not seen and error_of(sent)[1]["param"] == FIELD
+
+
 @pytest.mark.parametrize("path, method", [(SCORE_ROUTE, "GET"), ("/v1/completions", "POST")])
 def test_other_routes_untouched(path, method):
     payload = body(**{TRACE_FIELD: []})
