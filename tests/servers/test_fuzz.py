@@ -23,8 +23,12 @@ Classes of bad input found (each now a 400 naming the field, with a plain regres
    refuses (an empty list, negative ids, beside `prompt_logprobs`, `bad_words`, ...): a bare
    ValueError inside `AsyncLLM.generate`, which vLLM answers with an empty HTTP 500. Found by
    the coverage phase (its base body carries `"trace_decode_token_ids": []`): 167 of the 772
-   coverage requests to the scoring route answered 500 before the fix; none of 630 fuzzed
+   coverage requests to the scoring route answered 500 before the fix; none of 660 fuzzed
    ones did. Fixed by `fastpath.serve.ScoringChecks`.
+Tried since the fix: two nightly-size runs (2147 requests each: 1547 coverage, 600 fuzzed)
+and CI-size runs (60 each): no 5xx, no timeout, the same bits after. Without the fix the
+nightly size fails on class 1 (a run with the check removed), and a 0.02 s request timeout
+fails the run (what a hang does).
 """
 
 from __future__ import annotations
