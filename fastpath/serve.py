@@ -1,8 +1,9 @@
 """What `fastpath serve` adds inside vLLM's server: the routes' addresses, a request-body
-limit (HTTP 413 naming `--max-request-bytes`), `GET /fastpath/exactness|tokenizer`, and
-`/v1/completions` on the fast path (`fastpath.patches.completions`, bound when the routes
-are built), loaded through vLLM's own `--middleware` hook, so this module is imported by
-name in every API server process (`fastpath.cli.serve` starts them)."""
+limit (HTTP 413 naming `--max-request-bytes`), `GET /fastpath/exactness|tokenizer`, a
+check of the scoring route's bodies (HTTP 400 naming a field where vLLM would answer a bare
+500), and `/v1/completions` on the fast path (`fastpath.patches.completions`, bound when
+the routes are built), loaded through vLLM's own `--middleware` hook, so this module is
+imported by name in every API server process (`fastpath.cli.serve` starts them)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,17 @@ EXACTNESS_ROUTE = "/fastpath/exactness"  # fastpath serve: what the server's bit
 TOKENIZER_ROUTE = "/fastpath/tokenizer"  # its tokenizer's special ids and the vocabulary size
 BODY_LIMIT_ENV = "FASTPATH_MAX_REQUEST_BYTES"
 DEFAULT_MAX_REQUEST_BYTES = 64 << 20  # a 128K-token window with its ids is about 3 MB
+TRACE_FIELD = "trace_decode_token_ids"  # SamplingParams field vLLM checks with bare ValueErrors
+# What vLLM's SamplingParams._validate_trace_replay refuses beside a trace (a plain ValueError
+# each, so a 500 over HTTP): field -> whether a value counts as given.
+_NOT_WITH_TRACE = {
+    "prompt_logprobs": lambda v: v is not None,
+    "prompt_logprob_token_ids": lambda v: v is not None,
+    "structured_outputs": lambda v: v is not None,
+    "repetition_detection": lambda v: v is not None,
+    "thinking_token_budget": lambda v: v is not None,
+    "bad_words": bool,
+}
 
 
 class BodyLimit:
@@ -133,6 +145,87 @@ async def every_engines_workers(engine: Any) -> list[dict[str, Any]]:
                                                    None, (), None)
     return [{"dp_rank": rank, **worker}
             for rank, workers in zip(ranks, per_engine, strict=True) for worker in workers]
+
+
+class ScoringChecks:
+    """ASGI middleware: refuse with HTTP 400, in vLLM's error format and naming the field,
+    the bodies of `POST /inference/v1/generate` that vLLM itself answers with a bare 500.
+
+    One class so far (found by tests/servers/test_fuzz.py): `sampling_params.
+    trace_decode_token_ids`. vLLM checks it with plain ValueErrors
+    (`SamplingParams._validate_trace_replay`) inside `AsyncLLM.generate`, which turns every
+    error that is not a client error into `EngineGenerateError`: an empty HTTP 500. Only a
+    body that names the field (or has a `\\u` escape) is parsed here; every other body goes
+    to vLLM untouched.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if (scope["type"] != "http" or scope.get("path") != SCORE_ROUTE
+                or scope.get("method") != "POST"):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        # A JSON key may be spelled with \u escapes: such a body is parsed too.
+        if TRACE_FIELD.encode() in body or b"\\u" in body:
+            engine = scope["app"].state.engine_client
+            refusal = trace_refusal(body, engine.model_config.enable_trace_replay)
+            if refusal is not None:
+                await _json(send, 400, {"error": {
+                    "message": refusal, "type": "BadRequestError",
+                    "param": f"sampling_params.{TRACE_FIELD}", "code": 400}})
+                return
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # later calls wait for the disconnect, as vLLM expects
+
+        await self.app(scope, replay, send)
+
+
+def trace_refusal(body: bytes, enabled: bool) -> str | None:
+    """Why vLLM would answer this scoring body's `sampling_params.trace_decode_token_ids`
+    with a bare 500 (the reasons of `SamplingParams._validate_trace_replay`, after vLLM's own
+    request validation), or None: no such field, or a body vLLM refuses or takes itself.
+    `enabled`: the server runs with --enable-trace-replay."""
+    from pydantic import ValidationError
+    from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateRequest
+
+    try:
+        params = GenerateRequest.model_validate_json(body).sampling_params
+    except (ValidationError, ValueError, TypeError):
+        return None  # vLLM's own request validation refuses it (HTTP 400), naming the field
+    trace = params.trace_decode_token_ids
+    if trace is None:
+        return None
+    field = f"sampling_params.{TRACE_FIELD}"
+    if not enabled:
+        return (f"{field} is set but trace replay is not enabled: start the server with "
+                "--enable-trace-replay to use it, or leave the field out")
+    if not trace:
+        return f"{field} must be a non-empty list"
+    if any(t < 0 for t in trace):
+        return f"{field} must contain non-negative integers"
+    if params.n != 1:
+        return f"{field} requires sampling_params.n=1, got {params.n}"
+    for other, given in _NOT_WITH_TRACE.items():
+        if given(getattr(params, other)):
+            return f"{field} is not supported with sampling_params.{other}"
+    return None
 
 
 async def _json(send: Any, status: int, payload: dict[str, Any], close: bool = False) -> None:

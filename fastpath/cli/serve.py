@@ -14,12 +14,14 @@ dies looking up the version of a distribution named "vllm". What fastpath adds:
   `--middleware` hook, so a huge body is refused before it is read;
 - `GET /fastpath/exactness` (the same hook): what the server's bits rest on, as
   `fastpath ppl --json` reports it offline: the schedule mode and each worker's row mode;
-- quiet by default (warnings only; `-v` for vLLM's INFO lines) and one line saying where
-  it listens once it answers.
+- scoring-route bodies that vLLM answers with a bare HTTP 500 are refused with a 400 naming
+  the field (the same hook; `fastpath.serve.ScoringChecks`);
 - `/v1/completions` on the fast path for echo + logprobs requests (lm-eval's
   `local-completions`) and `target_token_ids` on completions requests
   (`fastpath.patches.completions`, bound by the routes middleware in each API server);
-The two middlewares live in `fastpath.serve`, which the server process imports by name.
+- quiet by default (warnings only; `-v` for vLLM's INFO lines) and one line saying where
+  it listens once it answers.
+The middlewares live in `fastpath.serve`, which the server process imports by name.
 
 With `FASTPATH_DISABLE=1` it serves vLLM unchanged (no plugin, no fastpath route or
 middleware) with the same engine defaults: the reference a fastpath server is compared
@@ -44,6 +46,7 @@ from fastpath.serve import (
     SCORE_ROUTE,
     BodyLimit,
     FastpathRoutes,
+    ScoringChecks,
 )
 
 
@@ -126,7 +129,9 @@ def run(args: argparse.Namespace, given: set[str]) -> int:
         print(f"fastpath serve: {plugin.DISABLE_ENV} is set: serving vLLM unchanged "
               "(standard path only, no fastpath routes)", flush=True)
     else:
-        args.middleware = [*args.middleware, _middleware_name(FastpathRoutes)]
+        # Starlette runs the last one added first: the body limit, then the scoring checks.
+        args.middleware = [*args.middleware, _middleware_name(FastpathRoutes),
+                           _middleware_name(ScoringChecks)]
         if args.max_request_bytes:
             args.middleware = [*args.middleware, _middleware_name(BodyLimit)]
     args.subparser = "serve"

@@ -1,0 +1,133 @@
+"""`fastpath.serve.ScoringChecks` as an ASGI middleware around a stand-in app: no engine, no
+server (tests/servers/test_fuzz.py checks it on a real server)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import types
+from typing import Any
+
+import pytest
+
+from fastpath.serve import SCORE_ROUTE, TRACE_FIELD, ScoringChecks, trace_refusal
+
+FIELD = f"sampling_params.{TRACE_FIELD}"
+
+
+def body(**params: Any) -> bytes:
+    return json.dumps({"token_ids": [1, 2, 3],
+                       "sampling_params": {"max_tokens": 1, **params}}).encode()
+
+
+def call(payload: bytes, path: str = SCORE_ROUTE, method: str = "POST",
+         enabled: bool = False, chunks: int = 1) -> tuple[list[bytes], list[dict]]:
+    """Send `payload` (in `chunks` pieces) through the middleware; returns the bodies the app
+    read and the messages sent back."""
+    seen: list[bytes] = []
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        message = await receive()
+        seen.append(message["body"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    engine = types.SimpleNamespace(model_config=types.SimpleNamespace(enable_trace_replay=enabled))
+    scope = {"type": "http", "path": path, "method": method,
+             "app": types.SimpleNamespace(state=types.SimpleNamespace(engine_client=engine))}
+    step = max(1, -(-len(payload) // chunks))
+    pieces = [payload[i:i + step] for i in range(0, len(payload), step)] or [b""]
+    messages = [{"type": "http.request", "body": piece, "more_body": i < len(pieces) - 1}
+                for i, piece in enumerate(pieces)]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(ScoringChecks(app)(scope, receive, send))
+    return seen, sent
+
+
+def error_of(sent: list[dict]) -> tuple[int, dict]:
+    return sent[0]["status"], json.loads(sent[1]["body"])["error"]
+
+
+@pytest.mark.parametrize("params", [{}, {TRACE_FIELD: None}, {"n": 1, "bad_words": ["x"]}])
+def test_bodies_without_a_trace_reach_the_app_unchanged(params):
+    payload = body(**params)
+    seen, sent = call(payload, chunks=3)
+    assert seen == [payload] and sent[0]["status"] == 200
+
+
+@pytest.mark.parametrize("params", [{TRACE_FIELD: []}, {TRACE_FIELD: [-1]}, {TRACE_FIELD: [1]},
+                                    {TRACE_FIELD: [1], "prompt_logprobs": 1}])
+def test_any_trace_refused_without_trace_replay(params):
+    seen, sent = call(body(**params), chunks=2)
+    status, error = error_of(sent)
+    assert not seen and status == 400
+    assert (error["type"], error["param"], error["code"]) == ("BadRequestError", FIELD, 400)
+    assert "--enable-trace-replay" in error["message"] and FIELD in error["message"]
+
+
+@pytest.mark.parametrize("params, fragment", [
+    ({TRACE_FIELD: []}, "must be a non-empty list"),
+    ({TRACE_FIELD: [3, -1]}, "must contain non-negative integers"),
+    ({TRACE_FIELD: [1], "n": "2"}, "requires sampling_params.n=1, got 2"),  # as pydantic reads it
+    ({TRACE_FIELD: [1], "prompt_logprobs": 0},
+     "not supported with sampling_params.prompt_logprobs"),
+    ({TRACE_FIELD: [1], "prompt_logprob_token_ids": [[1], [2]]},
+     "not supported with sampling_params.prompt_logprob_token_ids"),
+    ({TRACE_FIELD: [1], "bad_words": ["x"]}, "not supported with sampling_params.bad_words"),
+    ({TRACE_FIELD: [1], "thinking_token_budget": 4},
+     "not supported with sampling_params.thinking_token_budget"),
+])
+def test_trace_refused_with_vllms_reasons_under_trace_replay(params, fragment):
+    seen, sent = call(body(**params), enabled=True)
+    status, error = error_of(sent)
+    assert not seen and status == 400 and error["param"] == FIELD
+    assert fragment in error["message"], error
+
+
+@pytest.mark.parametrize("payload", [body(**{TRACE_FIELD: [1, 2]}),  # a valid trace
+                                     body(**{TRACE_FIELD: "x"}),  # vLLM's validation names it
+                                     b'{"' + TRACE_FIELD.encode() + b'": [',  # broken JSON
+                                     json.dumps([TRACE_FIELD]).encode()])
+def test_under_trace_replay_vllm_answers_the_rest(payload):
+    seen, sent = call(payload, enabled=True)
+    assert seen == [payload] and sent[0]["status"] == 200
+    assert trace_refusal(payload, enabled=True) is None
+
+
+def test_field_name_spelled_with_escapes_is_found():
+    escaped = "".join(f"\\u{ord(c):04x}" for c in TRACE_FIELD)
+    payload = body().replace(b'"max_tokens"', f'"{escaped}": [], "max_tokens"'.encode())
+    assert TRACE_FIELD.encode() not in payload
+    seen, sent = call(payload)
+    assert not seen and error_of(sent)[1]["param"] == FIELD
+
+
+@pytest.mark.parametrize("path, method", [(SCORE_ROUTE, "GET"), ("/v1/completions", "POST")])
+def test_other_routes_untouched(path, method):
+    payload = body(**{TRACE_FIELD: []})
+    seen, sent = call(payload, path=path, method=method)
+    assert seen == [payload] and sent[0]["status"] == 200
+
+
+def test_client_gone_mid_upload_ends_quietly():
+    seen: list[Any] = []
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        seen.append(scope)
+
+    async def receive() -> dict:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        seen.append(message)
+
+    asyncio.run(ScoringChecks(app)({"type": "http", "path": SCORE_ROUTE, "method": "POST"},
+                                   receive, send))
+    assert seen == []
