@@ -99,9 +99,10 @@ def two_nodes(logs: Path) -> Iterator[DataParallelServer]:
         node.stop()
 
 
-# Two nodes cost a second launcher's start-up on top of one node's; CI keeps one node.
-@pytest.fixture(scope="module", params=["one-node", pytest.param("two-nodes",
-                                                                 marks=pytest.mark.slow)])
+# Both layouts are `slow` (the nightly and `-m correctness` run them): five processes start
+# per layout, and CI's 40 minutes go to the completions, fuzz and upstream-series subsets.
+@pytest.fixture(scope="module", params=[pytest.param("one-node", marks=pytest.mark.slow),
+                                        pytest.param("two-nodes", marks=pytest.mark.slow)])
 def dp_server(request, tmp_path_factory) -> Iterator[DataParallelServer]:
     start = one_node if request.param == "one-node" else two_nodes
     with start(tmp_path_factory.mktemp(request.param)) as server:
