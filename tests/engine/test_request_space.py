@@ -25,7 +25,8 @@ Invariant, per engine setting:
   at submission, and the engine keeps serving.
 `HYPOTHESIS_PROFILE=nightly` runs every setting, many more and longer sequences.
 With `FASTPATH_ANSWER_RECORD=BASE`, each isolated answer's digest is recorded (BASE.plugin or
-BASE.native, `fastpath.upstream.record_answer`), so that a run against a vLLM carrying the
+BASE.native, `fastpath.upstream.record_answer`), the machine's and those of 40 fixed requests
+(the same in every run, so two builds always share them), so that a run against a vLLM carrying the
 upstream series can be compared with the plugin's run of the same derandomized sequences
 (`fastpath upstream compare-answers BASE`; `tox -e test` does).
 """
@@ -53,6 +54,7 @@ from vllm.exceptions import VLLMValidationError
 
 from fastpath import upstream, zoo
 from fastpath.scoring import split_top_k
+from fastpath.targets import TOP_K_KEY
 from tests.helpers import (
     assert_bitwise_equal,
     ci_or_slow,
@@ -494,6 +496,57 @@ def test_request_space(engine_under_test, reference, record_property):
     assert stats["longest_prompt"] > 256, "no prompt past the attention's first tile"
     if setting.kv_cache_memory_bytes < (2 << 20):
         assert stats["preemptions"] > 0, "the small-cache setting never preempted"
+
+
+FIXED_REQUESTS = 40
+
+
+def fixed_requests(count: int = FIXED_REQUESTS) -> list[tuple[tuple[int, ...], int, np.ndarray,
+                                                              int]]:
+    """(prompt, start, ids [rows, n] with -1 padding, top-K) drawn from a fixed seed: the
+    same requests in every run, whatever the engine's timing (the state machine's sequences
+    diverge with it), so two builds always answer these same requests."""
+    rng = np.random.default_rng(2026)
+    requests = []
+    for _ in range(count):
+        root = _ROOTS[int(rng.integers(3))]
+        prompt = tuple(root[: int(rng.integers(2, MAX_PROMPT + 1))])
+        start = int(rng.integers(0, len(prompt) - 1))
+        rows, width = len(prompt) - 1 - start, int(rng.choice([1, 1, 3]))
+        ids = rng.integers(0, VOCAB, (rows, width))
+        if width > 1:
+            ids[rng.random((rows, width)) < 0.2] = -1
+            ids[:, 0] = np.abs(ids[:, 0])
+        requests.append((prompt, start, ids, int(rng.choice([0, 0, 4]))))
+    return requests
+
+
+def test_fixed_requests_answer_the_reference_and_are_recorded(engine_under_test, reference):
+    """The same fixed requests in every run, one at a time: bitwise the reference's values
+    on an isolated setting (recorded for `fastpath upstream compare-answers`, so the
+    plugin and the series always share these requests); elsewhere within SCHEDULE_BOUND."""
+    setting, llm = engine_under_test
+    if not setting.isolated:
+        pytest.skip("the fixed requests are compared across builds on the isolated setting")
+    top_k_allowed = not llm.llm_engine.vllm_config.use_v2_model_runner  # V2 refuses top-K
+    for index, (prompt, start, ids, top_k) in enumerate(fixed_requests()):
+        top_k = top_k if top_k_allowed else 0
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprob_token_ids=ids,
+                                prompt_logprob_start=start,
+                                extra_args={TOP_K_KEY: top_k} if top_k else None)
+        (output,) = llm.generate([{"prompt_token_ids": list(prompt)}], params, use_tqdm=False)
+        scores = output.prompt_token_id_logprobs
+        assert scores is not None, f"fixed request {index}: no scores"
+        table = reference.logprobs(prompt)[start:]
+        expected = np.take_along_axis(table, ids.clip(min=0), 1)
+        expected[ids < 0] = -np.inf
+        assert_bitwise_equal(scores[:, : ids.shape[1]], expected,
+                             what=f"fixed request {index} (len {len(prompt)}, start {start})")
+        if top_k:
+            top = np.sort(table, axis=1)[:, ::-1][:, :top_k]
+            assert_bitwise_equal(scores[:, ids.shape[1] : ids.shape[1] + top_k], top,
+                                 what=f"fixed request {index} top-{top_k}")
+        upstream.record_answer(f"fixed-{setting.name}", prompt, start, ids, top_k, scores)
 
 
 def _run_settings() -> settings:
