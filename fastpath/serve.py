@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 SCORE_ROUTE = "/inference/v1/generate"
@@ -60,16 +61,7 @@ class BodyLimit:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # later calls wait for the disconnect, as vLLM expects
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(body, receive), send)
 
     async def _refuse(self, send: Any, size: int, complete: bool = True) -> None:
         """A 413 in vLLM's error format, naming the limit and the flag that sets it."""
@@ -185,16 +177,7 @@ class ScoringChecks:
                     "message": refusal, "type": "BadRequestError",
                     "param": f"sampling_params.{TRACE_FIELD}", "code": 400}})
                 return
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # later calls wait for the disconnect, as vLLM expects
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(body, receive), send)
 
 
 def trace_refusal(body: bytes, enabled: bool) -> str | None:
@@ -226,6 +209,21 @@ def trace_refusal(body: bytes, enabled: bool) -> str | None:
         if given(getattr(params, other)):
             return f"{field} is not supported with sampling_params.{other}"
     return None
+
+
+def replaying(body: bytes, receive: Any) -> Callable[[], Awaitable[dict]]:
+    """An ASGI `receive` for an app after a middleware has read the whole body: the body
+    once, then the real `receive` (later calls wait for the disconnect, as vLLM expects)."""
+    replayed = False
+
+    async def replay() -> dict:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 async def _json(send: Any, status: int, payload: dict[str, Any], close: bool = False) -> None:

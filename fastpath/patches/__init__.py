@@ -211,6 +211,15 @@ def borrowed(scope: str | None = None) -> list[Borrowed]:
     return [name for name in BORROWED if name.used_by in modules]
 
 
+def _check_then_bind(version: str, todo: list[Replacement], added: list[Addition],
+                     names: list[Borrowed]) -> None:
+    """Every check first (all or nothing: an unknown vLLM is refused whole), then bind."""
+    for check in (*todo, *added, *names):
+        check.check(version)
+    for binding in (*todo, *added):
+        binding.bind()
+
+
 def apply() -> list[str]:
     """Check every fingerprint, then bind every replacement, once per process."""
     global _applied
@@ -219,17 +228,7 @@ def apply() -> list[str]:
     import vllm
 
     todo = replacements()
-    added = additions()
-    for replacement in todo:
-        replacement.check(vllm.__version__)
-    for addition in added:
-        addition.check(vllm.__version__)
-    for name in borrowed("plugin"):
-        name.check(vllm.__version__)
-    for replacement in todo:
-        replacement.bind()
-    for addition in added:
-        addition.bind()
+    _check_then_bind(vllm.__version__, todo, additions(), borrowed("plugin"))
     _applied = True
     logger.info("fastpath: patched %d vLLM functions", len(todo))
     return applied()
@@ -247,12 +246,7 @@ def apply_serving() -> list[str]:
     if not _serving_applied:
         import vllm
 
-        for replacement in todo:
-            replacement.check(vllm.__version__)
-        for name in borrowed("serve"):
-            name.check(vllm.__version__)
-        for replacement in todo:
-            replacement.bind()
+        _check_then_bind(vllm.__version__, todo, [], borrowed("serve"))
         _serving_applied = True
     return [r.qualname for r in todo if r.is_bound()]
 
