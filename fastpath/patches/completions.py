@@ -213,8 +213,8 @@ async def _create_completion(self: OpenAIServingCompletion, request: Any,
         for index, choice in enumerate(response.choices):
             answer = client.answers.get(index)
             if answer is None:
-                raise VLLMValidationError("fastpath: no fixed-id scores came back for "
-                                          f"prompt {index}", parameter=TARGET_KEY)
+                raise RuntimeError(f"fastpath: no fixed-id scores came back for prompt "
+                                   f"{index}; failing the request instead of answering it")
             setattr(choice, TARGET_LOGPROBS_FIELD, answer[:, 0].tolist())
     return response
 
