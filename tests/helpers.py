@@ -30,6 +30,8 @@ from fastpath.cli.common import LOG_LEVEL_ENV
 from fastpath.perplexity import bitwise_mismatches
 from fastpath.testing import v2cpu
 
+ROOT = Path(__file__).resolve().parents[1]  # the repository root
+
 ARCHITECTURES = ("tiny-llama", "tiny-opt", "tiny-qwen2", "tiny-gpt2")
 CHUNK = 64  # max_num_batched_tokens: prompts longer than this are prefilled in chunks
 
@@ -229,3 +231,50 @@ def shape_id(shape: tuple[int, int]) -> str:
 def describe(report: dict, key: str = "mismatches") -> str:
     items = report[key]
     return f"{rowsubset.summary(report)}; first: {json.dumps(items[:5])}"
+
+
+def lm_eval_cli(model: str, model_args: str, tasks: Sequence[str], tasks_dir: str, out: Path,
+                timeout: float) -> dict[str, Any]:
+    """`fastpath lm-eval` (lm-eval's command line) in a subprocess at the repository root
+    (task YAMLs name their data from there): the samples it saved, by task, and its results.
+    `timeout` is a hang guard."""
+    result = subprocess.run(
+        [sys.executable, "-m", "fastpath.cli", "lm-eval", "--model", model, "--model_args",
+         model_args, "--tasks", ",".join(tasks), "--include_path", tasks_dir,
+         "--output_path", str(out), "--log_samples"],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    samples = {}
+    for task in tasks:
+        (path,) = out.rglob(f"samples_{task}_*.jsonl")
+        samples[task] = [json.loads(line) for line in path.read_text().splitlines()]
+    (results,) = out.rglob("results_*.json")
+    return {"samples": samples, "results": json.loads(results.read_text())["results"]}
+
+
+def answers(samples: list[dict]) -> tuple[np.ndarray, list]:
+    """(log-likelihoods as float64, is_greedy or None) of every request, by doc then choice.
+
+    Works on in-process samples (floats, tuples) and on saved ones (lm-eval writes str()).
+    """
+    lls, greedy = [], []
+    for sample in sorted(samples, key=lambda s: s["doc_id"]):
+        for resp in sample["resps"]:
+            value = resp[0]
+            if isinstance(value, (tuple, list)):
+                lls.append(float(value[0]))
+                greedy.append(str(value[1]) == "True")
+            else:
+                lls.append(float(value))
+                greedy.append(None)
+    return np.array(lls, dtype=np.float64), greedy
+
+
+def assert_same_float64(a: np.ndarray, b: np.ndarray, what: str) -> None:
+    """Equal float64 bit patterns: lm-eval's sums are Python floats."""
+    assert a.shape == b.shape and a.size > 0, f"{what}: {a.shape} vs {b.shape}"
+    a, b = np.ascontiguousarray(a, np.float64), np.ascontiguousarray(b, np.float64)
+    mismatched = np.flatnonzero(a.view(np.int64) != b.view(np.int64))
+    assert mismatched.size == 0, (
+        f"{what}: {mismatched.size}/{a.size} log-likelihoods differ in bits, first at "
+        f"{mismatched[:5].tolist()}, max |diff| {np.abs(a - b).max():.3e}")

@@ -12,8 +12,6 @@ import importlib
 import importlib.metadata
 import json
 import math
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from fastpath import lm_eval_model as fl
 from fastpath import scoring, zoo
 from fastpath.scorer import Scores
 from fastpath.targets import TOP_K_KEY
-from tests.helpers import assert_bitwise_equal
+from tests.helpers import answers, assert_bitwise_equal, assert_same_float64, lm_eval_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKS_DIR = "tests/data/lm_eval_tasks"  # the YAMLs name their data relative to the root
@@ -102,47 +100,8 @@ def fast_eval(fast_lm, vllm_eval):
 def cli_eval(vllm_eval, tmp_path_factory):
     """`fastpath lm-eval --model fastpath-vllm ...` in a subprocess: its own engine, built
     from the same model_args; the samples and results it saves, as lm-eval wrote them."""
-    out = tmp_path_factory.mktemp("lm_eval_cli")
-    result = subprocess.run(
-        [sys.executable, "-m", "fastpath.cli", "lm-eval", "--model", "fastpath-vllm",
-         "--model_args", model_args_string(), "--tasks", ",".join(TASKS),
-         "--include_path", TASKS_DIR, "--output_path", str(out), "--log_samples"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    samples = {}
-    for task in TASKS:
-        (path,) = out.rglob(f"samples_{task}_*.jsonl")
-        samples[task] = [json.loads(line) for line in path.read_text().splitlines()]
-    (results,) = out.rglob("results_*.json")
-    return {"samples": samples, "results": json.loads(results.read_text())["results"]}
-
-
-def answers(samples: list[dict]) -> tuple[np.ndarray, list]:
-    """(log-likelihoods as float64, is_greedy or None) of every request, by doc then choice.
-
-    Works on in-process samples (floats, tuples) and on saved ones (lm-eval writes str()).
-    """
-    lls, greedy = [], []
-    for sample in sorted(samples, key=lambda s: s["doc_id"]):
-        for resp in sample["resps"]:
-            value = resp[0]
-            if isinstance(value, (tuple, list)):
-                lls.append(float(value[0]))
-                greedy.append(str(value[1]) == "True")
-            else:
-                lls.append(float(value))
-                greedy.append(None)
-    return np.array(lls, dtype=np.float64), greedy
-
-
-def assert_same_float64(a: np.ndarray, b: np.ndarray, what: str) -> None:
-    """Equal float64 bit patterns: lm-eval's sums are Python floats."""
-    assert a.shape == b.shape and a.size > 0, f"{what}: {a.shape} vs {b.shape}"
-    a, b = np.ascontiguousarray(a, np.float64), np.ascontiguousarray(b, np.float64)
-    mismatched = np.flatnonzero(a.view(np.int64) != b.view(np.int64))
-    assert mismatched.size == 0, (
-        f"{what}: {mismatched.size}/{a.size} log-likelihoods differ in bits, first at "
-        f"{mismatched[:5].tolist()}, max |diff| {np.abs(a - b).max():.3e}")
+    return lm_eval_cli("fastpath-vllm", model_args_string(), TASKS, TASKS_DIR,
+                       tmp_path_factory.mktemp("lm_eval_cli"), timeout=900)
 
 
 @engine

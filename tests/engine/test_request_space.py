@@ -178,6 +178,13 @@ REUSE = st.one_of(st.none(), st.integers(0, 50))
 token = st.one_of(st.sampled_from([0, VOCAB - 1]), st.integers(0, VOCAB - 1))
 
 
+def expected_scores(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The fixed ids' values read from a prompt's full-vocabulary table; -inf for padding."""
+    expected = np.take_along_axis(table, ids.clip(min=0), 1)
+    expected[ids < 0] = -np.inf
+    return expected
+
+
 @dataclass
 class Submitted:
     """What was asked, so the answer can be checked against the reference."""
@@ -428,8 +435,7 @@ class RequestSpace(RuleBasedStateMachine):
                 assert np.all(values[:, -1:] >= kth - SCHEDULE_BOUND), f"{what}: not the top-K"
             self._agrees(np.take_along_axis(table, top_ids.astype(np.int64), 1), values,
                          what=f"{what} top-{sub.top_k} ids")
-        expected = np.take_along_axis(table, sub.ids.clip(min=0), 1)
-        expected[sub.ids < 0] = -np.inf
+        expected = expected_scores(table, sub.ids)
         self._agrees(scores, expected, what=what)
 
     def _check_standard(self, prompt_logprobs: list, sub: Submitted, what: str,
@@ -538,8 +544,7 @@ def test_fixed_requests_answer_the_reference_and_are_recorded(engine_under_test,
         scores = output.prompt_token_id_logprobs
         assert scores is not None, f"fixed request {index}: no scores"
         table = reference.logprobs(prompt)[start:]
-        expected = np.take_along_axis(table, ids.clip(min=0), 1)
-        expected[ids < 0] = -np.inf
+        expected = expected_scores(table, ids)
         assert_bitwise_equal(scores[:, : ids.shape[1]], expected,
                              what=f"fixed request {index} (len {len(prompt)}, start {start})")
         if top_k:

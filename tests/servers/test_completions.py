@@ -12,20 +12,16 @@ same engine flags, give the same per-request log-likelihoods and is_greedy.
 
 from __future__ import annotations
 
-import json
 import struct
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 
 from fastpath import zoo
 from fastpath.serve import EXACTNESS_ROUTE
-from tests.helpers import Server
+from tests.helpers import Server, answers, assert_same_float64, lm_eval_cli
 
 pytestmark = [pytest.mark.engine, pytest.mark.correctness]
 
@@ -201,30 +197,8 @@ def test_bad_target_fields_refused_with_400_naming_the_field(servers, body, fiel
 
 def run_lm_eval(model: str, model_args: str, tasks: list[str], out: Path
                 ) -> dict[str, list[dict]]:
-    """`fastpath lm-eval` (lm-eval's command line) on log-likelihood tasks; the samples it
-    saved, by task."""
-    result = subprocess.run(
-        [sys.executable, "-m", "fastpath.cli", "lm-eval", "--model", model, "--model_args",
-         model_args, "--tasks", ",".join(tasks), "--include_path", TASKS_DIR,
-         "--output_path", str(out), "--log_samples"],
-        cwd=ROOT, capture_output=True, text=True, timeout=1800)
-    assert result.returncode == 0, result.stderr[-4000:]
-    samples = {}
-    for task in tasks:
-        (path,) = out.rglob(f"samples_{task}_*.jsonl")
-        samples[task] = [json.loads(line) for line in path.read_text().splitlines()]
-    return samples
-
-
-def lm_eval_answers(samples: list[dict]) -> tuple[np.ndarray, list[bool]]:
-    """(log-likelihood as float64, is_greedy) of every request, by doc then choice."""
-    lls, greedy = [], []
-    for sample in sorted(samples, key=lambda s: s["doc_id"]):
-        for resp in sample["resps"]:
-            value = resp[0]
-            lls.append(float(value[0]))
-            greedy.append(str(value[1]) == "True")
-    return np.array(lls, dtype=np.float64), greedy
+    """`fastpath lm-eval` on log-likelihood tasks: the samples it saved, by task."""
+    return lm_eval_cli(model, model_args, tasks, TASKS_DIR, out, timeout=1800)["samples"]
 
 
 # CI: lambada (is_greedy takes both values) on the two servers; the nightly and
@@ -258,14 +232,10 @@ def test_lm_eval_local_completions_identical(servers, tmp_path, tasks, offline):
                                                       tmp_path / "offline")
     requests = 0
     for task in tasks:
-        fast_ll, fast_greedy = lm_eval_answers(on_fast[task])
+        fast_ll, fast_greedy = answers(on_fast[task])
         for name, other in others.items():
-            other_ll, other_greedy = lm_eval_answers(other[task])
-            assert fast_ll.shape == other_ll.shape and fast_ll.size > 0, (task, name)
-            differ = np.flatnonzero(fast_ll.view(np.int64) != other_ll.view(np.int64))
-            assert differ.size == 0, (f"{task}: {differ.size}/{fast_ll.size} log-likelihoods "
-                                      f"differ from {name}, max |diff| "
-                                      f"{np.abs(fast_ll - other_ll).max():.3e}")
+            other_ll, other_greedy = answers(other[task])
+            assert_same_float64(fast_ll, other_ll, f"{task}: fastpath serve against {name}")
             assert fast_greedy == other_greedy, (task, name)
         if task == "fastpath_lambada":
             assert 0 < sum(fast_greedy) < len(fast_greedy), "is_greedy is constant: no test"
