@@ -18,16 +18,6 @@ TOKENIZER_ROUTE = "/fastpath/tokenizer"  # its tokenizer's special ids and the v
 BODY_LIMIT_ENV = "FASTPATH_MAX_REQUEST_BYTES"
 DEFAULT_MAX_REQUEST_BYTES = 64 << 20  # a 128K-token window with its ids is about 3 MB
 TRACE_FIELD = "trace_decode_token_ids"  # SamplingParams field vLLM checks with bare ValueErrors
-# What vLLM's SamplingParams._validate_trace_replay refuses beside a trace (a plain ValueError
-# each, so a 500 over HTTP): field -> whether a value counts as given.
-_NOT_WITH_TRACE = {
-    "prompt_logprobs": lambda v: v is not None,
-    "prompt_logprob_token_ids": lambda v: v is not None,
-    "structured_outputs": lambda v: v is not None,
-    "repetition_detection": lambda v: v is not None,
-    "thinking_token_budget": lambda v: v is not None,
-    "bad_words": bool,
-}
 
 
 class BodyLimit:
@@ -170,8 +160,7 @@ class ScoringChecks:
         body = b"".join(chunks)
         # A JSON key may be spelled with \u escapes: such a body is parsed too.
         if TRACE_FIELD.encode() in body or b"\\u" in body:
-            engine = scope["app"].state.engine_client
-            refusal = trace_refusal(body, engine.model_config.enable_trace_replay)
+            refusal = trace_refusal(body, scope["app"].state.engine_client.vllm_config)
             if refusal is not None:
                 await _json(send, 400, {"error": {
                     "message": refusal, "type": "BadRequestError",
@@ -180,34 +169,37 @@ class ScoringChecks:
         await self.app(scope, replaying(body, receive), send)
 
 
-def trace_refusal(body: bytes, enabled: bool) -> str | None:
+def trace_refusal(body: bytes, vllm_config: Any) -> str | None:
     """Why vLLM would answer this scoring body's `sampling_params.trace_decode_token_ids`
-    with a bare 500 (the reasons of `SamplingParams._validate_trace_replay`, after vLLM's own
-    request validation), or None: no such field, or a body vLLM refuses or takes itself.
-    `enabled`: the server runs with --enable-trace-replay."""
+    with a bare 500, or None: no such field, or a body vLLM refuses (HTTP 400) or takes
+    itself. The reasons are vLLM's own: `SamplingParams._validate_trace_replay` (a borrowed
+    name, fingerprinted in fastpath.patches.BORROWED) run on the parsed request, after vLLM's
+    request validation; its client errors (`VLLMValidationError`) are left to vLLM."""
     from pydantic import ValidationError
     from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateRequest
+    from vllm.exceptions import VLLMValidationError
 
     try:
         params = GenerateRequest.model_validate_json(body).sampling_params
     except (ValidationError, ValueError, TypeError):
         return None  # vLLM's own request validation refuses it (HTTP 400), naming the field
-    trace = params.trace_decode_token_ids
-    if trace is None:
+    if params.trace_decode_token_ids is None:
         return None
     field = f"sampling_params.{TRACE_FIELD}"
-    if not enabled:
+    model_config = vllm_config.model_config
+    if not model_config.enable_trace_replay:
+        # vLLM's input processor refuses any trace then, but only after the check below,
+        # whose ValueErrors come first as a bare 500: one answer for every trace.
         return (f"{field} is set but trace replay is not enabled: start the server with "
                 "--enable-trace-replay to use it, or leave the field out")
-    if not trace:
-        return f"{field} must be a non-empty list"
-    if any(t < 0 for t in trace):
-        return f"{field} must contain non-negative integers"
-    if params.n != 1:
-        return f"{field} requires sampling_params.n=1, got {params.n}"
-    for other, given in _NOT_WITH_TRACE.items():
-        if given(getattr(params, other)):
-            return f"{field} is not supported with sampling_params.{other}"
+    try:
+        params._validate_trace_replay(model_config, vllm_config.speculative_config)
+    except VLLMValidationError:
+        return None  # a client error: vLLM answers it with a 400 itself
+    except ValueError as error:
+        reason = str(error)  # vLLM's words start with the field's short name, or are named
+        return f"sampling_params.{reason}" if reason.startswith(TRACE_FIELD) else (
+            f"{field}: {reason}")
     return None
 
 

@@ -130,6 +130,9 @@ REGISTER: tuple[PatchEntry, ...] = (
 SCOPES = ("plugin", "serve")
 
 _WORKER = "vllm.v1.worker.gpu_model_runner"
+# `used_by` of the names fastpath.serve's request checks borrow (no patch module: they are
+# checked with the "serve" scope, in the API server processes that run those checks).
+SERVE_CHECKS = "serve"
 
 # Private upstream names the patches use without replacing them. Functions carry the
 # fingerprints they were checked against; attributes are checked for presence.
@@ -168,6 +171,9 @@ BORROWED: tuple[Borrowed, ...] = (
     Borrowed("vllm.v1.engine", "EngineCoreOutput.finish_reason", "scheduler"),
     Borrowed("vllm.v1.engine.logprobs", "LogprobsProcessor._update_prompt_logprobs",
              "completions", frozenset({"e55d3b9b1ad45854"})),
+    # Not a patch's: fastpath.serve.ScoringChecks asks vLLM's own check for its reasons.
+    Borrowed("vllm.sampling_params", "SamplingParams._validate_trace_replay", SERVE_CHECKS,
+             frozenset({"619e282f15f54e44"})),
 )
 
 _applied = False
@@ -208,6 +214,8 @@ def borrowed(scope: str | None = None) -> list[Borrowed]:
     """The private upstream names the patches of `scope` (None: all) rely on without
     replacing them."""
     modules = {entry.module for entry in _entries(scope)}
+    if scope in (None, "serve"):
+        modules.add(SERVE_CHECKS)
     return [name for name in BORROWED if name.used_by in modules]
 
 

@@ -81,7 +81,7 @@ class Borrowed:
 
     module: str  # e.g. "vllm.v1.worker.gpu_model_runner"
     qualname: str  # e.g. "GPUModelRunner._sync_device", "InputBatch.req_id_to_index"
-    used_by: str  # the patch module that relies on it
+    used_by: str  # the patch module that relies on it (or "serve": fastpath.serve's checks)
     fingerprints: frozenset[str] = frozenset()
 
     @property
@@ -113,9 +113,11 @@ class Borrowed:
             if text is not None and has_attribute(text, cls, attr):
                 return
             what = "is missing"
+        user = ("fastpath serve's request checks" if self.used_by == "serve"
+                else f"the {self.used_by} patch")
         raise PatchRefused(
-            f"fastpath refuses to patch vLLM {vllm_version}: {self.full_name}, which the "
-            f"{self.used_by} patch relies on, {what}. Upgrade fastpath, pin a supported vLLM "
+            f"fastpath refuses to patch vLLM {vllm_version}: {self.full_name}, which "
+            f"{user} relies on, {what}. Upgrade fastpath, pin a supported vLLM "
             "(see fastpath.patches.SUPPORTED_VLLM), or run without it: FASTPATH_DISABLE=1."
         )
 

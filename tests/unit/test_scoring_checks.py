@@ -13,11 +13,18 @@ import pytest
 from fastpath.serve import SCORE_ROUTE, TRACE_FIELD, ScoringChecks, trace_refusal
 
 FIELD = f"sampling_params.{TRACE_FIELD}"
+VOCAB = 1000
 
 
 def body(**params: Any) -> bytes:
     return json.dumps({"token_ids": [1, 2, 3],
                        "sampling_params": {"max_tokens": 1, **params}}).encode()
+
+
+def config(enabled: bool) -> types.SimpleNamespace:
+    """A stand-in for the engine's VllmConfig: what vLLM's trace check reads."""
+    model = types.SimpleNamespace(enable_trace_replay=enabled, get_vocab_size=lambda: VOCAB)
+    return types.SimpleNamespace(model_config=model, speculative_config=None)
 
 
 def call(payload: bytes, path: str = SCORE_ROUTE, method: str = "POST",
@@ -32,7 +39,7 @@ def call(payload: bytes, path: str = SCORE_ROUTE, method: str = "POST",
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    engine = types.SimpleNamespace(model_config=types.SimpleNamespace(enable_trace_replay=enabled))
+    engine = types.SimpleNamespace(vllm_config=config(enabled))
     scope = {"type": "http", "path": path, "method": method,
              "app": types.SimpleNamespace(state=types.SimpleNamespace(engine_client=engine))}
     step = max(1, -(-len(payload) // chunks))
@@ -72,33 +79,46 @@ def test_any_trace_refused_without_trace_replay(params):
     assert "--enable-trace-replay" in error["message"] and FIELD in error["message"]
 
 
+# vLLM's own words (SamplingParams._validate_trace_replay), after the field's full name
 @pytest.mark.parametrize("params, fragment", [
     ({TRACE_FIELD: []}, "must be a non-empty list"),
     ({TRACE_FIELD: [3, -1]}, "must contain non-negative integers"),
-    ({TRACE_FIELD: [1], "n": "2"}, "requires sampling_params.n=1, got 2"),  # as pydantic reads it
-    ({TRACE_FIELD: [1], "prompt_logprobs": 0},
-     "not supported with sampling_params.prompt_logprobs"),
+    ({TRACE_FIELD: [1], "n": "2"}, "requires n=1"),  # as pydantic reads it
+    ({TRACE_FIELD: [1], "prompt_logprobs": 0}, "not supported with prompt_logprobs"),
     ({TRACE_FIELD: [1], "prompt_logprob_token_ids": [[1], [2]]},
-     "not supported with sampling_params.prompt_logprob_token_ids"),
-    ({TRACE_FIELD: [1], "bad_words": ["x"]}, "not supported with sampling_params.bad_words"),
-    ({TRACE_FIELD: [1], "thinking_token_budget": 4},
-     "not supported with sampling_params.thinking_token_budget"),
+     "not supported with prompt_logprob_token_ids"),
+    ({TRACE_FIELD: [1], "bad_words": ["x"]}, "not supported with bad_words"),
+    ({TRACE_FIELD: [1], "thinking_token_budget": 4}, "not supported with thinking_token_budget"),
 ])
 def test_trace_refused_with_vllms_reasons_under_trace_replay(params, fragment):
     seen, sent = call(body(**params), enabled=True)
     status, error = error_of(sent)
     assert not seen and status == 400 and error["param"] == FIELD
-    assert fragment in error["message"], error
+    assert error["message"].startswith(FIELD) and fragment in error["message"], error
+
+
+def test_reasons_come_from_vllms_own_check(monkeypatch):
+    """A reason vLLM's check gives (here one it does not give today) is what the client reads,
+    with the field named in front when vLLM's words do not start with it."""
+    from vllm.sampling_params import SamplingParams
+
+    def refuse(self, model_config, speculative_config):
+        raise ValueError("speculative decoding is on")
+
+    monkeypatch.setattr(SamplingParams, "_validate_trace_replay", refuse)
+    _, sent = call(body(**{TRACE_FIELD: [1]}), enabled=True)
+    assert error_of(sent)[1]["message"] == f"{FIELD}: speculative decoding is on"
 
 
 @pytest.mark.parametrize("payload", [body(**{TRACE_FIELD: [1, 2]}),  # a valid trace
+                                     body(**{TRACE_FIELD: [VOCAB]}),  # vLLM's 400 names it
                                      body(**{TRACE_FIELD: "x"}),  # vLLM's validation names it
                                      b'{"' + TRACE_FIELD.encode() + b'": [',  # broken JSON
                                      json.dumps([TRACE_FIELD]).encode()])
 def test_under_trace_replay_vllm_answers_the_rest(payload):
     seen, sent = call(payload, enabled=True)
     assert seen == [payload] and sent[0]["status"] == 200
-    assert trace_refusal(payload, enabled=True) is None
+    assert trace_refusal(payload, config(enabled=True)) is None
 
 
 def test_field_name_spelled_with_escapes_is_found():
