@@ -8,8 +8,8 @@ request's RequestOutput holds for its scores; then the three tasks together are 
 The answers of the two backends are checked (repr) equal. Besides lm-eval's wall time,
 `model_request_seconds` is the time inside the model's loglikelihood(_rolling) calls; the
 rest (task building, metrics) costs both backends the same, and lm-eval's task index is
-built once, untimed. Figures go to `extra_info` (key `backend`, so `fastpath report`, which
-reads `path`, leaves these rows alone).
+built once, untimed. Figures go to `extra_info` (`table: lm_eval`: `fastpath report` writes
+them to lm_eval.csv and lm_eval.png, each backend's time against the others of the run).
 
 Then, in the same session, lm-eval's `local-completions` (what evaluators point at a
 server) against two servers of the same model and flags: vLLM's own (`FASTPATH_DISABLE=1
@@ -164,7 +164,7 @@ def test_lm_eval_wall_time(benchmark, lm_eval_models, backend):
     _answers[backend] = flat_answers(results)
 
     info = {
-        "backend": backend, "model": lm.bench_name, "tasks": ",".join(TASKS),
+        "table": "lm_eval", "backend": backend, "model": lm.bench_name, "tasks": ",".join(TASKS),
         "max_model_len": MAX_MODEL_LEN, "requests": sum(requests.values()),
         "model_request_seconds": _request_seconds[backend],
         "objects_per_request": sum(objects[t] * requests[t] for t in TASKS)
@@ -221,7 +221,8 @@ def test_lm_eval_local_completions_wall_time(benchmark, completions_lms, backend
     _seconds[backend] = benchmark.stats.stats.median
     _answers[backend] = flat_answers(results)
     info = {
-        "backend": f"local-completions@{backend}", "model": lm.bench_name,
+        "table": "lm_eval", "backend": f"local-completions@{backend}",
+        "model": lm.bench_name,
         "tasks": ",".join(TASKS), "max_model_len": MAX_MODEL_LEN,
         "requests": len(_answers[backend]),
         **{f"{t}_{k}": v for t in TASKS for k, v in results["results"][t].items()

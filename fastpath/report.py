@@ -11,7 +11,12 @@
   scoring step by step size, path and chunk setting, and the extra over `prefill`.
 - `peers.csv`, `peers.png` (benchmarks/test_peers.py): tokens/s per peer, and fastpath's
   speed-up over each peer in the same run.
-Rows are told apart by `extra_info["table"]` ("memory", "peers"; absent: results).
+- `lm_eval.csv`, `lm_eval.png` (benchmarks/test_lm_eval.py): lm-eval's wall time per
+  backend (offline `vllm` and `fastpath-vllm`; `local-completions` against vLLM's server and
+  against fastpath serve), each relative to lm-eval's `vllm` backend, to `fastpath-vllm` and
+  to `local-completions` on vLLM's server of the same run and model.
+Rows are told apart by `extra_info["table"]` ("memory", "peers", "modes", "lm_eval";
+absent: results).
 
 
 `fastpath kld --json` reports (recognised by `"kind": "fastpath-kld"`) give the KLD family,
@@ -41,6 +46,9 @@ FIGURES = ["seconds_per_window", "objects_per_window", "bytes_per_window",
 INFO = ["vllm_version", "runner", "model_shape", "extrapolated", "windows", "benchmark",
         "base_pass_cost_ratio", "model_pass_cost_ratio", "base_file_bytes_per_token"]
 REGRESSION_FIGURES = ["seconds_per_window", "objects_per_window", "bytes_per_window"]
+TABLES = ("results", "memory", "peers", "modes", "lm_eval")  # extra_info["table"] values
+# lm-eval backends the others are compared with (benchmarks/test_lm_eval.py's names)
+LM_EVAL_REFERENCES = ("vllm", "fastpath-vllm", "local-completions@vllm-serve")
 
 
 KLD_KIND = "fastpath-kld"
@@ -66,7 +74,7 @@ def load_tables(path: Path) -> dict[str, pd.DataFrame]:
     pytest-benchmark's median. Benchmarks without fastpath figures are left out.
     """
     document = json.loads(path.read_text())
-    rows: dict[str, list[dict]] = {"results": [], "memory": [], "peers": [], "modes": []}
+    rows: dict[str, list[dict]] = {name: [] for name in TABLES}
     for bench in document.get("benchmarks", []):
         info = dict(bench.get("extra_info", {}))
         table = info.pop("table", "results" if "path" in info else None)
@@ -74,9 +82,12 @@ def load_tables(path: Path) -> dict[str, pd.DataFrame]:
             continue  # not a fastpath benchmark
         if table == "results":
             info.setdefault("seconds_per_window", bench["stats"]["median"])
+        if table == "lm_eval":
+            info.setdefault("seconds", bench["stats"]["median"])
         rows[table].append({"run": run_name(path), "benchmark": bench["name"], **info})
     if not any(rows.values()):
-        raise ValueError(f"{path}: no fastpath benchmarks (extra_info with 'path') found")
+        raise ValueError(
+            f"{path}: no fastpath benchmarks (extra_info with 'path' or 'table') found")
     return {table: pd.DataFrame(found) for table, found in rows.items()}
 
 
@@ -173,6 +184,43 @@ def modes_table(frame: pd.DataFrame) -> pd.DataFrame:
                "probe_seconds", "windows"]
     return merged[columns].sort_values(group + ["schedule", "lm_head_rows"]).reset_index(
         drop=True)
+
+
+def lm_eval_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """lm-eval wall time per backend, with `seconds_vs_REF`: its time over each reference
+    backend's (LM_EVAL_REFERENCES) in the same run, model and device (below 1: faster)."""
+    columns = [c for c in ["run", "model", "device", "backend", "tasks", "requests", "seconds",
+                           "model_request_seconds", "objects_per_request",
+                           "answers_equal_to_vllm", "answers_equal_to_vllm_serve",
+                           "max_model_len", "vllm_version", "lm_eval_version", "benchmark"]
+               if c in frame.columns]
+    table = frame[columns].copy()
+    group = ["run", "model", "device"]
+    for reference in LM_EVAL_REFERENCES:
+        seconds = table[table["backend"] == reference][group + ["seconds"]]
+        merged = table.merge(seconds.rename(columns={"seconds": "_ref"}), on=group, how="left")
+        table[f"seconds_vs_{reference}"] = (merged["seconds"] / merged["_ref"]).values
+    return table.sort_values(group + ["backend"]).reset_index(drop=True)
+
+
+def plot_lm_eval(table: pd.DataFrame, out: Path) -> Path:
+    """Bars of lm-eval wall seconds: one group per run and model, one bar per backend."""
+    matplotlib.use("Agg")
+
+    data = table.assign(label=table["model"].str.split(" (", regex=False).str[0])
+    if data["run"].nunique() > 1:
+        data["label"] = data["run"] + ": " + data["label"]
+    pivot = data.pivot_table(index="label", columns="backend", values="seconds",
+                             aggfunc="median")
+    axes = pivot.plot.bar(figsize=(max(7, 2.2 * len(pivot) + 4), 5), rot=0)
+    axes.legend(title="backend", bbox_to_anchor=(1.0, 1.0), loc="upper left", fontsize=8)
+    axes.set_ylabel("lm-eval wall seconds (same tasks)")
+    axes.set_xlabel("")
+    axes.set_title("lm-evaluation-harness: offline backends and\n"
+                   "local-completions against each server")
+    for container in axes.containers:
+        axes.bar_label(container, fmt="%.1f", fontsize=8)
+    return save_figure(axes.figure, out / "lm_eval.png")
 
 
 def plot_modes(table: pd.DataFrame, out: Path) -> Path:

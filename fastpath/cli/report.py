@@ -35,18 +35,31 @@ def _mode_line(row: Any) -> str:
             f"{row['seconds_per_window']:.3f} s/window ({row['time_vs_default']:.2f}x)")
 
 
+def _lm_eval_line(row: Any) -> str:
+    """One printed line per lm-eval row: its wall time and its time against the references."""
+    ratios = ", ".join(f"{column[len('seconds_vs_'):]} {row[column]:.2f}x"
+                       for column in row.index
+                       if column.startswith("seconds_vs_") and row[column] == row[column]
+                       and column != f"seconds_vs_{row['backend']}")
+    return (f"{row['run']}: {row['model']}: {row['backend']} {row['seconds']:.1f} s"
+            + (f" (time vs {ratios})" if ratios else ""))
+
+
 def run(args: argparse.Namespace) -> int:
     """Write each table and plot the runs give, and say what was written."""
     from fastpath.report import (
+        TABLES,
         compare_runs,
         headline_ratios,
         is_kld_report,
+        lm_eval_table,
         load_run,
         load_tables,
         memory_table,
         modes_table,
         peers_table,
         plot,
+        plot_lm_eval,
         plot_memory,
         plot_modes,
         plot_peers,
@@ -59,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     written = run_kld_report(kld_runs, args.out) if kld_runs else []
     loaded = [load_tables(path) for path in args.runs if path not in kld_runs]
     frames = {name: pd.concat([t[name] for t in loaded], ignore_index=True) if loaded
-              else pd.DataFrame() for name in ("results", "memory", "peers", "modes")}
+              else pd.DataFrame() for name in TABLES}
     args.out.mkdir(parents=True, exist_ok=True)
     if not frames["results"].empty:
         table = results_table(frames["results"])
@@ -81,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     for name, make_table, plot_table, describe in (
             ("memory", memory_table, plot_memory, None),
             ("peers", peers_table, plot_peers, _peer_line),
-            ("modes", modes_table, plot_modes, _mode_line)):
+            ("modes", modes_table, plot_modes, _mode_line),
+            ("lm_eval", lm_eval_table, plot_lm_eval, _lm_eval_line)):
         if frames[name].empty:
             continue
         table = make_table(frames[name])

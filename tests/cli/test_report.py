@@ -158,3 +158,33 @@ def test_modes_csv_gives_each_mode_against_the_default(tmp_path, capsys):
                      ("isolated", "construction", 2048): 2.0}
     assert (tmp_path / "out" / "modes.png").stat().st_size > 0
     assert "isolated / construction 5.000 s/window (5.00x)" in capsys.readouterr().out
+
+
+def _lm_eval(backend: str, seconds: float, model: str = "8B twin") -> dict:
+    return {"name": f"test_lm_eval[{backend}]", "stats": {"median": seconds},
+            "extra_info": {"table": "lm_eval", "backend": backend, "model": model,
+                           "device": "cpu", "tasks": "a,b", "requests": 116}}
+
+
+def test_lm_eval_csv_gives_each_backend_against_the_references(tmp_path, capsys):
+    """lm_eval.csv: every backend's time over lm-eval's vllm, fastpath-vllm and
+    local-completions on vLLM's server, within one run and model; a plot beside it."""
+    path = _write(tmp_path, "0004_lm-eval.json", [
+        _lm_eval("vllm", 20.0), _lm_eval("fastpath-vllm", 10.0),
+        _lm_eval("local-completions@vllm-serve", 40.0),
+        _lm_eval("local-completions@fastpath-serve", 16.0),
+        _lm_eval("vllm", 7.0, model="OPT twin")])  # another model: its own references
+    assert cli.main(["report", str(path), "--out", str(tmp_path / "out")]) == 0
+    table = pd.read_csv(tmp_path / "out" / "lm_eval.csv").set_index(["model", "backend"])
+    served = table.loc[("8B twin", "local-completions@fastpath-serve")]
+    assert served["seconds"] == 16.0
+    assert served["seconds_vs_local-completions@vllm-serve"] == pytest.approx(0.4)
+    assert served["seconds_vs_fastpath-vllm"] == pytest.approx(1.6)
+    assert served["seconds_vs_vllm"] == pytest.approx(0.8)
+    assert table.loc[("8B twin", "fastpath-vllm"), "seconds_vs_vllm"] == pytest.approx(0.5)
+    other = table.loc[("OPT twin", "vllm")]
+    assert other["seconds_vs_vllm"] == 1.0 and pd.isna(other["seconds_vs_fastpath-vllm"])
+    assert (tmp_path / "out" / "lm_eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert ("local-completions@fastpath-serve 16.0 s (time vs vllm 0.80x, fastpath-vllm "
+            "1.60x, local-completions@vllm-serve 0.40x)") in printed
