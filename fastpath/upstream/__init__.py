@@ -415,10 +415,10 @@ ANSWER_RECORD_ENV = "FASTPATH_ANSWER_RECORD"
 
 
 def record_answer(setting: str, prompt: Sequence[int], start: int, ids: object, top_k: int,
-                  scores: object) -> None:
+                  scores: object, ranks: bool = False) -> None:
     """Append one answer's digest to `$FASTPATH_ANSWER_RECORD.{plugin|native}.jsonl` (if set):
-    the request (setting, prompt, start, ids, top-K, forced CPU kernels) and the float32
-    bits it received."""
+    the request (setting, prompt, start, ids, top-K, ranks, forced CPU kernels) and the
+    float32 bits it received."""
     base = os.environ.get(ANSWER_RECORD_ENV)
     if not base:
         return
@@ -427,7 +427,8 @@ def record_answer(setting: str, prompt: Sequence[int], start: int, ids: object, 
     from fastpath import patches
 
     isa = os.environ.get("FASTPATH_CPU_ISA", "native")  # fastpath.testing.kernels.ISA_ENV
-    request = hashlib.sha256(repr((setting, isa, tuple(prompt), start, top_k)).encode())
+    key = (setting, isa, tuple(prompt), start, top_k) + (("ranks",) if ranks else ())
+    request = hashlib.sha256(repr(key).encode())
     request.update(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
     bits = hashlib.sha256(np.ascontiguousarray(scores, dtype=np.float32).tobytes()).hexdigest()
     mode = "native" if patches.native_support() else "plugin"

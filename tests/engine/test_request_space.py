@@ -2,9 +2,10 @@
 
 A Hypothesis state machine drives a live engine step by step (`LLMEngine`: requests added
 with chosen ids, `step()`, `abort_request`), over engine settings drawn per run, with random
-sequences of: `target_token_ids` (with and without `target_start`, with `fastpath_top_k`),
-upstream's 2-D `prompt_logprob_token_ids` with -1 padding, standard `prompt_logprobs=K`,
-both at once on one request, plain generation and sample logprobs; prompts from 2 tokens
+sequences of: `target_token_ids` (with and without `target_start`, with `fastpath_top_k`
+and `fastpath_ranks`: what fastpath serve's /v1/completions asks), upstream's 2-D
+`prompt_logprob_token_ids` with -1 padding, standard `prompt_logprobs=K`, both at once on
+one request, plain generation and sample logprobs; prompts from 2 tokens
 to 400 (past the CPU attention's 224-row tile) that share prefixes; the caller's
 `skip_reading_prefix_cache` drawn from None/True/False; aborts, and resubmission under a
 finished request's id (internal ids kept: request-id randomization is off). The engine
@@ -15,12 +16,14 @@ Invariant, per engine setting:
 - isolated (fastpath's default schedule: one request per step, prompts never split):
   every returned prompt score is bitwise the value the standard path (`prompt_logprobs=-1`)
   gives for that (prompt, row, id) in a separate cold engine; a top-K answer is that
-  reference's top-K. The schedule cannot change a bit there, so it must not.
+  reference's top-K; a rank is the count of the reference row's entries >= the id's value.
+  The schedule cannot change a bit there, so it must not.
 - batched (chunked prefill, requests sharing steps, preemption): a row's bits may depend on
   how the schedule split and grouped it (docs/exactness.md), so values are held within
   `SCHEDULE_BOUND` of the cold reference (a value computed for another row, request or id
   is off by orders of magnitude more), and a request asking for both its targets and
-  `prompt_logprobs` must get the same bits from both (one request, one schedule).
+  `prompt_logprobs` must get the same bits (and the same ranks) from both (one request,
+  one schedule).
 - always: a request is answered with its own kind of scores or refused with a clear error
   at submission, and the engine keeps serving.
 `HYPOTHESIS_PROFILE=nightly` runs every setting, many more and longer sequences.
@@ -54,7 +57,7 @@ from vllm.exceptions import VLLMValidationError
 
 from fastpath import upstream, zoo
 from fastpath.scoring import split_top_k
-from fastpath.targets import TOP_K_KEY
+from fastpath.targets import RANKS_KEY, TOP_K_KEY
 from tests.helpers import (
     assert_bitwise_equal,
     ci_or_slow,
@@ -185,6 +188,16 @@ def expected_scores(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return expected
 
 
+def expected_ranks(table: np.ndarray, values: np.ndarray, ids: np.ndarray,
+                   slack: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """The range of ranks (entries of the row >= the value, as vLLM counts) that `values`
+    may have in a prompt's table: one rank when `slack` is 0; NaN for padding."""
+    low = (table[:, None, :] >= values[:, :, None] + slack).sum(-1).astype(np.float32)
+    high = (table[:, None, :] >= values[:, :, None] - slack).sum(-1).astype(np.float32)
+    low[ids < 0] = high[ids < 0] = np.nan
+    return low, high
+
+
 @dataclass
 class Submitted:
     """What was asked, so the answer can be checked against the reference."""
@@ -195,6 +208,7 @@ class Submitted:
     start: int = 0
     top_k: int = 0
     prompt_logprobs: int | None = None
+    ranks: bool = False  # fastpath_ranks: one more column per id
     aborted: bool = False
     seen: list[Any] = field(default_factory=list)
 
@@ -278,15 +292,18 @@ class RequestSpace(RuleBasedStateMachine):
         top_k = data.draw(st.sampled_from([0, 0, 1, 4] if self.top_k_drawn else [0]))
         start = data.draw(st.sampled_from(sorted({0, 1, len(prompt) // 2, len(prompt) - 2})))
         start = min(start, len(prompt) - 2)
+        ranks = self.top_k_drawn and data.draw(st.booleans())
         targets = data.draw(st.lists(token, min_size=len(prompt) - 1 - start,
                                      max_size=len(prompt) - 1 - start))
         extra = {"target_token_ids": targets}
         if start or data.draw(st.booleans()):
             extra["target_start"] = start
+        extra_args = {**({TOP_K_KEY: top_k} if top_k else {}),
+                      **({RANKS_KEY: True} if ranks else {})}
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0,
-                                skip_reading_prefix_cache=skip,
-                                extra_args={"fastpath_top_k": top_k} if top_k else None)
-        sub = Submitted(prompt, "targets", np.asarray(targets)[:, None], start, top_k)
+                                skip_reading_prefix_cache=skip, extra_args=extra_args or None)
+        sub = Submitted(prompt, "targets", np.asarray(targets)[:, None], start, top_k,
+                        ranks=ranks)
         self._submit(self._new_id(reuse), prompt, params, sub, extra)
 
     def _submit_two_dimensional(self, prompt, data, long=False):
@@ -321,10 +338,12 @@ class RequestSpace(RuleBasedStateMachine):
         two answers come from the same rows of the same steps, so must be the same bits."""
         start = data.draw(st.sampled_from(sorted({0, len(prompt) // 2, len(prompt) - 2})))
         extra = {"target_token_ids": list(prompt[start + 1:]), "target_start": start}
+        ranks = self.top_k_drawn and data.draw(st.booleans())  # as /v1/completions asks
         params = SamplingParams(max_tokens=LONG if long else 2, temperature=0.0,
-                                prompt_logprobs=0)
+                                prompt_logprobs=0,
+                                extra_args={RANKS_KEY: True} if ranks else None)
         sub = Submitted(prompt, "both", np.asarray(prompt[start + 1:])[:, None], start,
-                        prompt_logprobs=0)
+                        prompt_logprobs=0, ranks=ranks)
         self._submit(self._new_id(data.draw(REUSE)), prompt, params, sub, extra)
 
     def _submit_plain(self, prompt, data, long=False):
@@ -387,16 +406,22 @@ class RequestSpace(RuleBasedStateMachine):
             self.stats["checked_rows"] += scores.shape[0]
             if self.setting.isolated:  # schedule-free answers: comparable across vLLM builds
                 upstream.record_answer(self.setting.name, sub.prompt, sub.start, sub.ids,
-                                       sub.top_k, scores)
+                                       sub.top_k, scores, ranks=sub.ranks)
         elif output.finished:
             raise AssertionError(f"{what}: finished without its scores")
         if sub.prompt_logprobs is not None and output.prompt_logprobs is not None:
             self._check_standard(output.prompt_logprobs, sub, what, output.finished)
             if scores is not None:  # "both": one request, one schedule, the same bits
-                same = [output.prompt_logprobs[sub.start + 1 + i][int(t)].logprob
+                same = [output.prompt_logprobs[sub.start + 1 + i][int(t)]
                         for i, t in enumerate(sub.ids[:, 0])]
-                assert_bitwise_equal(scores[:, 0], np.array(same, dtype=np.float32),
+                assert_bitwise_equal(scores[:, 0], np.array([e.logprob for e in same],
+                                                            dtype=np.float32),
                                      what=f"{what} targets vs its own prompt_logprobs")
+                if sub.ranks:
+                    assert_bitwise_equal(scores[:, -1], np.array([e.rank for e in same],
+                                                                 dtype=np.float32),
+                                         what=f"{what} ranks vs its own prompt_logprobs")
+                    self.stats["same_request_ranks"] += len(same)
                 self.stats["same_request_rows"] += len(same)
 
     def _agrees(self, got: np.ndarray, reference: np.ndarray, what: str) -> None:
@@ -423,6 +448,18 @@ class RequestSpace(RuleBasedStateMachine):
     def _check_fixed_ids(self, scores: np.ndarray, sub: Submitted, what: str) -> None:
         table = self.reference.logprobs(sub.prompt)[sub.start:]
         num_ids = sub.ids.shape[1]
+        if sub.ranks:
+            assert scores.shape[1] == num_ids * 2 + 2 * sub.top_k, f"{what}: {scores.shape}"
+            ranks, scores = scores[:, -num_ids:], scores[:, :-num_ids]
+            slack = 0.0 if self.setting.isolated else SCHEDULE_BOUND
+            low, high = expected_ranks(table, scores[:, :num_ids], sub.ids, slack)
+            if self.setting.isolated:
+                assert_bitwise_equal(ranks, low, what=f"{what} ranks")
+            else:
+                padded = np.isnan(low)
+                assert np.array_equal(padded, np.isnan(ranks)), f"{what}: padding ranks"
+                assert np.all((low <= ranks) & (ranks <= high) | padded), f"{what}: ranks"
+            self.stats["checked_ranks"] += int((~np.isnan(low)).sum())
         if sub.top_k:
             scores, values, top_ids = split_top_k(scores, num_ids, sub.top_k)
             if self.setting.isolated:
@@ -483,7 +520,8 @@ def _drain(engine: Any) -> None:
 
 
 STATS_KEYS = ("targets", "two_dimensional", "standard", "both", "plain", "sample_logprobs",
-              "refused", "aborted", "reused_id", "checked_rows", "same_request_rows",
+              "refused", "aborted", "reused_id", "checked_rows", "checked_ranks",
+              "same_request_rows", "same_request_ranks",
               "standard_incomplete", "bitwise_equal_values", "differing_values",
               "max_schedule_diff", "longest_prompt")
 
