@@ -91,20 +91,29 @@ def timing_requests(lm):
 
 @contextlib.contextmanager
 def counting_objects(lm):
-    """Objects each RequestOutput holds for its prompt scores, for every request submitted."""
+    """Objects each RequestOutput holds for its prompt scores, for every request answered:
+    lm-eval's `vllm` collects outputs with `LLM.generate`, fastpath-vllm (which queues its
+    batch before the first step) with `LLM.wait_for_completion`; neither calls the other."""
     counts: list[int] = []
-    original = lm.model.generate
 
-    def generate(*args, **kwargs):
-        outputs = original(*args, **kwargs)
-        counts.extend(result_objects(o) for o in outputs)
-        return outputs
+    def counted(original):
+        def collect(*args, **kwargs):
+            outputs = original(*args, **kwargs)
+            counts.extend(result_objects(o) for o in outputs)
+            return outputs
+        return collect
 
-    lm.model.generate = generate
+    names = ("generate", "wait_for_completion")
+    for name in names:
+        setattr(lm.model, name, counted(getattr(lm.model, name)))
     try:
         yield counts
     finally:
-        del lm.model.generate  # the bound method again
+        for name in names:
+            delattr(lm.model, name)  # the bound methods again
+    if not counts:
+        raise AssertionError(f"{type(lm).__name__} answered no request through the engine's "
+                             "generate or wait_for_completion: nothing was counted")
 
 
 def flat_answers(results: dict) -> list:
