@@ -39,7 +39,8 @@ def _lm_eval_line(row: Any) -> str:
     """One printed line per lm-eval row: its wall time and its time against the references."""
     ratios = ", ".join(f"{column[len('seconds_vs_'):]} {row[column]:.2f}x"
                        for column in row.index
-                       if column.startswith("seconds_vs_") and row[column] == row[column]
+                       if column.startswith("seconds_vs_")
+                       and row[column] == row[column]  # not NaN: a reference of this run
                        and column != f"seconds_vs_{row['backend']}")
     return (f"{row['run']}: {row['model']}: {row['backend']} {row['seconds']:.1f} s"
             + (f" (time vs {ratios})" if ratios else ""))
