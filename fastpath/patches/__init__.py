@@ -19,7 +19,14 @@ import importlib
 import logging
 from dataclasses import dataclass
 
-from fastpath.patches._base import Addition, Borrowed, PatchRefused, Replacement, fingerprint
+from fastpath.patches._base import (
+    SERVE_CHECKS,
+    Addition,
+    Borrowed,
+    PatchRefused,
+    Replacement,
+    fingerprint,
+)
 
 logger = logging.getLogger("fastpath")
 
@@ -130,9 +137,6 @@ REGISTER: tuple[PatchEntry, ...] = (
 SCOPES = ("plugin", "serve")
 
 _WORKER = "vllm.v1.worker.gpu_model_runner"
-# `used_by` of the names fastpath.serve's request checks borrow (no patch module: they are
-# checked with the "serve" scope, in the API server processes that run those checks).
-SERVE_CHECKS = "serve"
 
 # Private upstream names the patches use without replacing them. Functions carry the
 # fingerprints they were checked against; attributes are checked for presence.

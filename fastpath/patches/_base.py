@@ -70,6 +70,11 @@ class Replacement:
         return getattr(self.owner.__dict__.get(self.name), "__fastpath_patch__", False)
 
 
+# `Borrowed.used_by` of the names fastpath.serve's request checks borrow (no patch module:
+# they are checked with the "serve" scope, in the API server processes that run those checks).
+SERVE_CHECKS = "serve"
+
+
 @dataclass(frozen=True)
 class Borrowed:
     """A private upstream name a patch uses without replacing it: checked, never bound.
@@ -81,7 +86,7 @@ class Borrowed:
 
     module: str  # e.g. "vllm.v1.worker.gpu_model_runner"
     qualname: str  # e.g. "GPUModelRunner._sync_device", "InputBatch.req_id_to_index"
-    used_by: str  # the patch module that relies on it (or "serve": fastpath.serve's checks)
+    used_by: str  # the patch module that relies on it, or SERVE_CHECKS
     fingerprints: frozenset[str] = frozenset()
 
     @property
@@ -113,7 +118,7 @@ class Borrowed:
             if text is not None and has_attribute(text, cls, attr):
                 return
             what = "is missing"
-        user = ("fastpath serve's request checks" if self.used_by == "serve"
+        user = ("fastpath serve's request checks" if self.used_by == SERVE_CHECKS
                 else f"the {self.used_by} patch")
         raise PatchRefused(
             f"fastpath refuses to patch vLLM {vllm_version}: {self.full_name}, which "

@@ -192,10 +192,13 @@ def expected_ranks(table: np.ndarray, values: np.ndarray, ids: np.ndarray,
                    slack: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """The range of ranks (entries of the row >= the value, as vLLM counts) that `values`
     may have in a prompt's table: one rank when `slack` is 0; NaN for padding."""
-    low = (table[:, None, :] >= values[:, :, None] + slack).sum(-1).astype(np.float32)
-    high = (table[:, None, :] >= values[:, :, None] - slack).sum(-1).astype(np.float32)
-    low[ids < 0] = high[ids < 0] = np.nan
-    return low, high
+    def count(bound: np.ndarray) -> np.ndarray:
+        counts = (table[:, None, :] >= bound[:, :, None]).sum(-1).astype(np.float32)
+        counts[ids < 0] = np.nan
+        return counts
+
+    low = count(values + slack)
+    return low, (low if slack == 0 else count(values - slack))
 
 
 @dataclass
