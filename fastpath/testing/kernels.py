@@ -11,7 +11,12 @@ MKL's (`MKL_ENABLE_INSTRUCTIONS`). Forcing `avx2` on an AVX-512 machine sets all
 libraries' caps and makes torch deny AVX-512 and AMX, in every process of the run: the
 environment reaches vLLM's engine processes, and `engine_site/sitecustomize.py` (on their
 PYTHONPATH) applies the torch part there before vLLM is imported. A machine cannot be
-forced up: `avx512` on a CPU without AVX-512 is refused.
+forced up: `avx512` on a CPU without AVX-512 is refused. A forced run also keeps its own
+compile caches (`TORCHINDUCTOR_CACHE_DIR`, `VLLM_CACHE_ROOT`), as a separate machine of that
+ISA would: PyTorch 2.13's inductor cache is not keyed by the vector ISA it generated code
+for, and a kernel cached under one `ATEN_CPU_CAPABILITY` and loaded under another computes
+wrong results (measured: vLLM's compiled `batched_count_greater_than`, the standard path's
+prompt-logprob ranks, off by up to the vocabulary size; docs/exactness.md).
 
 Load (`busy`, pytest `--busy-cores`): processes that keep cores busy with arithmetic and
 memory traffic while the tests run, so timing differs from a quiet machine's (a process
@@ -78,14 +83,31 @@ def check_isa(isa: str) -> None:
 
 
 def isa_env(isa: str) -> dict[str, str]:
-    """The environment that forces `isa` in every process started with it."""
+    """The environment that forces `isa` in every process started with it, with compile
+    caches of its own (see the module's docstring)."""
     check_isa(isa)
     if isa == "native":
         return {}
     entries = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
                if p and p != str(SITE_DIR)]
     return {ISA_ENV: isa, **LIBRARY_CAPS[isa],
-            "PYTHONPATH": os.pathsep.join([str(SITE_DIR), *entries])}
+            "PYTHONPATH": os.pathsep.join([str(SITE_DIR), *entries]),
+            **isa_cache_dirs(isa)}
+
+
+def isa_cache_dirs(isa: str) -> dict[str, str]:
+    """Inductor's and vLLM's cache directories for runs forced to `isa`: the usual ones
+    with `-fastpath-<isa>` appended (once: the result is stable when applied again)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    usual = {"TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+             or default_cache_dir(),
+             "VLLM_CACHE_ROOT": os.environ.get("VLLM_CACHE_ROOT")
+             or os.path.join(os.environ.get("XDG_CACHE_HOME")
+                             or os.path.join(os.path.expanduser("~"), ".cache"), "vllm")}
+    suffix = f"-fastpath-{isa}"
+    return {name: path if path.endswith(suffix) else path + suffix
+            for name, path in usual.items()}
 
 
 def apply_in_process() -> None:

@@ -170,6 +170,8 @@ def test_forcing_an_instruction_set_the_cpu_lacks_is_refused():
     if env:
         assert env["ATEN_CPU_CAPABILITY"] == "avx2" and env["ONEDNN_MAX_CPU_ISA"] == "AVX2"
         assert env["PYTHONPATH"].split(os.pathsep)[0] == str(kernels.SITE_DIR)
+        assert env["TORCHINDUCTOR_CACHE_DIR"].endswith("-fastpath-avx2")
+        assert env["VLLM_CACHE_ROOT"].endswith("-fastpath-avx2")
 
 
 def test_busy_cores_really_work_and_stop():
@@ -188,3 +190,59 @@ def test_busy_cores_really_work_and_stop():
     assert kernels.busy_cores_setting("all") == os.cpu_count()
     with pytest.raises(ValueError, match="--busy-cores"):
         kernels.busy_cores_setting("many")
+
+
+# Counts vLLM's compiled `batched_count_greater_than` (the standard path's prompt-logprob
+# ranks) gives in a fresh process, against the plain count; the second call, with another
+# row count, makes inductor compile the dynamic-shape kernel.
+_COUNT_SCRIPT = """
+import json, sys
+import torch
+torch.set_num_threads(1)
+from vllm.v1.sample.ops.logprobs import batched_count_greater_than
+generator = torch.Generator().manual_seed(0)
+wrong = 0
+for rows in (5, 7, 9, 3):
+    scores = torch.randn(rows, 2048, generator=generator).log_softmax(-1)
+    values = scores[:, 7:8]
+    wrong += int((batched_count_greater_than(scores, values) != (scores >= values).sum(-1)).sum())
+print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "wrong": wrong}))
+"""
+
+
+def _count_in_subprocess(env: dict[str, str]) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _COUNT_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_forced_run_does_not_load_kernels_compiled_for_another_isa(tmp_path, record_property):
+    """PyTorch's inductor cache is not keyed by the vector ISA (ATEN_CPU_CAPABILITY): a kernel
+    compiled natively and loaded under forced AVX2 counts wrong (vLLM's prompt-logprob ranks
+    off by up to the vocabulary size). A forced run therefore keeps caches of its own, as a
+    real AVX2 machine would: after a native run fills the usual cache, the forced run's
+    counts are right. The same two runs sharing one cache are measured and reported."""
+    if not set(kernels.REQUIRED_FLAGS["avx512"]) <= kernels.cpu_flags():
+        pytest.skip("needs a CPU with AVX-512: only there is AVX2 a forced, different ISA")
+    base = {k: v for k, v in os.environ.items() if k not in kernels.isa_cache_dirs("avx2")
+            and k not in kernels.LIBRARY_CAPS["avx2"] and k != kernels.ISA_ENV}
+    base["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")
+    base["PYTHONPATH"] = os.pathsep.join(p for p in [str(kernels.SITE_DIR.parent.parent),
+                                                      base.get("PYTHONPATH", "")] if p)
+    native = _count_in_subprocess(base)
+    assert native["wrong"] == 0, native
+    with pytest.MonkeyPatch.context() as patch:  # isa_env reads the caller's environment
+        patch.setattr(os, "environ", dict(base))
+        forced_env = {**base, **kernels.isa_env("avx2")}
+    assert forced_env["TORCHINDUCTOR_CACHE_DIR"] != base["TORCHINDUCTOR_CACHE_DIR"]
+    forced = _count_in_subprocess(forced_env)
+    shared = _count_in_subprocess({**forced_env,
+                                   "TORCHINDUCTOR_CACHE_DIR": base["TORCHINDUCTOR_CACHE_DIR"]})
+    record_property("shared_cache_wrong_counts", shared["wrong"])
+    print(f"native {native}, forced with its own cache {forced}, forced sharing the native "
+          f"cache {shared} (of 24 counts)")
+    assert forced["capability"] == "AVX2" and forced["wrong"] == 0, forced
