@@ -420,7 +420,9 @@ class RequestSpace(RuleBasedStateMachine):
                 assert_bitwise_equal(scores[:, 0], np.array([e.logprob for e in same],
                                                             dtype=np.float32),
                                      what=f"{what} targets vs its own prompt_logprobs")
-                if sub.ranks:
+                if sub.ranks:  # ours were held to the row's own count above: a
+                    # difference here is vLLM's rank (its compiled batched_count_greater_than
+                    # counted wrong once it loaded a kernel cached for another vector ISA)
                     assert_bitwise_equal(scores[:, -1], np.array([e.rank for e in same],
                                                                  dtype=np.float32),
                                          what=f"{what} ranks vs its own prompt_logprobs")
@@ -529,6 +531,7 @@ STATS_KEYS = ("targets", "two_dimensional", "standard", "both", "plain", "sample
               "max_schedule_diff", "longest_prompt")
 
 
+@pytest.mark.conditions  # CI runs the isolated setting again on forced AVX2, cores busy
 def test_request_space(engine_under_test, reference, record_property):
     setting, llm = engine_under_test
     stats = dict.fromkeys(STATS_KEYS, 0)
