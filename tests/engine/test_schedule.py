@@ -196,7 +196,7 @@ def test_busy_cores_really_work_and_stop():
 # ranks) gives in a fresh process, against the plain count; the second call, with another
 # row count, makes inductor compile the dynamic-shape kernel.
 _COUNT_SCRIPT = """
-import json, sys
+import json
 import torch
 torch.set_num_threads(1)
 from vllm.v1.sample.ops.logprobs import batched_count_greater_than
