@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 
 from fastpath.cli.common import (
     EXIT_USAGE,
@@ -25,6 +26,82 @@ from fastpath.cli.common import (
     quiet_vllm,
     verbose_requested,
 )
+
+PPL_DESCRIPTION = """\
+Sliding-window perplexity of a model over a text, scored on vLLM's fast path (one float32
+log-prob per target token). With no --model and no text: the embedded default on the
+bundled text.
+
+examples:
+  fastpath ppl                                   # the embedded default, bundled text
+  fastpath ppl --model M --dataset wikitext --dataset-config wikitext-2-raw-v1 \\
+      --context-length 2048 --stride 512 --json run.json
+  fastpath ppl --model M --method both           # and the standard path: exit 3 if a bit differs
+  fastpath ppl --model M --convention llama.cpp  # llama.cpp's windows and counting
+  fastpath ppl --server http://a:8000 --server http://b:8000 --text-file corpus.jsonl"""
+KLD_DESCRIPTION = """\
+KL divergence and top-token agreement of a model against a base model, llama.cpp's
+statistics, from the base model's top-K log-probs (a base file ~1000x smaller than
+llama.cpp's).
+
+examples:
+  fastpath kld --base-model BASE --model QUANT --top-k 32 --base-cache base.kld.npz \\
+      --dataset wikitext --dataset-config wikitext-2-raw-v1 --json quant.json
+  fastpath kld --base-cache base.kld.npz --model QUANT2     # the base file again, no base pass"""
+
+
+ENGINE_FLAGS_NOTE = (
+    "Every `vllm serve` engine flag is accepted too (vLLM's EngineArgs: --dtype, "
+    "--max-model-len, --tensor-parallel-size, --quantization, --kv-cache-memory-bytes, ...); "
+    "fastpath puts its engine defaults only where no flag was given (docs/cli.md).")
+SHORT_HELP_OPTIONS = ("help", "model", "verbose")  # the plain --help's "options"
+HELP_SEARCH = (
+    "More help:  fastpath {command} --help=all              every flag, vLLM's included\n"
+    "            fastpath {command} --help=ModelConfig      one group of engine flags "
+    "(case-insensitive)\n"
+    "            fastpath {command} --help=max-model-len    flags whose name matches")
+
+
+class RawEpilogFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's examples and the epilog's lines as written."""
+
+
+def _command_parser_class():
+    """A parser whose plain `--help` shows fastpath's own flags in full and vLLM's engine
+    flags as one line of groups; `--help=all|GROUP|flag` is vLLM's own search."""
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    class CommandParser(FlexibleArgumentParser):
+        """`fastpath ppl` / `kld`: vLLM's parser with a short help for fastpath's flags."""
+
+        own_groups: tuple[str, ...] = ()  # titles of the groups shown in full
+
+        def format_help(self) -> str:
+            if self._search_keyword is not None or not self.own_groups:
+                return super().format_help()
+            formatter = self._get_formatter()
+            formatter.add_usage(self.usage, [], [])
+            formatter.add_text(self.description)
+            formatter.start_section("options")
+            formatter.add_arguments([a for a in self._actions if a.dest in SHORT_HELP_OPTIONS])
+            formatter.end_section()
+            for group in self._action_groups:
+                if group.title in self.own_groups:
+                    formatter.start_section(group.title)
+                    formatter.add_arguments(group._group_actions)
+                    formatter.end_section()
+            shown = (*self.own_groups, "options", "positional arguments")
+            engine_groups = [g.title for g in self._action_groups
+                             if g._group_actions and g.title not in shown]
+            formatter.start_section("vLLM engine flags")
+            formatter.add_text("\n".join(textwrap.wrap(
+                f"{ENGINE_FLAGS_NOTE} Groups: {', '.join(engine_groups)}.", width=88,
+                break_on_hyphens=False)))
+            formatter.end_section()
+            formatter.add_text(self.epilog)
+            return formatter.format_help()
+
+    return CommandParser
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser,
@@ -41,17 +118,32 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser,
     from fastpath.cli.serve import add_serve_flags
 
     parser = FlexibleArgumentParser(prog="fastpath", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    ppl = commands.add_parser("ppl", help="sliding-window perplexity through vLLM")
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     parser_class=_command_parser_class())
+    ppl = commands.add_parser(
+        "ppl", help="sliding-window perplexity through vLLM", description=PPL_DESCRIPTION,
+        usage="fastpath ppl [--model MODEL] [fastpath flags] [vllm serve engine flags]",
+        epilog=HELP_SEARCH.format(command="ppl"), formatter_class=RawEpilogFormatter)
     EngineArgs.add_cli_args(ppl)
     ppl.set_defaults(model=None)  # None = the embedded default model
     add_ppl_flags(ppl)
     add_verbose_flag(ppl)
-    kld = commands.add_parser("kld", help="KL divergence of a model against a base model")
+    kld = commands.add_parser(
+        "kld", help="KL divergence of a model against a base model",
+        description=KLD_DESCRIPTION, epilog=HELP_SEARCH.format(command="kld"),
+        usage="fastpath kld --model MODEL (--base-model BASE | --base-cache FILE) "
+        "[fastpath flags] [vllm serve engine flags]", formatter_class=RawEpilogFormatter)
     EngineArgs.add_cli_args(kld)
     kld.set_defaults(model=None)
     add_kld_flags(kld)
     add_verbose_flag(kld)
+    for command, model_help in ((ppl, "the model to score, a path or a name (default: the "
+                                  "embedded default on the bundled text)"),
+                                 (kld, "the model to judge against the base (e.g. a quantized "
+                                  "copy), a path or a name")):
+        next(a for a in command._actions if a.dest == "model").help = model_help
+        command.own_groups = tuple(g.title for g in command._action_groups
+                                   if g.title and "fastpath" in g.title)
     serve = commands.add_parser(
         "serve", help="vLLM's OpenAI-compatible server with fastpath and the scoring route",
         usage="fastpath serve [MODEL] [vllm serve flags]")

@@ -97,3 +97,37 @@ def test_old_spellings_are_hidden_aliases(parsers, capsys):
     shown = capsys.readouterr().out
     assert "--method" in shown and "--convention" in shown
     assert "--path" not in shown and "--protocol" not in shown
+
+
+SHORT_HELP_MAX_LINES = 100
+
+
+def _help(command: str, flag: str, capsys, monkeypatch) -> str:
+    """What `fastpath COMMAND FLAG` prints (vLLM keeps a `--help=` search class-wide)."""
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    monkeypatch.setattr(FlexibleArgumentParser, "_search_keyword", None)
+    with pytest.raises(SystemExit) as done:
+        cli.main([command, flag])
+    assert done.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command, own_flag", [("ppl", "--context-length"),
+                                               ("kld", "--base-model")])
+def test_short_help_shows_fastpaths_flags_and_one_line_of_vllms(command, own_flag, capsys,
+                                                                monkeypatch):
+    text = _help(command, "--help", capsys, monkeypatch)
+    assert len(text.splitlines()) <= SHORT_HELP_MAX_LINES, len(text.splitlines())
+    assert own_flag in text and "--server URL" in text and "examples:" in text
+    assert "Every `vllm serve` engine flag is accepted" in text and "SchedulerConfig" in text
+    assert f"fastpath {command} --help=all" in text
+    assert "--max-num-batched-tokens" not in text  # an engine flag: listed on request
+
+
+def test_help_on_request_lists_vllms_flags(capsys, monkeypatch):
+    everything = _help("ppl", "--help=all", capsys, monkeypatch)
+    assert "--max-num-batched-tokens" in everything and "--stride" in everything
+    assert len(everything.splitlines()) > 3 * SHORT_HELP_MAX_LINES
+    group = _help("ppl", "--help=SchedulerConfig", capsys, monkeypatch)
+    assert "--max-num-batched-tokens" in group and "--stride" not in group
