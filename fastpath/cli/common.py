@@ -144,9 +144,6 @@ def add_text_flags(group: Any) -> None:
                        "fastpath (default), hf (the Hugging Face guide's loop), lm-eval "
                        "(loglikelihood_rolling), llama.cpp (llama-perplexity's chunks); see "
                        "docs/cli.md")
-    # The spelling of 0.1, kept for one release (hidden): "protocol" also meant HTTP.
-    group.add_argument("--protocol", dest="convention", choices=conventions.CONVENTIONS,
-                       help=argparse.SUPPRESS)
     group.add_argument("--max-batch-windows", type=int, default=16,
                        help="windows submitted together: bounds front-end memory and sets "
                        "how often the progress bar moves (default 16)")

@@ -38,9 +38,6 @@ def add_ppl_flags(parser: argparse.ArgumentParser) -> None:
                        help="how the engine scores: fast (target_token_ids), standard "
                        "(prompt_logprobs=K dicts), both (run both and check every logprob "
                        "is bitwise equal)")
-    # The spelling of 0.1, kept for one release (hidden): "path" also meant file paths.
-    group.add_argument("--path", dest="method", choices=("fast", "standard", "both"),
-                       help=argparse.SUPPRESS)
     group.add_argument("--standard-k", type=int, default=0,
                        help="K of prompt_logprobs on the standard path (default 0)")
     group.add_argument("--model-runner", choices=("auto", "v1", "v2"), default="auto",

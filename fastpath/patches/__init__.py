@@ -52,7 +52,7 @@ class PatchEntry:
     scope: str = "plugin"
 
 
-REGISTER: tuple[PatchEntry, ...] = (
+LEDGER: tuple[PatchEntry, ...] = (
     PatchEntry(
         module="renderer",
         component="vllm/renderers/base.py BaseRenderer",
@@ -193,7 +193,7 @@ def native_support() -> bool:
 def _entries(scope: str | None) -> list[PatchEntry]:
     if scope is not None and scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES} or None (all), got {scope!r}")
-    return [entry for entry in REGISTER if scope is None or entry.scope == scope]
+    return [entry for entry in LEDGER if scope is None or entry.scope == scope]
 
 
 def replacements(scope: str | None = "plugin") -> list[Replacement]:
@@ -272,7 +272,7 @@ def applied() -> list[str]:
 
 __all__ = [
     "BORROWED",
-    "REGISTER",
+    "LEDGER",
     "SUPPORTED_VLLM",
     "Addition",
     "Borrowed",

@@ -32,7 +32,6 @@ def given(parsers, *words: str) -> set[str]:
     (("--enforce-eager",), {"enforce_eager"}),
     (("--compilation-config.mode", "0"), {"compilation_config"}),  # dotted form
     (("--seed", "0", "--stride", "512", "--method", "fast"), {"seed", "stride", "method"}),
-    (("--path", "fast", "--protocol", "hf"), {"method", "convention"}),  # hidden old spellings
 ])
 def test_given_flags_reads_every_spelling(parsers, words, dests):
     assert given(parsers, *words) == dests
@@ -88,15 +87,13 @@ def test_given_flags_on_vllms_server_parser():
                                               "enable_scale_out"}
 
 
-def test_old_spellings_are_hidden_aliases(parsers, capsys):
-    """`--path` and `--protocol` (0.1) still parse, to the new names, and help shows only those."""
-    args = parsers[0].parse_args(["ppl", "--path", "standard", "--protocol", "hf"])
-    assert (args.method, args.convention) == ("standard", "hf")
+@pytest.mark.parametrize("old, new", [("--path", "--method"), ("--protocol", "--convention")])
+def test_the_old_spellings_are_gone(parsers, capsys, old, new):
+    """0.1's `--path` and `--protocol` were renamed (they also meant file paths and HTTP)."""
     with pytest.raises(SystemExit):
-        parsers[0].parse_args(["ppl", "--help"])
-    shown = capsys.readouterr().out
-    assert "--method" in shown and "--convention" in shown
-    assert "--path" not in shown and "--protocol" not in shown
+        parsers[0].parse_args(["ppl", old, "fast" if old == "--path" else "hf"])
+    assert f"unrecognized arguments: {old}" in capsys.readouterr().err
+    assert parsers[1].parse_args([new, "fast" if new == "--method" else "hf"])
 
 
 SHORT_HELP_MAX_LINES = 100
