@@ -5,11 +5,14 @@ twin on CPU: vocabulary 128,256, so the log-softmax and the dicts are a real mod
 size; `--model-8b PATH` or FASTPATH_BENCH_8B for the real model on a GPU runner). Each
 backend first runs every task once untimed (kernel warm-up), counting the objects each
 request's RequestOutput holds for its scores; then the three tasks together are timed.
-The answers of the two backends are checked (repr) equal. Besides lm-eval's wall time,
-`model_request_seconds` is the time inside the model's loglikelihood(_rolling) calls; the
-rest (task building, metrics) costs both backends the same, and lm-eval's task index is
-built once, untimed. Figures go to `extra_info` (`table: lm_eval`: `fastpath report` writes
-them to lm_eval.csv and lm_eval.png, each backend's time against the others of the run).
+The answers of the two backends are compared: lm-eval's `vllm` keeps vLLM's batched
+defaults and fastpath-vllm runs the isolated schedule, so they are bitwise equal unless a
+prompt was split otherwise; the count and size of differences go to `extra_info`, bounded.
+Besides lm-eval's wall time, `model_request_seconds` is the time inside the model's
+loglikelihood(_rolling) calls; the rest (task building, metrics) costs both backends the
+same, and lm-eval's task index is built once, untimed. Figures go to `extra_info` (`table:
+lm_eval`: `fastpath report` writes them to lm_eval.csv and lm_eval.png, each backend's time
+against the others of the run).
 
 Then, in the same session, lm-eval's `local-completions` (what evaluators point at a
 server) against two servers of the same model and flags: vLLM's own (`FASTPATH_DISABLE=1
@@ -123,6 +126,28 @@ def flat_answers(results: dict) -> list:
             for resp in sample["resps"]]
 
 
+# Largest relative difference of a log-likelihood against lm-eval's `vllm` on its batched
+# defaults (measured: 7.5e-9 on the 8B twin, CPU; reports/README.md).
+DEFAULTS_RTOL = 1e-6
+
+
+def answers_against(ours: list, theirs: list) -> dict[str, float | int | bool]:
+    """How two backends' answers compare: equal bits, how many differ, by how much."""
+    def split(answer):
+        return (answer[0], answer[1]) if isinstance(answer, list | tuple) else (answer, None)
+
+    pairs = [(split(a), split(b)) for a, b in zip(ours, theirs, strict=True)]
+    differing = [(a[0], b[0]) for a, b in pairs if a[0] != b[0]]
+    return {
+        "answers_equal_to_vllm": repr(ours) == repr(theirs),
+        "answers_differing_from_vllm": len(differing),
+        "max_abs_difference_to_vllm": max((abs(a - b) for a, b in differing), default=0.0),
+        "max_relative_difference_to_vllm": max((abs(a - b) / abs(b) for a, b in differing
+                                                if b), default=0.0),
+        "is_greedy_flips_vs_vllm": sum(a[1] != b[1] for a, b in pairs),
+    }
+
+
 @pytest.fixture(scope="module")
 def lm_eval_models(request):
     """Both backends on the 8B shape (twin on CPU), alive together for one session."""
@@ -188,8 +213,12 @@ def test_lm_eval_wall_time(benchmark, lm_eval_models, backend):
     if backend == "fastpath-vllm" and "vllm" in _seconds:
         info["speedup_vs_vllm"] = _seconds["vllm"] / _seconds[backend]
         info["request_speedup_vs_vllm"] = _request_seconds["vllm"] / _request_seconds[backend]
-        info["answers_equal_to_vllm"] = repr(_answers[backend]) == repr(_answers["vllm"])
-        assert info["answers_equal_to_vllm"], "fastpath-vllm answers differ from lm-eval vllm's"
+        info.update(answers_against(_answers[backend], _answers["vllm"]))
+        # lm-eval's `vllm` runs vLLM's batched defaults, fastpath-vllm the isolated schedule:
+        # bitwise equal only where no prompt was split differently (docs/cli.md), so the
+        # bound is on the size of a difference, and is_greedy must not flip.
+        assert info["max_relative_difference_to_vllm"] <= DEFAULTS_RTOL, info
+        assert info["is_greedy_flips_vs_vllm"] == 0, info
     benchmark.extra_info.update(info)
 
 

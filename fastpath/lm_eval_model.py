@@ -8,10 +8,18 @@ Python. `FastpathVLLM` is that same class (lm-eval's `VLLM`) with only the scori
   target_start=ctxlen - 1)`: only the continuation rows are computed, and each row's
   log-prob comes from the same fp32 log-softmax the dict path reads;
 - the log-likelihood is `sum()` over the same float32 values as Python floats in the same
-  order, so it is bitwise lm-eval's number on the same engine settings;
+  order, so it is bitwise lm-eval's number on the same engine and schedule;
 - `is_greedy` comes from the runner's top-K extension with K=1 (`fastpath_top_k`): a row is
   greedy when the target's log-prob equals the row's top-1 log-prob, which is lm-eval's
   rule (the target is listed first in its dict, so it wins ties). No object per position.
+
+The schedule: unless `max_num_seqs` / `enable_chunked_prefill` are given, the engine runs
+fastpath's isolated schedule (`scoring.ISOLATED_SCHEDULE`: one request per step, prompts
+never split), which lm-eval's `vllm` does not add. Bitwise equal to lm-eval's `vllm` given
+the same `--model_args` plus `max_num_seqs=1,enable_chunked_prefill=False`; against its
+batched defaults a log-likelihood can differ in its last bits (8B twin, CPU: 2 of 21 rolling
+pages, by up to 5.5e-5, 7.5e-9 relative; reports/README.md). The model logs the schedule it
+runs and those `--model_args` when it is built (`schedule_statement`).
 
 Truncation, batching (lm-eval's `Collator`), the rolling windows of
 `loglikelihood_rolling`, caching and generation are lm-eval's own code. The one method
@@ -31,8 +39,9 @@ import contextlib
 import hashlib
 import importlib.metadata
 import inspect
+import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -109,6 +118,8 @@ from lm_eval.api.registry import register_model  # noqa: E402
 from lm_eval.models.utils import Collator  # noqa: E402
 
 VLLM = vllm_causallms.VLLM
+# under lm-eval's logger: its command line's handler and level apply
+logger = logging.getLogger("lm_eval.models.fastpath_vllm")
 
 
 def fingerprint(function: Any) -> str:
@@ -143,6 +154,37 @@ def continuation_answer(scores: Scores) -> tuple[float, bool]:
     return sum(values.tolist()), bool(np.all(values == scores.top_logprobs[:, 0]))
 
 
+# lm-eval's own flags (--batch_size, --max_batch_size, --device), passed beside model_args
+LM_EVAL_FLAGS = ("batch_size", "max_batch_size", "device")
+
+
+def model_args_string(model_args: Mapping[str, Any]) -> str:
+    """`key=value,...` as lm-eval's `--model_args` parses it back (its own flags left out)."""
+    return ",".join(f"{key}={value}" for key, value in model_args.items()
+                    if key not in LM_EVAL_FLAGS and value is not None)
+
+
+def schedule_statement(engine_args: Mapping[str, Any], scheduler_config: Any) -> str:
+    """What the engine's schedule is (read from its `scheduler_config`) and which lm-eval
+    `vllm` run gives the same bits: said once when the model is built, since lm-eval's
+    `vllm` keeps vLLM's batched defaults and fastpath-vllm does not."""
+    mode = scoring.schedule_mode(scheduler_config)
+    ran = (f"max_num_seqs={scheduler_config.max_num_seqs}, "
+           f"enable_chunked_prefill={scheduler_config.enable_chunked_prefill}")
+    isolated = model_args_string({**engine_args, **scoring.ISOLATED_SCHEDULE})
+    if mode == "isolated":
+        return (f"{MODEL_NAME}: schedule isolated ({ran}: {scoring.SCHEDULE_MODES[mode]}). "
+                f"lm-eval's own backend gives the same log-likelihoods and is_greedy bit for "
+                f"bit with these settings: --model vllm --model_args {isolated} (with "
+                f"vLLM's batched defaults instead, values can differ in their last bits)")
+    return (f"{MODEL_NAME}: schedule batched ({ran}, as given: "
+            f"{scoring.SCHEDULE_MODES[mode]}); lm-eval's own backend with the same settings "
+            f"is not guaranteed to give the same bits (its requests share other steps). "
+            f"For bits that lm-eval's `vllm` reproduces, leave max_num_seqs and "
+            f"enable_chunked_prefill out (fastpath-vllm then runs the isolated schedule) and "
+            f"compare with --model vllm --model_args {isolated}")
+
+
 def _use_v1_runner() -> None:
     """Pin vLLM's V1 model runner for this process (V2, CUDA's default, refuses the top-K
     extension `is_greedy` needs); refuse where V2 was asked for. Left set: vLLM's front end
@@ -174,6 +216,11 @@ class FastpathVLLM(VLLM):
         for key, value in scoring.ISOLATED_SCHEDULE.items():  # fastpath's schedule, unless given
             kwargs.setdefault(key, value)
         super().__init__(*args, **kwargs)
+        scheduler = self.model.llm_engine.vllm_config.scheduler_config
+        log = logger.info if scoring.schedule_mode(scheduler) == "isolated" else logger.warning
+        positional = inspect.signature(VLLM.__init__).bind_partial(self, *args).arguments
+        engine_args = {k: v for k, v in positional.items() if k != "self"} | kwargs
+        log("%s", schedule_statement(engine_args, scheduler))
 
     def _loglikelihood_tokens(
         self,

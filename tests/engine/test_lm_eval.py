@@ -1,8 +1,10 @@
 """`fastpath-vllm` against lm-eval's own `vllm` backend, on local tasks over the bundled text.
 
-One engine per backend for the module (the same model_args for both), plus one in the
-`fastpath lm-eval` subprocess. Each request's log-likelihood must be bitwise equal (the
-float64 bit patterns lm-eval sums to), is_greedy identical, every metric identical.
+One engine for the module, lm-eval's `vllm` with the settings fastpath-vllm names for
+reproducing its bits (the user's model_args plus the isolated schedule), shared by both
+backends; one fastpath-vllm built from the user's model_args alone, as a user builds it; one
+in the `fastpath lm-eval` subprocess. Each request's log-likelihood must be bitwise equal
+(the float64 bit patterns lm-eval sums to), is_greedy identical, every metric identical.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ import copy
 import importlib
 import importlib.metadata
 import json
+import logging
 import math
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -38,17 +42,17 @@ def engine(test):
     return pytest.mark.engine(pytest.mark.correctness(test))
 
 
-def model_args() -> dict:
-    """Both backends' engines; lm-eval's own `vllm` gets fastpath's isolated schedule too
-    (fastpath-vllm's default), so a request's bits do not depend on how each backend
-    batches its requests."""
+def user_args() -> dict:
+    """The engine settings a user gives (no schedule: fastpath-vllm adds its own)."""
     return dict(pretrained=str(zoo.get_model(MODEL)), dtype="float32",
                 kv_cache_memory_bytes=128 << 20, max_model_len=MAX_MODEL_LEN,
-                enforce_eager=True, seed=0, **scoring.ISOLATED_SCHEDULE)
+                enforce_eager=True, seed=0)
 
 
-def model_args_string() -> str:
-    return ",".join(f"{k}={v}" for k, v in model_args().items())
+def model_args() -> dict:
+    """lm-eval's own `vllm`: the user's settings plus fastpath's isolated schedule (what
+    fastpath-vllm says reproduces its bits), so no answer depends on how a backend batches."""
+    return {**user_args(), **scoring.ISOLATED_SCHEDULE}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -99,8 +103,8 @@ def fast_eval(fast_lm, vllm_eval):
 @pytest.fixture(scope="module")
 def cli_eval(vllm_eval, tmp_path_factory):
     """`fastpath lm-eval --model fastpath-vllm ...` in a subprocess: its own engine, built
-    from the same model_args; the samples and results it saves, as lm-eval wrote them."""
-    return lm_eval_cli("fastpath-vllm", model_args_string(), TASKS, TASKS_DIR,
+    from the user's model_args; the samples and results it saves, as lm-eval wrote them."""
+    return lm_eval_cli("fastpath-vllm", fl.model_args_string(user_args()), TASKS, TASKS_DIR,
                        tmp_path_factory.mktemp("lm_eval_cli"), timeout=900)
 
 
@@ -125,6 +129,30 @@ def test_metrics_identical(request, vllm_eval, task, way):
     assert floats, ref
     for key in floats:  # exact (the CLI's JSON keeps a float's every bit)
         assert np.float64(fast[key]).tobytes() == np.float64(ref[key]).tobytes(), (key, fast, ref)
+
+
+@engine
+def test_schedule_named_and_reproduced(vllm_eval, caplog, monkeypatch):
+    """fastpath-vllm built from the user's settings says it runs the isolated schedule and
+    which lm-eval `vllm` settings give its bits: those `vllm_eval` ran with; bitwise equal."""
+    from lm_eval.utils import simple_parse_args_string
+
+    monkeypatch.setattr(logging.getLogger("lm_eval"), "propagate", True)  # lm-eval's CLI: off
+    with caplog.at_level(logging.INFO, logger=fl.logger.name):
+        lm = fl.FastpathVLLM(**user_args())
+    try:
+        (said,) = [r.getMessage() for r in caplog.records
+                   if r.getMessage().startswith(f"{fl.MODEL_NAME}: schedule")]
+        assert "schedule isolated (max_num_seqs=1, enable_chunked_prefill=False" in said, said
+        reference = said.split("--model vllm --model_args ", 1)[1].split()[0]
+        assert simple_parse_args_string(reference) == model_args(), said
+        fast_eval = evaluate(lm, ["fastpath_lambada"])
+    finally:
+        scoring.shutdown(lm.model)
+    fast_ll, fast_greedy = answers(fast_eval["samples"]["fastpath_lambada"])
+    ref_ll, ref_greedy = answers(vllm_eval["samples"]["fastpath_lambada"])
+    assert_same_float64(fast_ll, ref_ll, "fastpath-vllm (user's settings) against vllm")
+    assert fast_greedy == ref_greedy
 
 
 @engine
@@ -233,6 +261,16 @@ def test_sum_is_pythons_sum_of_the_float32_values():
     assert all(other != expected for other in others)  # the check can tell orders apart
     assert np.float64(fl.continuation_answer(as_scores(scores))[0]).tobytes() == \
         np.float64(expected).tobytes()
+
+
+def test_batched_schedule_said_as_batched():
+    """Batched settings given: said, with the settings that give bits lm-eval reproduces."""
+    said = fl.schedule_statement(
+        {"pretrained": "M", "max_num_seqs": 8, "batch_size": 4},
+        SimpleNamespace(max_num_seqs=8, enable_chunked_prefill=False))
+    assert "schedule batched (max_num_seqs=8, enable_chunked_prefill=False" in said, said
+    assert "not guaranteed" in said, said
+    assert said.endswith("--model_args pretrained=M,max_num_seqs=1,enable_chunked_prefill=False")
 
 
 def test_version_answered_only_for_vllm_and_only_while_importing():
