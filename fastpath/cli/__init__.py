@@ -171,6 +171,17 @@ def _prepare_runner(argv: list[str]) -> None:
         prepare_process()
 
 
+def check_one_model(command: str, words: list[str]) -> None:
+    """Refuse a repeated `--model`: argparse would keep the last one and drop the others
+    without a word (each run scores one model; `kld` reuses its base file across runs)."""
+    models = [w for w in words if w == "--model" or w.startswith("--model=")]
+    if len(models) > 1:
+        hint = (" Run `fastpath kld` once per model with the same --base-cache: the base "
+                "pass runs once" if command == "kld" else "")
+        raise UsageError(f"--model was given {len(models)} times; `fastpath {command}` scores "
+                         f"one model per run and would silently keep the last.{hint}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the `fastpath` command line on `argv` (default: this process's); its exit code."""
     argv = sys.argv[1:] if argv is None else argv
@@ -193,8 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command in subparsers:
-            given = given_flags(subparsers[args.command],
-                                argv[list(argv).index(args.command) + 1:])
+            words = argv[list(argv).index(args.command) + 1:]
+            check_one_model(args.command, words)
+            given = given_flags(subparsers[args.command], words)
             from fastpath.cli import kld, ppl, serve
 
             command = {"ppl": ppl.run, "kld": kld.run, "serve": serve.run}[args.command]

@@ -24,6 +24,9 @@ from fastpath.cli import kld as kld_command
      "--stride does not apply"),
     (["kld", "--base-model", "b", "--model", "m", "--max-batch-windows", "0"],
      "--max-batch-windows must be positive"),
+    (["kld", "--base-model", "b", "--model", "q", "--model=b"],
+     "--model was given 2 times; `fastpath kld` scores one model per run"),
+    (["ppl", "--model", "a", "--model", "b"], "--model was given 2 times"),
 ])
 def test_cli_flag_errors_before_any_engine(argv, fragment, capsys):
     assert cli.main(argv) == common.EXIT_USAGE
