@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.engine]
 
 ROOT = Path(__file__).resolve().parents[2]
 # One run starts an engine: about 50 s on 2 idle cores. FASTPATH_EXIT_RUNS asks for more.
-RUNS = int(os.environ.get("FASTPATH_EXIT_RUNS", "2"))
+RUNS = int(os.environ.get("FASTPATH_EXIT_RUNS", "3"))
 ABORT_TEXT = "terminate called"
 
 SCRIPT = '''
