@@ -18,7 +18,7 @@ Which bytes are the same everywhere (docs/exactness.md, "The embedded default"):
   differences of kernels that differ by vendor and instruction set (MKL, oneDNN, ATen's
   reductions), and no pin of the build's numerics gave the same weights on an AMD and an
   Intel machine; its recipe stays (`python -m fastpath.zoo rebuild trained-llama`) and gives
-  the shipped bytes on the machine class they were made on (`MADE_ON` in their metadata);
+  the shipped bytes on the machine class they were made on (`made_on` in their metadata);
 - the random-init models are built here, and their bytes do not depend on the CPU: a build
   calls only PyTorch's CPU random fills (`normal_`, `uniform_`: a serial mt19937 stream, and
   for float32 `normal_` the Box-Muller of PyTorch's AVX2 kernels, polynomial log/sin/cos
