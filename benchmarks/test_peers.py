@@ -1,11 +1,11 @@
 """Peers, timed side by side in one run: same model, same text, same window length.
 
 - `hf-transformers`: the loop of Hugging Face's guide "Perplexity of fixed-length
-  models" in transformers (`fastpath.peers.hf_guide_nll`), stride = window length, with
+  models" in transformers (`fastpath.testing.peers.hf_guide_nll`), stride = window length, with
   the worker's thread budget on CPU (like the floor);
 - `lm-eval-vllm`: lm-evaluation-harness's rolling log-likelihood through this vLLM
   engine: disjoint windows with one token of context, `prompt_logprobs=1` dicts
-  (`fastpath.peers.lm_eval_score`);
+  (`fastpath.testing.peers.lm_eval_score`);
 - `fastpath-ppl`: what `fastpath ppl` runs (`perplexity.score_stream`, fast path), stride =
   context, so consecutive windows share one token (the same one token of context as lm-eval).
 The text is the first `--peer-windows` x (context - 1) tokens of the bundled text, so each
@@ -25,9 +25,9 @@ import vllm
 from benchmarks.conftest import stream_tokens
 from benchmarks.test_scoring import CONTEXT, fit_context, floor_threads
 from fastpath import perplexity
-from fastpath.peers import PeerResult, hf_guide_nll, lm_eval_score
 from fastpath.runners import device_name
 from fastpath.scorer import EngineScorer
+from fastpath.testing.peers import PeerResult, hf_guide_nll, lm_eval_score
 
 PEERS = ("hf-transformers", "lm-eval-vllm", "fastpath-ppl")
 _tokens_per_second: dict[tuple[str, str], float] = {}  # (model, peer) -> tokens/s this session

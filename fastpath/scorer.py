@@ -22,7 +22,6 @@ import numpy as np
 
 from fastpath import scoring
 from fastpath.scoring import ScoreRequest
-from fastpath.targets import TOP_K_KEY
 
 Progress = Callable[[int], None]  # called with the number of requests just answered
 
@@ -160,7 +159,7 @@ class EngineScorer:
             return self._standard(batch)
         prompts, params = [], []
         for request in batch:
-            prompt, param = engine_request(request, detokenize=self.detokenize)
+            prompt, param = scoring.engine_request(request, detokenize=self.detokenize)
             prompts.append(prompt)
             params.append(param)
         outputs = scoring.submit_together(self.llm, prompts, params, use_tqdm=self.use_tqdm,
@@ -177,23 +176,3 @@ class EngineScorer:
         values = scoring.read_logprobs(outputs, batch, "standard")
         return [Scores(v.reshape(-1, 1), np.empty((v.size, 0), np.float32),
                        np.empty((v.size, 0), np.int32)) for v in values]
-
-def engine_request(request: ScoreRequest, detokenize: bool = True) -> tuple[Any, Any]:
-    """The prompt and SamplingParams that ask an engine for a request's scores.
-
-    1-D targets go as `TokensPrompt(target_token_ids=...)` (what users write); 2-D ids as
-    upstream's `prompt_logprob_token_ids` [rows, n] with `prompt_logprob_start`; top-K as
-    fastpath's extension (`extra_args[TOP_K_KEY]`). One greedy output token either way.
-    """
-    from vllm import SamplingParams
-
-    extra = {"extra_args": {TOP_K_KEY: request.top_k}} if request.top_k else {}
-    if not detokenize:
-        extra["detokenize"] = False
-    ids = np.asarray(request.target_token_ids)
-    if ids.ndim == 1:
-        return scoring.fast_prompt(request), scoring.scoring_params("fast", **extra)
-    params = SamplingParams(max_tokens=1, temperature=0.0,
-                            prompt_logprob_token_ids=np.ascontiguousarray(ids, dtype=np.int32),
-                            prompt_logprob_start=request.start, **extra)
-    return {"prompt_token_ids": list(request.prompt_token_ids)}, params

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from fastpath.targets import START_KEY, TARGET_KEY
+from fastpath.targets import START_KEY, TARGET_KEY, TOP_K_KEY
 
 METHODS = ("fast", "standard", "prefill")
 
@@ -305,6 +305,27 @@ def scoring_params(method: str, k: int = 0, **extra: Any):
     prompt_logprobs = k if method == "standard" else None
     return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=prompt_logprobs,
                           **extra)
+
+
+def engine_request(request: ScoreRequest, detokenize: bool = True) -> tuple[Any, Any]:
+    """The prompt and SamplingParams that ask an engine for a request's scores.
+
+    1-D targets go as `TokensPrompt(target_token_ids=...)` (what users write); 2-D ids as
+    upstream's `prompt_logprob_token_ids` [rows, n] with `prompt_logprob_start`; top-K as
+    fastpath's extension (`extra_args[TOP_K_KEY]`). One greedy output token either way.
+    """
+    from vllm import SamplingParams
+
+    extra = {"extra_args": {TOP_K_KEY: request.top_k}} if request.top_k else {}
+    if not detokenize:
+        extra["detokenize"] = False
+    ids = np.asarray(request.target_token_ids)
+    if ids.ndim == 1:
+        return fast_prompt(request), scoring_params("fast", **extra)
+    params = SamplingParams(max_tokens=1, temperature=0.0,
+                            prompt_logprob_token_ids=np.ascontiguousarray(ids, dtype=np.int32),
+                            prompt_logprob_start=request.start, **extra)
+    return {"prompt_token_ids": list(request.prompt_token_ids)}, params
 
 
 class ScoringFailed(RuntimeError):

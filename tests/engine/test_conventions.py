@@ -14,9 +14,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fastpath import conventions, perplexity, reference, zoo
+from fastpath import conventions, perplexity, zoo
 from fastpath.data import bundled_text
 from fastpath.scorer import EngineScorer
+from fastpath.testing import reference
 from fastpath.windows import WindowError
 from tests.engine import convention_loops
 

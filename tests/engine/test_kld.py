@@ -2,7 +2,7 @@
 vocabulary, on a locally quantized copy, and end to end through the command line.
 
 The base is tiny-llama (vocabulary 2048, so K can be the whole vocabulary); the quantized
-model is its RTN int4 copy (`fastpath.quantize`), a real, different set of weights.
+model is its RTN int4 copy (`fastpath.testing.quantize`), a real, different set of weights.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastpath import basefile, cli, conventions, kld, perplexity, quantize, reference, zoo
+from fastpath import basefile, cli, conventions, kld, perplexity, zoo
 from fastpath.data import bundled_text
 from fastpath.scorer import EngineScorer
+from fastpath.testing import quantize, reference
 from tests.helpers import assert_bitwise_equal, engine_kwargs, runner_engine
 
 pytestmark = [pytest.mark.correctness, pytest.mark.engine,

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastpath import cli, perplexity, reference, zoo
+from fastpath import cli, perplexity, zoo
 from fastpath.data import bundled_text
 from fastpath.scorer import EngineScorer
+from fastpath.testing import reference
 
 pytestmark = [pytest.mark.correctness, pytest.mark.engine]
 

@@ -98,7 +98,7 @@ def test_tokenizer_fingerprint():
     """The same tokenizer from two folders gives one fingerprint; one more token changes it."""
     from transformers import AutoTokenizer
 
-    from fastpath.quantize import get_quantized
+    from fastpath.testing.quantize import get_quantized
 
     tokenizer = AutoTokenizer.from_pretrained(zoo.get_model("tiny-llama"))
     copy = AutoTokenizer.from_pretrained(get_quantized("tiny-llama", bits=8))

@@ -223,3 +223,39 @@ def test_product_code_does_not_import_the_test_harness():
     bad = sorted({f"{e.importer} (line {e.line}) imports {e.module}" for e in edges
                   if _in_package(e.module, TESTING) and not _in_package(e.importer, TESTING)})
     assert not bad, f"product code imports {TESTING}:\n" + "\n".join(bad)
+
+
+# vLLM's request API: building a request's sampling parameters and handing requests to an
+# engine. The patches (vLLM's own code, replaced) and the upstream series aside, product
+# code reaches it through one module, so one place decides how a request is asked.
+REQUEST_API_CALLS = ("SamplingParams", "generate", "enqueue")
+REQUEST_API_MODULE = "fastpath.scoring"
+REQUEST_API_EXEMPT = ("fastpath.patches", "fastpath.upstream", TESTING)
+
+
+def request_api_calls(path: Path) -> list[tuple[str, int]]:
+    """`SamplingParams(...)`, `x.generate(...)` and `x.enqueue(...)` calls in a file (not
+    `scoring.generate(...)`: that is the one module's own function)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        name = func.id if isinstance(func, ast.Name) else (
+            func.attr if isinstance(func, ast.Attribute) else None)
+        through_scoring = (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)
+                           and func.value.id == REQUEST_API_MODULE.rpartition(".")[2])
+        if name in REQUEST_API_CALLS and not through_scoring and (
+                name == "SamplingParams" or isinstance(func, ast.Attribute)):
+            found.append((name, node.lineno))
+    return found
+
+
+def test_one_product_module_calls_vllms_request_api():
+    modules = package_modules()
+    bad = [f"{module} (line {line}) calls {name}" for module, path in modules.items()
+           if module != REQUEST_API_MODULE
+           and not any(_in_package(module, p) for p in REQUEST_API_EXEMPT)
+           for name, line in request_api_calls(path)]
+    assert not bad, f"vLLM's request API outside {REQUEST_API_MODULE}:\n" + "\n".join(bad)
+    assert request_api_calls(modules[REQUEST_API_MODULE]), "the check finds nothing at all"

@@ -1,4 +1,4 @@
-"""The peers' window rules and log-prob parsing, reimplemented in fastpath.peers (no engine)."""
+"""The peers' window rules and log-prob parsing, as fastpath.testing.peers redoes them."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from fastpath.peers import (
+from fastpath.testing.peers import (
     PeerResult,
     get_rolling_token_windows,
     lm_eval_rolling_windows,
@@ -69,11 +69,12 @@ def test_peer_result_perplexity():
 
 def test_hf_guide_loop_matches_transformers_per_window():
     """With stride = window length the guide's windows are independent chunks: its NLL is the
-    sum of each chunk's own token NLLs (from fastpath.reference), up to fp32 rounding."""
+    sum of each chunk's own token NLLs (from fastpath.testing.reference), up to fp32 rounding."""
     import numpy as np
 
-    from fastpath import reference, zoo
-    from fastpath.peers import hf_guide_nll
+    from fastpath import zoo
+    from fastpath.testing import reference
+    from fastpath.testing.peers import hf_guide_nll
 
     model = reference.load_model(str(zoo.get_model("tiny-llama")))
     tokens = list(np.random.default_rng(0).integers(0, 2048, 16 * 3 + 5))
