@@ -199,13 +199,34 @@ def shipped_model(name: str) -> Path:
     return path
 
 
+def recipe_path(name: str) -> Path:
+    """Where the recipe build of `name` is cached (its spec's key under `zoo_dir()`)."""
+    return zoo_dir() / ZOO[name].cache_key()
+
+
+def is_built(path: Path) -> bool:
+    """Whether a build finished at `path` (its metadata is written last)."""
+    return (path / "fastpath-zoo.json").exists()
+
+
 def recipe_build(name: str) -> Path:
     """`name` built from its recipe (never the shipped bytes), cached in `zoo_dir()`."""
-    spec = ZOO[name]
-    path = zoo_dir() / spec.cache_key()
-    if not (path / "fastpath-zoo.json").exists():
+    path = recipe_path(name)
+    if not is_built(path):
         _build_in_child(name)
     return path
+
+
+def _cpu_fields() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return fields
 
 
 def pinned_numerics() -> bool:
@@ -214,11 +235,7 @@ def pinned_numerics() -> bool:
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx2" in flags and " fma" in flags
+    return {"avx2", "fma"} <= set(_cpu_fields().get("flags", "").split())
 
 
 def machine_class() -> dict[str, str]:
@@ -228,13 +245,7 @@ def machine_class() -> dict[str, str]:
 
     import torch
 
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
+    fields = _cpu_fields()
     flags = set(fields.get("flags", "").split())
     isa = ("avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other")
     if {"amx_tile", "amx_bf16"} & flags:
@@ -436,14 +447,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=("path", "rebuild", "build"))
     parser.add_argument("name", choices=sorted(ZOO))
     args = parser.parse_args(argv)
-    spec = ZOO[args.name]
     if args.action == "build":
-        path = zoo_dir() / spec.cache_key()
-        if not (path / "fastpath-zoo.json").exists():
+        path = recipe_path(args.name)
+        if not is_built(path):
             import torch
 
             torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", BUILD_THREADS)))
-            _build(spec, path)
+            _build(ZOO[args.name], path)
         return 0
     if args.action == "rebuild":
         path = recipe_build(args.name)
