@@ -9,7 +9,7 @@ import os
 import pytest
 from hypothesis import HealthCheck, settings
 
-from fastpath.runners import RUNNER_ENV, RUNNERS, prepare_process, runner_environment
+from fastpath.engine.runners import RUNNER_ENV, RUNNERS, prepare_process, runner_environment
 from fastpath.testing import kernels
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -27,7 +27,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--runner", choices=("v1", "v2", "both"), default=None,
         help="vLLM model runner(s) the engine fixtures use (default: v2 where "
         "VLLM_USE_V2_MODEL_RUNNER=1, else v1). On CPU, V2 runs its Triton kernels in "
-        "Triton's interpreter (fastpath/runners.py).")
+        "Triton's interpreter (fastpath/engine/runners.py).")
 
 
     parser.addoption(

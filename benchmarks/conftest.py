@@ -14,10 +14,11 @@ from functools import cache
 
 import pytest
 
-from fastpath import scoring, zoo
+from fastpath import zoo
 from fastpath.data import bundled_text
-from fastpath.runners import device_name
-from fastpath.windows import make_windows
+from fastpath.engine import scoring
+from fastpath.engine.runners import device_name
+from fastpath.metrics.windows import make_windows
 
 
 @dataclass(frozen=True)

@@ -122,7 +122,7 @@ def summarize(stacks: list[tuple[list[str], int]], header: Iterable[str], top: i
 
 
 def _score_loop(llm, requests, path: str, k: int, stop: threading.Event, rounds: list) -> None:
-    from fastpath import scoring
+    from fastpath.engine import scoring
 
     while not stop.is_set():
         scoring.score(llm, requests, path, k)
@@ -149,11 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(py_spy).exists():
         parser.error("py-spy not found: pip install py-spy")
 
-    from fastpath import perplexity, scoring, zoo
+    from fastpath import zoo
     from fastpath.data import bundled_text
-    from fastpath.runners import device_name
+    from fastpath.engine import scoring
+    from fastpath.engine.runners import device_name
+    from fastpath.metrics import perplexity
+    from fastpath.metrics.windows import make_windows
     from fastpath.testing.measure import worker_pids
-    from fastpath.windows import make_windows
 
     model = args.model or str(zoo.get_model(args.model_name))
     kwargs = dict(tensor_parallel_size=args.tensor_parallel_size, max_num_batched_tokens=8192,

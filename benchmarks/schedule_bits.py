@@ -31,7 +31,8 @@ import numpy as np
 
 def measure(model: str, lengths: list[int], cuts: list[int], fillers: list[int],
             budget: int) -> dict[str, Any]:
-    from fastpath import scoring, zoo
+    from fastpath import zoo
+    from fastpath.engine import scoring
 
     llm = scoring.build_llm(str(zoo.get_model(model)), max_model_len=max(*lengths, budget) + 8,
                             max_num_batched_tokens=budget, max_num_seqs=16,

@@ -21,7 +21,8 @@ import pytest
 
 from benchmarks.conftest import resolve, steady_windows, stream_tokens
 from benchmarks.test_scoring import fit_context
-from fastpath import perplexity, scoring
+from fastpath.engine import scoring
+from fastpath.metrics import perplexity
 
 MODES = [(schedule, rows) for schedule in ("isolated", "batched")
          for rows in ("verified", "construction")]

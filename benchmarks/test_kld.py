@@ -16,9 +16,10 @@ import pytest
 
 from benchmarks.conftest import steady_windows, stream_tokens
 from benchmarks.test_scoring import CONTEXT, STRIDE, _common_info, fit_context
-from fastpath import basefile, conventions, kld, perplexity, scoring
-from fastpath.scorer import EngineScorer
-from fastpath.windows import Window
+from fastpath.engine import scoring
+from fastpath.engine.scorer import EngineScorer
+from fastpath.metrics import basefile, conventions, kld, perplexity
+from fastpath.metrics.windows import Window
 
 TOP_K = 32
 ROUNDS = 3

@@ -36,8 +36,8 @@ import pytest
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'fastpath[lm-eval]')")
 
 from benchmarks.conftest import MODELS, resolve
-from fastpath import scoring
-from fastpath.runners import device_name
+from fastpath.engine import scoring
+from fastpath.engine.runners import device_name
 from fastpath.testing.measure import result_objects
 from tests.helpers import running
 

@@ -28,8 +28,8 @@ import pytest
 import vllm
 
 from benchmarks.conftest import MODELS, resolve, selected_models, stream_tokens
-from fastpath import scoring
-from fastpath.runners import device_name
+from fastpath.engine import scoring
+from fastpath.engine.runners import device_name
 from fastpath.testing.measure import WorkerPeakMemory
 
 CHUNK_ENV = "FASTPATH_SCORE_CHUNK_ROWS"

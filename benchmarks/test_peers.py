@@ -24,9 +24,9 @@ import vllm
 
 from benchmarks.conftest import stream_tokens
 from benchmarks.test_scoring import CONTEXT, fit_context, floor_threads
-from fastpath import perplexity
-from fastpath.runners import device_name
-from fastpath.scorer import EngineScorer
+from fastpath.engine.runners import device_name
+from fastpath.engine.scorer import EngineScorer
+from fastpath.metrics import perplexity
 from fastpath.testing.peers import PeerResult, hf_guide_nll, lm_eval_score
 
 PEERS = ("hf-transformers", "lm-eval-vllm", "fastpath-ppl")

@@ -21,8 +21,9 @@ import vllm
 
 from benchmarks.conftest import steady_windows, stream_tokens
 from benchmarks.measure import LogprobBytes, PeakRSS
-from fastpath import perplexity, scoring
-from fastpath.runners import device_name, runner_name
+from fastpath.engine import scoring
+from fastpath.engine.runners import device_name, runner_name
+from fastpath.metrics import perplexity
 from fastpath.testing.measure import result_objects
 
 CONTEXT, STRIDE = 2048, 512

@@ -16,11 +16,13 @@ import time
 import numpy as np
 import pytest
 
-from fastpath import client, scoring, zoo
-from fastpath.client import ScoringClient, ServerPool
+from fastpath import zoo
 from fastpath.data import bundled_text
-from fastpath.perplexity import make_windows, window_requests
-from fastpath.runners import device_name
+from fastpath.engine import scoring
+from fastpath.engine.runners import device_name
+from fastpath.metrics.perplexity import make_windows, window_requests
+from fastpath.server import client
+from fastpath.server.client import ScoringClient, ServerPool
 from tests.helpers import running
 
 MODEL = "trained-llama"

@@ -48,9 +48,9 @@ import numpy as np
 import vllm  # noqa: F401  (vLLM's own imports run before the version answer below exists)
 from tqdm import tqdm
 
-from fastpath import scoring
-from fastpath.scorer import EngineScorer, Scores
-from fastpath.targets import TOP_K_KEY
+from fastpath.engine import scoring
+from fastpath.engine.scorer import EngineScorer, Scores
+from fastpath.worker.targets import TOP_K_KEY
 
 MODEL_NAME = "fastpath-vllm"
 GREEDY_K = 1  # is_greedy needs each row's top-1 log-prob only
@@ -189,7 +189,7 @@ def _use_v1_runner() -> None:
     """Pin vLLM's V1 model runner for this process (V2, CUDA's default, refuses the top-K
     extension `is_greedy` needs); refuse where V2 was asked for. Left set: vLLM's front end
     reads it at every request."""
-    from fastpath.runners import RUNNER_ENV, v2_requested
+    from fastpath.engine.runners import RUNNER_ENV, v2_requested
 
     if v2_requested():
         asked = os.environ[RUNNER_ENV]

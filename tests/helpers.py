@@ -25,10 +25,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fastpath import rowsubset, scoring, zoo
+from fastpath import zoo
 from fastpath.cli.common import LOG_LEVEL_ENV
-from fastpath.perplexity import bitwise_mismatches
+from fastpath.engine import scoring
+from fastpath.metrics.perplexity import bitwise_mismatches
 from fastpath.testing import v2cpu
+from fastpath.worker import rowsubset
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root
 

@@ -1,6 +1,6 @@
 """`fastpath` command line: `fastpath ppl` (sliding-window perplexity), `fastpath serve`
 (vLLM's OpenAI-compatible server with the scoring route), `fastpath kld` (KL divergence
-against a base model, `fastpath.kld`), `fastpath report`, `fastpath check-vllm` (judge a
+against a base model, `fastpath.metrics.kld`), `fastpath report`, `fastpath check-vllm` (judge a
 vLLM release against the patches without installing it), `fastpath upstream` (the same
 change as a vLLM patch series), `fastpath lm-eval`
 (lm-evaluation-harness's own command line with the `fastpath-vllm` model).
@@ -111,11 +111,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser,
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from fastpath.check_vllm import add_flags as add_check_vllm_flags
     from fastpath.cli.kld import add_kld_flags
     from fastpath.cli.ppl import add_ppl_flags
     from fastpath.cli.report import add_report_flags
     from fastpath.cli.serve import add_serve_flags
+    from fastpath.tools.check_vllm import add_flags as add_check_vllm_flags
 
     parser = FlexibleArgumentParser(prog="fastpath", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True,
@@ -166,7 +166,7 @@ def _prepare_runner(argv: list[str]) -> None:
     pre.add_argument("--model-runner", "--model_runner", dest="model_runner")
     known, _ = pre.parse_known_args(argv)
     if known.model_runner == "v2":
-        from fastpath.runners import prepare_process
+        from fastpath.engine.runners import prepare_process
 
         prepare_process()
 
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the `fastpath` command line on `argv` (default: this process's); its exit code."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["check-vllm"]:  # before build_parser: needs no installed vLLM
-        from fastpath import check_vllm
+        from fastpath.tools import check_vllm
 
         return check_vllm.main(argv[1:])
     if argv[:1] == ["upstream"]:  # the patch series: imports no vLLM either

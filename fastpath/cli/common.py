@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fastpath import conventions
+from fastpath.metrics import conventions
 
 EXIT_USAGE = 2
 EXIT_NOT_EQUAL = 3
@@ -107,7 +107,7 @@ def engine_args(args: argparse.Namespace, given: set[str]):
     """vLLM EngineArgs from the parsed flags; fastpath's defaults where a flag was not given."""
     from vllm.engine.arg_utils import EngineArgs
 
-    from fastpath import scoring
+    from fastpath.engine import scoring
 
     for key, value in scoring.default_engine_kwargs().items():
         if key not in given:
@@ -152,7 +152,7 @@ def add_text_flags(group: Any) -> None:
 def check_window_flags(args: argparse.Namespace) -> None:
     """Refuse bad window flags (`ppl` and `kld` share them): convention, context, stride, and
     --max-batch-windows; fills in the convention's stride."""
-    from fastpath.windows import WindowError
+    from fastpath.metrics.windows import WindowError
 
     try:
         args.stride = conventions.check_convention(args.convention, args.context_length,
@@ -190,7 +190,7 @@ def build_layout(scorer: Any, args: argparse.Namespace, text: str, source: str
     """The windows of `--convention` over `text` in the scorer's tokens (an engine's or a
     server's tokenizer); UsageError where it cannot score the context length or the text
     gives no window."""
-    from fastpath.windows import WindowError
+    from fastpath.metrics.windows import WindowError
 
     info = scorer.describe()
     if args.context_length > info.max_model_len - 1:
@@ -252,7 +252,7 @@ def server_failures(args: argparse.Namespace) -> tuple[type[BaseException], ...]
     """What a run on servers stops on (exit code EXIT_SERVERS_FAILED); none without one."""
     if not (args.servers or getattr(args, "base_servers", None)):
         return ()
-    from fastpath import client
+    from fastpath.server import client
 
     return (client.ServerUnavailable, client.RequestRefused, client.ScoringError)
 
@@ -260,7 +260,7 @@ def server_failures(args: argparse.Namespace) -> tuple[type[BaseException], ...]
 def server_scorer(urls: list[str], args: argparse.Namespace, text: str) -> Any:
     """A `ServerScorer` over `urls`, its tokenizer local where --tokenizer names one; the
     servers must answer and agree on the text's token ids (UsageError naming the problem)."""
-    from fastpath import client
+    from fastpath.server import client
 
     tokenizer = None
     if args.tokenizer:
@@ -273,14 +273,14 @@ def server_scorer(urls: list[str], args: argparse.Namespace, text: str) -> Any:
                                  timeout=args.request_timeout,
                                  describe_timeout=min(60.0, args.request_timeout))
     try:
-        models = scorer.describe().model
+        models = scorer.describe().models
         if tokenizer is None:
             scorer.check_tokenizers(text[:4000])
     except (client.ServerUnavailable, client.RequestRefused) as error:
         raise UsageError(f"cannot reach a server: {error}") from None
     except ValueError as error:
         raise UsageError(str(error)) from None
-    if isinstance(models, list):
+    if len(models) > 1:
         print(f"fastpath: warning: the servers name different models {models}; their "
               "token ids agree, their weights are not compared", file=sys.stderr)
     return scorer

@@ -1,6 +1,6 @@
 """`fastpath kld`: KL divergence of a model against its base model, on vLLM's V1 runner.
 
-The passes and the statistics are `fastpath.kld`'s; this module reads the flags, builds
+The passes and the statistics are `fastpath.metrics.kld`'s; this module reads the flags, builds
 the two scorers one after the other (engines, or `fastpath serve` servers with `--server`
 and `--base-server`; a base file replaces the base pass), and writes the report.
 """
@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from fastpath import basefile, divergence, scoring
 from fastpath.cli.common import (
     EXIT_SERVERS_FAILED,
     UsageError,
@@ -33,8 +32,10 @@ from fastpath.cli.common import (
     server_failures,
     server_scorer,
 )
-from fastpath.kld import DEFAULT_TOP_K, base_pass, compare, model_pass
-from fastpath.scorer import EngineScorer, Scorer
+from fastpath.engine import scoring
+from fastpath.engine.scorer import EngineScorer, Scorer
+from fastpath.metrics import basefile, divergence
+from fastpath.metrics.kld import DEFAULT_TOP_K, base_pass, compare, model_pass
 
 BASE_OVERRIDES = {"base_quantization": "quantization", "base_dtype": "dtype",
                   "base_tensor_parallel_size": "tensor_parallel_size"}
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace, given: set[str]) -> int:
     extension (V2, CUDA's default, refuses `fastpath_top_k`); a V2 request is refused."""
     import os
 
-    from fastpath import runners
+    from fastpath.engine import runners
 
     if runners.v2_requested():
         raise UsageError(f"fastpath kld needs vLLM's V1 model runner: the base pass's top-K "

@@ -27,7 +27,7 @@ from fastpath.cli.common import (
     server_failures,
     server_scorer,
 )
-from fastpath.scorer import EngineScorer, Scorer
+from fastpath.engine.scorer import EngineScorer, Exactness, Scorer
 
 
 def add_ppl_flags(parser: argparse.ArgumentParser) -> None:
@@ -78,8 +78,9 @@ def open_scorers(args: argparse.Namespace, given: set[str], text: str
         scorer = server_scorer(args.servers, args, text)
         yield {"fast": scorer}, scorer.describe().model, {"model_path": None}
         return
-    from fastpath import scoring, zoo
-    from fastpath.runners import runner_environment
+    from fastpath import zoo
+    from fastpath.engine import scoring
+    from fastpath.engine.runners import runner_environment
 
     if args.model is None:
         args.model = str(zoo.get_model(zoo.DEFAULT_MODEL))
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace, given: set[str]) -> int:
     on `fastpath serve` servers (--server); one flow, one report."""
     from tqdm import tqdm
 
-    from fastpath import perplexity
+    from fastpath.metrics import perplexity
 
     check_ppl_flags(args, given)
     text, source = load_text(args)
@@ -153,7 +154,7 @@ def run(args: argparse.Namespace, given: set[str]) -> int:
 
 def check_runner(runner: str) -> None:
     """Refuse --model-runner v2 on CPU where the stand-in Triton backend came too late."""
-    from fastpath.runners import cpu_build
+    from fastpath.engine.runners import cpu_build
 
     if runner != "v2" or not cpu_build():
         return
@@ -161,7 +162,7 @@ def check_runner(runner: str) -> None:
 
     if not HAS_TRITON:
         raise UsageError("--model-runner v2 on CPU needs fastpath's stand-in Triton backend "
-                         "registered before vLLM is imported (fastpath.runners."
+                         "registered before vLLM is imported (fastpath.engine.runners."
                          "prepare_process); run it as the `fastpath` command")
     print("fastpath ppl: V2 runner on CPU: Triton kernels run in Triton's interpreter "
           "(slow; checks V2's logic, says nothing about a GPU's bits)", file=sys.stderr)
@@ -193,7 +194,7 @@ def print_summary(report: dict[str, Any], results: dict[str, Any]) -> None:
         print(f"servers windows answered {report['answered_by']}, {report['retries']} retried, "
               f"latency p50 {lat['p50']:.3f} s, p90 {lat['p90']:.3f} s, p99 {lat['p99']:.3f} s"
               + (f"; given up: {report['dead_servers']}" if report["dead_servers"] else ""))
-    for line in exactness_lines(report.get("exactness")):
+    for line in exactness_lines(report.get("exactness", [])):
         print(line)
     if "bitwise_equal" in report:
         verdict = "EQUAL" if report["bitwise_equal"] else "DIFFERENT"
@@ -201,12 +202,10 @@ def print_summary(report: dict[str, Any], results: dict[str, Any]) -> None:
               f"({report['bitwise_mismatches']} of {report['scored_tokens']} differ)")
 
 
-def exactness_lines(exactness: dict[str, Any] | list | None) -> list[str]:
+def exactness_lines(exactness: list[Exactness]) -> list[str]:
     """The summary's lines on what the bits rest on: one per engine or server."""
-    if not exactness:
-        return []
     lines = []
-    for one in exactness if isinstance(exactness, list) else [exactness]:
+    for one in exactness:
         if "error" in one:
             lines.append(f"exact   {one.get('url', '')}: unknown ({one['error']})")
             continue

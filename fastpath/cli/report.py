@@ -1,5 +1,5 @@
 """`fastpath report`: pytest-benchmark JSON and `fastpath kld --json` reports -> CSVs and
-plots (the tables and figures are `fastpath.report`'s; needs `fastpath[report]`)."""
+plots (the tables and figures are `fastpath.tools.report`'s; needs `fastpath[report]`)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def _lm_eval_line(row: Any) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Write each table and plot the runs give, and say what was written."""
-    from fastpath.report import (
+    from fastpath.tools.report import (
         TABLES,
         compare_runs,
         headline_ratios,

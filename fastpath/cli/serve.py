@@ -15,13 +15,13 @@ dies looking up the version of a distribution named "vllm". What fastpath adds:
 - `GET /fastpath/exactness` (the same hook): what the server's bits rest on, as
   `fastpath ppl --json` reports it offline: the schedule mode and each worker's row mode;
 - scoring-route bodies that vLLM answers with a bare HTTP 500 are refused with a 400 naming
-  the field (the same hook; `fastpath.serve.ScoringChecks`);
+  the field (the same hook; `fastpath.server.serve.ScoringChecks`);
 - `/v1/completions` on the fast path for echo + logprobs requests (lm-eval's
   `local-completions`) and `target_token_ids` on completions requests
   (`fastpath.patches.completions`, bound by the routes middleware in each API server);
 - quiet by default (warnings only; `-v` for vLLM's INFO lines) and one line saying where
   it listens once it answers.
-The middlewares live in `fastpath.serve`, which the server process imports by name.
+The middlewares live in `fastpath.server.serve`, which the server process imports by name.
 
 With `FASTPATH_DISABLE=1` it serves vLLM unchanged (no plugin, no fastpath route or
 middleware) with the same engine defaults: the reference a fastpath server is compared
@@ -40,7 +40,7 @@ import urllib.request
 from typing import Any
 
 from fastpath.cli.common import UsageError, fill_defaults
-from fastpath.serve import (
+from fastpath.server.serve import (
     BODY_LIMIT_ENV,
     DEFAULT_MAX_REQUEST_BYTES,
     SCORE_ROUTE,
@@ -68,7 +68,7 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
 
 def server_defaults(verbose: bool) -> dict[str, Any]:
     """What `fastpath serve` sets where the user gave no flag."""
-    from fastpath import scoring
+    from fastpath.engine import scoring
 
     defaults = scoring.default_engine_kwargs()
     # A server keeps vLLM's stats (its Prometheus counters at GET /metrics, per engine under
@@ -112,7 +112,8 @@ def run(args: argparse.Namespace, given: set[str]) -> int:
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args
 
-    from fastpath import plugin, scoring
+    from fastpath import plugin
+    from fastpath.engine import scoring
 
     if args.max_request_bytes < 0:
         raise UsageError(f"--max-request-bytes must be >= 0 (0: no limit), "

@@ -4,7 +4,7 @@ Settings that must reach the engine-core and worker processes vLLM spawns, befor
 import vLLM; the environment carries them, and this module acts on it:
 - FASTPATH_V2_CPU=1: register fastpath's stand-in "cpu" Triton backend, so vLLM's engine
   processes can run the V2 model runner on CPU through Triton's interpreter
-  (fastpath/runners.py; `fastpath ppl --model-runner v2` and the tests);
+  (fastpath/engine/runners.py; `fastpath ppl --model-runner v2` and the tests);
 - FASTPATH_CPU_ISA=avx2|avx512, a test condition: make torch report only that instruction
   set, so vLLM loads that kernel build (fastpath/testing/kernels.py).
 Without either it does nothing but hand over to any other sitecustomize module further
@@ -16,7 +16,7 @@ import os
 import sys
 
 if os.environ.get("FASTPATH_V2_CPU") == "1":
-    from fastpath.runners import install_stand_in
+    from fastpath.engine.runners import install_stand_in
 
     install_stand_in()
 

@@ -70,7 +70,7 @@ class Replacement:
         return getattr(self.owner.__dict__.get(self.name), "__fastpath_patch__", False)
 
 
-# `Borrowed.used_by` of the names fastpath.serve's request checks borrow (no patch module:
+# `Borrowed.used_by` of the names fastpath.server.serve's request checks borrow (no patch module:
 # they are checked with the "serve" scope, in the API server processes that run those checks).
 SERVE_CHECKS = "serve"
 

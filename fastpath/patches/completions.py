@@ -39,7 +39,7 @@ from vllm.v1.engine.logprobs import LogprobsProcessor
 from vllm.v1.outputs import LogprobsTensors
 
 from fastpath.patches._base import Replacement
-from fastpath.targets import RANKS_KEY, START_KEY, TARGET_KEY, TOP_K_KEY
+from fastpath.worker.targets import RANKS_KEY, START_KEY, TARGET_KEY, TOP_K_KEY
 
 _original_create_completion = OpenAIServingCompletion._create_completion
 

@@ -14,10 +14,10 @@ With `SamplingParams.extra_args["fastpath_top_k"] = K` the same log-softmax also
 row's top-K log-probs and ids (torch.topk, as the standard path's), appended as 2K columns.
 
 The scoring itself (request lifecycle, row pieces, exactness modes, memory bound) is
-`fastpath.fixed_ids.FixedIdScorer`, which takes explicit inputs; this module only binds it
+`fastpath.worker.fixed_ids.FixedIdScorer`, which takes explicit inputs; this module only binds it
 to the runner: which requests it tracks (`_update_states`), what this step scheduled,
 the runner's lm_head and log-softmax, and where the finished scores go (`sample_tokens`).
-Those calls are `fastpath.fixed_id_runner`, shared with the upstream series, which makes
+Those calls are `fastpath.worker.fixed_id_runner`, shared with the upstream series, which makes
 them from inside the same three methods. `WorkerBase.fixed_id_exactness`
 (patches/worker.py) reports the mode.
 Checked against: vLLM 0.32.0 and 0.33.0 (fingerprints below).
@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-from fastpath import fixed_id_runner
 from fastpath.patches._base import Replacement
+from fastpath.worker import fixed_id_runner
 
 _original_update_states = GPUModelRunner._update_states
 _original_get_prompt_logprobs_dict = GPUModelRunner._get_prompt_logprobs_dict

@@ -24,7 +24,7 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.engine.input_processor import InputProcessor
 
 from fastpath.patches._base import Replacement
-from fastpath.targets import (
+from fastpath.worker.targets import (
     MAX_EXACT_FLOAT32_ID,
     RANKS_KEY,
     START_KEY,

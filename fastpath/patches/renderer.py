@@ -20,7 +20,7 @@ from vllm.exceptions import VLLMValidationError
 from vllm.renderers.base import BaseRenderer
 
 from fastpath.patches._base import Replacement
-from fastpath.targets import START_KEY, TARGET_KEY, TargetTokenIdsError, check_prompt_kind
+from fastpath.worker.targets import START_KEY, TARGET_KEY, TargetTokenIdsError, check_prompt_kind
 
 _original_render_prompt = BaseRenderer.render_prompt
 _original_render_prompt_async = BaseRenderer._render_prompt_async

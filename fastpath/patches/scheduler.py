@@ -32,8 +32,8 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 from vllm.v1.request import RequestStatus
 
-from fastpath.fixed_ids import is_failed_scores
 from fastpath.patches._base import Replacement
+from fastpath.worker.fixed_ids import is_failed_scores
 
 logger = logging.getLogger("fastpath")
 

@@ -10,7 +10,7 @@ computes).
 Why: whether computing fewer rows than the standard path keeps every bit is a fact about
 the kernels of the machine the worker runs on; the front end (`fastpath ppl --json`, the
 server's `/fastpath/exactness`) must say which mode answered, and only the worker knows.
-The report is `fastpath.fixed_id_runner.exactness_report`, shared with the upstream
+The report is `fastpath.worker.fixed_id_runner.exactness_report`, shared with the upstream
 series.
 Checked against: vLLM 0.32.0 and 0.33.0 (the name is refused if upstream defines it).
 Removal: with the V1 runner patch.
@@ -22,8 +22,8 @@ from typing import Any
 
 from vllm.v1.worker.worker_base import WorkerBase
 
-from fastpath import fixed_id_runner
 from fastpath.patches._base import Addition
+from fastpath.worker import fixed_id_runner
 
 
 def fixed_id_exactness(self: WorkerBase) -> dict[str, Any]:

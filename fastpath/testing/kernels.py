@@ -31,7 +31,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from fastpath.runners import SITE_DIR
+from fastpath.engine.runners import SITE_DIR
 
 ISA_ENV = "FASTPATH_CPU_ISA"
 ISAS = ("native", "avx2", "avx512")

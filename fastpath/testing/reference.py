@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fastpath.windows import make_windows
+from fastpath.metrics.windows import make_windows
 
 
 def load_model(model_path: str):

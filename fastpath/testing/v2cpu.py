@@ -1,6 +1,6 @@
 """vLLM's V2 model runner on CPU in the tests: starting a V2 engine, proving it is V2.
 
-`fastpath.runners` sets a process up for V2 on CPU (the stand-in Triton backend, Triton's
+`fastpath.engine.runners` sets a process up for V2 on CPU (the stand-in Triton backend, Triton's
 interpreter, `VLLM_USE_V2_MODEL_RUNNER=1`); this module adds what the tests need on top: an
 engine on a chosen runner, a check that every worker really runs V2 (so nothing passes on
 V1 while claiming V2), and, where a vLLM or Triton change stops V2 from starting here,
@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from fastpath.runners import RUNNER_ENV, apply_env, cpu_build, runner_env, runner_environment
+from fastpath.engine.runners import RUNNER_ENV, apply_env, cpu_build, runner_env, runner_environment
 
 V2_RUNNER_CLASS = "vllm.v1.worker.cpu.model_runner.CPUModelRunner"
 # vLLM's `worker_extension_cls`: lets `collective_rpc("fastpath_model_runner")` ask each
@@ -87,12 +87,12 @@ def check_v2(llm: Any) -> None:
 
 @contextlib.contextmanager
 def engine(model: str, runner: str, **engine_kwargs: Any) -> Iterator[Any]:
-    """`fastpath.scoring.engine` on `runner`; V2Unavailable (with why) where V2 cannot run.
+    """`fastpath.engine.scoring.engine` on `runner`; V2Unavailable (with why) where V2 cannot run.
 
     The runner environment is set while the engine starts; keep it set around requests too
     (`runner_environment`). A V2 engine carries `RunnerProbe` and is checked to be V2.
     """
-    from fastpath import scoring
+    from fastpath.engine import scoring
 
     if runner == "v2":
         engine_kwargs.setdefault("worker_extension_cls", PROBE_EXTENSION)

@@ -53,10 +53,10 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent  # fastpath/
 
 # fastpath module -> the vLLM module the series carries it as.
 MODULE_MAP = {
-    "fastpath.targets": "vllm.inputs.target_ids",
-    "fastpath.fixed_ids": "vllm.v1.worker.fixed_id_scorer",
-    "fastpath.fixed_id_runner": "vllm.v1.worker.fixed_id_runner",
-    "fastpath.rowsubset": "vllm.v1.worker.row_subset_probe",
+    "fastpath.worker.targets": "vllm.inputs.target_ids",
+    "fastpath.worker.fixed_ids": "vllm.v1.worker.fixed_id_scorer",
+    "fastpath.worker.fixed_id_runner": "vllm.v1.worker.fixed_id_runner",
+    "fastpath.worker.rowsubset": "vllm.v1.worker.row_subset_probe",
 }
 LICENSE_HEADER = ("# SPDX-License-Identifier: Apache-2.0\n"
                   "# SPDX-FileCopyrightText: Copyright contributors to the vLLM project\n")
@@ -91,7 +91,7 @@ TEST_MAP = {
     "tests/unit/test_fixed_ids.py": "tests/v1/worker/test_fixed_id_scorer.py",
 }
 GENERATED = (
-    *(Generated(module_file(target), PACKAGE_DIR / f"{source.split('.', 1)[1]}.py")
+    *(Generated(module_file(target), PACKAGE_DIR.parent / module_file(source))
       for source, target in MODULE_MAP.items()),
     *(Generated(target, PACKAGE_DIR.parent / source) for source, target in TEST_MAP.items()),
 )
@@ -101,14 +101,18 @@ def to_vllm(text: str) -> str:
     """A fastpath module's text as the vLLM module the series carries: vLLM's licence
     header, its imports and logger rewritten to the vLLM names; nothing else changes."""
     def import_modules(match: re.Match[str]) -> str:
+        names = [n.strip() for n in match[3].split(",")]
+        if not all(f"{match[2]}.{name}" in MODULE_MAP for name in names):
+            return match[0]  # names from a module: the dotted rewrite below renames it
         lines = []
-        for name in (n.strip() for n in match[2].split(",")):
-            target_package, _, target_name = MODULE_MAP[f"fastpath.{name}"].rpartition(".")
+        for name in names:
+            target_package, _, target_name = MODULE_MAP[f"{match[2]}.{name}"].rpartition(".")
             alias = "" if name == target_name else f" as {name}"
             lines.append(f"{match[1]}from {target_package} import {target_name}{alias}")
         return "\n".join(sorted(lines))
 
-    text = re.sub(r"^( *)from fastpath import ([\w, ]+)$", import_modules, text, flags=re.MULTILINE)
+    text = re.sub(r"^( *)from (fastpath(?:\.\w+)*) import ([\w, ]+)$", import_modules, text,
+                  flags=re.MULTILINE)
     for source, target in MODULE_MAP.items():
         text = re.sub(rf"\b{re.escape(source)}\b", target, text)
     text = text.replace('logging.getLogger("fastpath")', "logging.getLogger(__name__)")
@@ -161,7 +165,7 @@ def carries_series(read: FileReader | Path) -> bool:
     read = directory_reader(read) if isinstance(read, Path) else read
     llm = read("vllm/inputs/llm.py")
     return (llm is not None and b"target_token_ids:" in llm
-            and read(module_file(MODULE_MAP["fastpath.fixed_id_runner"])) is not None)
+            and read(module_file(MODULE_MAP["fastpath.worker.fixed_id_runner"])) is not None)
 
 
 def matching_series(read: FileReader | Path) -> str | None:

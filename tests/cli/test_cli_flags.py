@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from fastpath import cli, scoring
+from fastpath import cli
 from fastpath.cli import common
 from fastpath.cli import ppl as ppl_command
+from fastpath.engine import scoring
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@ import math
 import numpy as np
 import pandas as pd
 
-from fastpath import cli, divergence
-from fastpath.report import is_kld_report
+from fastpath import cli
+from fastpath.metrics import divergence
+from fastpath.tools.report import is_kld_report
 
 
 def kld_report(path, model: str, scale: float, seed: int) -> None:

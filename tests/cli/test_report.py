@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from fastpath import cli
-from fastpath.report import load_run, results_table, run_name
+from fastpath.tools.report import load_run, results_table, run_name
 
 
 def _bench(path: str, seconds: float, objects: float, bytes_: float, model="8B twin") -> dict:

@@ -1,7 +1,7 @@
 """Each tool's own perplexity loop, transcribed with transformers: the references the
 conventions are checked against.
 
-Written from the tools' code, not from `fastpath.conventions`: the Hugging Face guide's loop
+Written from the tools' code, not from `fastpath.metrics.conventions`: the Hugging Face guide's loop
 (labels with -100 and `outputs.loss`), lm-evaluation-harness's rolling windows
 (`get_rolling_token_windows` + `make_disjoint_window`, scored as its HF backend scores a
 (context, continuation) pair) and llama-perplexity's chunk loop (BOS first, second half

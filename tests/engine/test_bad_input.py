@@ -8,7 +8,7 @@ import torch
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 
-from fastpath.scoring import ScoreRequest, fast_prompt, score
+from fastpath.engine.scoring import ScoreRequest, fast_prompt, score
 from tests.helpers import assert_bitwise_equal, vocab_size
 
 pytestmark = [pytest.mark.engine]

@@ -14,11 +14,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fastpath import conventions, perplexity, zoo
+from fastpath import zoo
 from fastpath.data import bundled_text
-from fastpath.scorer import EngineScorer
+from fastpath.engine.scorer import EngineScorer
+from fastpath.metrics import conventions, perplexity
+from fastpath.metrics.windows import WindowError
 from fastpath.testing import reference
-from fastpath.windows import WindowError
 from tests.engine import convention_loops
 
 # As in test_perplexity: fp32 vLLM against fp32 transformers on the tiny models.

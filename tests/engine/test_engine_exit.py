@@ -30,7 +30,7 @@ import sys
 
 import numpy as np
 
-from fastpath.scoring import ScoreRequest, build_llm, score
+from fastpath.engine.scoring import ScoreRequest, build_llm, score
 
 if __name__ == "__main__":  # vLLM spawns its processes: they import this file again
     llm = build_llm(sys.argv[1], enable_chunked_prefill=True, enable_prefix_caching=True,

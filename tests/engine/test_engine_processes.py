@@ -9,11 +9,12 @@ import numpy as np
 import psutil
 import pytest
 
-from fastpath import patches, perplexity, zoo
+from fastpath import patches, zoo
 from fastpath.data import bundled_text
+from fastpath.engine.scorer import EngineScorer
+from fastpath.engine.scoring import ScoreRequest, score
+from fastpath.metrics import perplexity
 from fastpath.plugin import LOG_ENV
-from fastpath.scorer import EngineScorer
-from fastpath.scoring import ScoreRequest, score
 from tests.helpers import (
     assert_bitwise_equal,
     engine_kwargs,

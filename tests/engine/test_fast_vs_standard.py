@@ -17,7 +17,7 @@ from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 
 from fastpath import zoo
-from fastpath.scoring import (
+from fastpath.engine.scoring import (
     ScoreRequest,
     fast_prompt,
     score,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fastpath import zoo
-from fastpath.scoring import ScoreRequest, score
+from fastpath.engine.scoring import ScoreRequest, score
 from tests.helpers import assert_bitwise_equal, engine_kwargs, random_prompt, runner_engine
 
 pytestmark = [pytest.mark.gpu, pytest.mark.correctness, pytest.mark.engine]

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastpath import basefile, cli, conventions, kld, perplexity, zoo
+from fastpath import cli, zoo
 from fastpath.data import bundled_text
-from fastpath.scorer import EngineScorer
+from fastpath.engine.scorer import EngineScorer
+from fastpath.metrics import basefile, conventions, kld, perplexity
 from fastpath.testing import quantize, reference
 from tests.helpers import assert_bitwise_equal, engine_kwargs, runner_engine
 

@@ -25,9 +25,10 @@ import pytest
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'fastpath[lm-eval]')")
 
 from fastpath import lm_eval_model as fl
-from fastpath import scoring, zoo
-from fastpath.scorer import Scores
-from fastpath.targets import TOP_K_KEY
+from fastpath import zoo
+from fastpath.engine import scoring
+from fastpath.engine.scorer import Scores
+from fastpath.worker.targets import TOP_K_KEY
 from tests.helpers import answers, assert_bitwise_equal, assert_same_float64, lm_eval_cli
 
 ROOT = Path(__file__).resolve().parents[2]

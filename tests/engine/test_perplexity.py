@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastpath import cli, perplexity, zoo
+from fastpath import cli, zoo
 from fastpath.data import bundled_text
-from fastpath.scorer import EngineScorer
+from fastpath.engine.scorer import EngineScorer
+from fastpath.metrics import perplexity
 from fastpath.testing import reference
 
 pytestmark = [pytest.mark.correctness, pytest.mark.engine]
@@ -105,7 +106,7 @@ def test_cli_both_on_embedded_default(tmp_path, capsys, runner):
                 "device", "flags"):
         assert key in report, key
     assert report["runner"] == runner.upper() and report["flags"]["stride"] == 48
-    exactness = report["exactness"]
+    (exactness,) = report["exactness"]  # one engine: one report, as a list like servers'
     assert exactness["schedule"] == "isolated"
     assert {w["lm_head_rows"] for w in exactness["workers"]} <= {
         "verified", "construction", "upstream V2 (verified)", "upstream V2 (not verified)"}

@@ -7,7 +7,7 @@ import pytest
 from vllm import SamplingParams
 
 from fastpath import zoo
-from fastpath.scoring import (
+from fastpath.engine.scoring import (
     ScoreRequest,
     fast_prompt,
     standard_logprobs,

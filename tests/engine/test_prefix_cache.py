@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 from vllm import SamplingParams
 
-from fastpath import scoring, zoo
-from fastpath.scoring import ScoreRequest, fast_prompt, target_logprobs
+from fastpath import zoo
+from fastpath.engine import scoring
+from fastpath.engine.scoring import ScoreRequest, fast_prompt, target_logprobs
 from tests.helpers import assert_bitwise_equal, engine_kwargs, runner_engine
 
 pytestmark = [pytest.mark.correctness, pytest.mark.engine]
@@ -110,7 +111,7 @@ def test_guard_fails_a_request_whose_rows_were_not_computed():
     The engine core runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so upstream's
     add_request can be put back: the cache is then read and rows go uncomputed. It runs in a
     fresh interpreter: this test process carries the stand-in Triton backend of the V2 tests
-    (fastpath/runners.py), which an in-process V1 engine would try to compile with.
+    (fastpath/engine/runners.py), which an in-process V1 engine would try to compile with.
     """
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     done = subprocess.run([sys.executable, "-c", "from tests.engine.test_prefix_cache import "

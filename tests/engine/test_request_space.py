@@ -56,8 +56,8 @@ from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 
 from fastpath import upstream, zoo
-from fastpath.scoring import split_top_k
-from fastpath.targets import RANKS_KEY, TOP_K_KEY
+from fastpath.engine.scoring import split_top_k
+from fastpath.worker.targets import RANKS_KEY, TOP_K_KEY
 from tests.helpers import (
     assert_bitwise_equal,
     ci_or_slow,

@@ -7,7 +7,7 @@ from itertools import pairwise
 import numpy as np
 import pytest
 
-from fastpath.scoring import ScoreRequest, generate
+from fastpath.engine.scoring import ScoreRequest, generate
 from fastpath.testing.measure import result_objects
 from tests.helpers import random_prompt, vocab_size
 

@@ -3,7 +3,7 @@
 On CPU vLLM does not call `torch.nn.functional.linear` for the lm_head: at load it
 dispatches the layer to oneDNN (`onednn_mm`), or to sgl-kernel's `weight_packed_linear` for
 16-bit weights on AMX CPUs (`vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm`).
-This sweeps that kernel (`fastpath.rowsubset`, kernel `vllm-cpu`) at every zoo lm_head
+This sweeps that kernel (`fastpath.worker.rowsubset`, kernel `vllm-cpu`) at every zoo lm_head
 shape in float32, what fastpath's CPU engines run: every subset of two or more rows must
 give each row its bits (asserted), runs of 64 rows (the CPU default chunk) and chunks of
 1024 among them. (A measurement on this machine's native kernels: engines do not rely on
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from fastpath import rowsubset
+from fastpath.worker import rowsubset
 from tests.helpers import EPS32, ROW_CHUNK, SHAPES, cpu_plan, describe, shape_id
 
 pytest.importorskip("vllm")

@@ -2,7 +2,7 @@
 
 These run in every session, whatever `--runner` says: they are the V2 subset CI runs
 (about 2 minutes on 2 cores; `pytest --runner v2` runs the whole correctness suite on V2).
-On CPU the V2 runner's Triton kernels run in Triton's interpreter (fastpath/runners.py):
+On CPU the V2 runner's Triton kernels run in Triton's interpreter (fastpath/engine/runners.py):
 this checks V2's logic and fastpath's mapping of `target_token_ids` onto upstream's
 `prompt_logprob_token_ids`, not a GPU's bits.
 
@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 from vllm import SamplingParams
 
-from fastpath import runners, zoo
-from fastpath.scoring import ScoreRequest, score
+from fastpath import zoo
+from fastpath.engine import runners
+from fastpath.engine.scoring import ScoreRequest, score
 from tests.helpers import CHUNK, assert_bitwise_equal, engine_kwargs, random_prompt, runner_engine
 
 pytestmark = [pytest.mark.correctness, pytest.mark.engine, pytest.mark.v2]

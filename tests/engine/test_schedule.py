@@ -19,8 +19,9 @@ import numpy as np
 import psutil
 import pytest
 
-from fastpath import scoring, zoo
-from fastpath.scoring import ScoreRequest, fast_prompt, score
+from fastpath import zoo
+from fastpath.engine import scoring
+from fastpath.engine.scoring import ScoreRequest, fast_prompt, score
 from fastpath.testing import kernels
 from tests.helpers import assert_bitwise_equal, isolated_engine_kwargs, random_prompt, runner_engine
 

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from fastpath import zoo
-from fastpath.serve import EXACTNESS_ROUTE
+from fastpath.server.serve import EXACTNESS_ROUTE
 from tests.helpers import Server, answers, assert_same_float64, lm_eval_cli
 
 pytestmark = [pytest.mark.engine, pytest.mark.correctness]

@@ -9,7 +9,7 @@ Two layouts of two engines, one at a time (the module fixture is parametrized):
   `--data-parallel-rpc-port` as two machines would be, here both on localhost.
 Each is checked the same way: the per-token logprobs of `fastpath ppl --server` are the
 offline engine's (same flags) bit for bit, and `/fastpath/exactness` reports both engines'
-workers; windows sent with `fastpath.client` are answered bitwise as offline, and the
+workers; windows sent with `fastpath.server.client` are answered bitwise as offline, and the
 server's own Prometheus counters (`vllm:request_success_total{engine="0"|"1"}`) show both
 engines answered some and, together, exactly the windows sent.
 """
@@ -28,10 +28,12 @@ import httpx
 import numpy as np
 import pytest
 
-from fastpath import cli, perplexity, scoring, zoo
-from fastpath.client import ServerPool
+from fastpath import cli, zoo
 from fastpath.data import bundled_text
-from fastpath.scorer import EngineScorer
+from fastpath.engine import scoring
+from fastpath.engine.scorer import EngineScorer
+from fastpath.metrics import perplexity
+from fastpath.server.client import ServerPool
 from tests.helpers import (
     START_TIMEOUT,
     Server,
@@ -168,7 +170,7 @@ def test_ppl_server_bitwise_equal_to_offline(dp_server, offline, tokens, text_fi
 
 
 def test_windows_spread_over_both_engines(dp_server, offline, tokens):
-    """Windows sent through `fastpath.client` (8 in flight): every answer the offline bits;
+    """Windows sent through `fastpath.server.client` (8 in flight): every answer the offline bits;
     the server's counters say both engines answered some, and all of them together
     answered exactly the windows sent (none lost, none twice)."""
     windows = perplexity.make_windows(len(tokens), 96, 16)

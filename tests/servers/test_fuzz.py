@@ -24,7 +24,7 @@ Classes of bad input found (each now a 400 naming the field, with a plain regres
    ValueError inside `AsyncLLM.generate`, which vLLM answers with an empty HTTP 500. Found by
    the coverage phase (its base body carries `"trace_decode_token_ids": []`): 167 of the 772
    coverage requests to the scoring route answered 500 before the fix; none of 660 fuzzed
-   ones did. Fixed by `fastpath.serve.ScoringChecks`.
+   ones did. Fixed by `fastpath.server.serve.ScoringChecks`.
 Tried since the fix: two nightly-size runs (2147 requests each: 1547 coverage, 600 fuzzed)
 and CI-size runs (60 each): no 5xx, no timeout, the same bits after. Without the fix the
 nightly size fails on class 1 (a run with the check removed), and a 0.02 s request timeout
@@ -52,10 +52,11 @@ from hypothesis import strategies as st
 from schemathesis.config import SchemathesisConfig
 from schemathesis.engine import Status, events
 
-from fastpath import client, zoo
-from fastpath.client import ScoringClient
-from fastpath.scoring import ScoreRequest
-from fastpath.serve import SCORE_ROUTE, TRACE_FIELD
+from fastpath import zoo
+from fastpath.engine.scoring import ScoreRequest
+from fastpath.server import client
+from fastpath.server.client import ScoringClient
+from fastpath.server.serve import SCORE_ROUTE, TRACE_FIELD
 from tests.helpers import Server, running
 
 pytestmark = [pytest.mark.engine]

@@ -21,11 +21,14 @@ import httpx
 import numpy as np
 import pytest
 
-from fastpath import basefile, cli, client, conventions, kld, perplexity, scoring, zoo
-from fastpath.client import ScoringClient, ServerPool, score_body
+from fastpath import cli, zoo
 from fastpath.data import bundled_text
-from fastpath.scorer import EngineScorer
-from fastpath.scoring import ScoreRequest
+from fastpath.engine import scoring
+from fastpath.engine.scorer import EngineScorer
+from fastpath.engine.scoring import ScoreRequest
+from fastpath.metrics import basefile, conventions, kld, perplexity
+from fastpath.server import client
+from fastpath.server.client import ScoringClient, ServerPool, score_body
 from tests.helpers import (
     VLLM_INFO_LINE,
     Server,

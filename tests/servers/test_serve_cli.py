@@ -7,10 +7,12 @@ import re
 import numpy as np
 import pytest
 
-from fastpath import cli, client, scoring
+from fastpath import cli
 from fastpath.cli import common
 from fastpath.cli import serve as serve_command
-from fastpath.scoring import ScoreRequest
+from fastpath.engine import scoring
+from fastpath.engine.scoring import ScoreRequest
+from fastpath.server import client
 from tests.helpers import free_port
 
 
@@ -136,7 +138,7 @@ def test_exactness_asks_every_data_parallel_engine():
     each engine's, tagged with its rank (one engine: collective_rpc's answer as it is)."""
     import asyncio
 
-    from fastpath.serve import every_engines_workers
+    from fastpath.server.serve import every_engines_workers
 
     workers = asyncio.run(every_engines_workers(_Engine(_DataParallelCore())))
     assert [(w["dp_rank"], w["tp_rank"]) for w in workers] == [(0, 0), (0, 1), (1, 0), (1, 1)]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastpath import basefile, conventions, zoo
+from fastpath import zoo
+from fastpath.metrics import basefile, conventions
 
 
 def make_base(layout: conventions.Layout, k: int = 4, vocab: int = 50, seed: int = 0):

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from fastpath import check_vllm, cli, patches
+from fastpath import cli, patches
 from fastpath.patches import Borrowed, PatchRefused
 from fastpath.source_text import decode, fingerprint_text, function_source
+from fastpath.tools import check_vllm
 
 SITE = Path(importlib.util.find_spec("vllm").origin).parents[1]  # holds vllm/, not imported here
 MANIFEST, ENTRIES = check_vllm.load_manifest()

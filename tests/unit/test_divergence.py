@@ -1,7 +1,7 @@
 """KLD statistics (no engine): the top-K + tail bucket divergence and llama.cpp's figures.
 
 Distributions are random log-softmax rows built here in float64; the full-vocabulary KLD is
-computed directly, independently of `fastpath.divergence`.
+computed directly, independently of `fastpath.metrics.divergence`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastpath import divergence
+from fastpath.metrics import divergence
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fastpath import scoring
+from fastpath.engine import scoring
 
 DECODE_ERROR = TypeError("VLLM_ALLOW_INSECURE_SERIALIZATION must be set to use custom "
                          "utility result types")

@@ -21,8 +21,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastpath import fixed_ids, rowsubset
-from fastpath.fixed_ids import FixedIdScorer, RowMode, ScheduledPrompt
+from fastpath.worker import fixed_ids, rowsubset
+from fastpath.worker.fixed_ids import FixedIdScorer, RowMode, ScheduledPrompt
 
 
 def assert_bitwise_equal(got: np.ndarray, reference: np.ndarray, *, what: str) -> None:

@@ -229,7 +229,7 @@ def test_product_code_does_not_import_the_test_harness():
 # engine. The patches (vLLM's own code, replaced) and the upstream series aside, product
 # code reaches it through one module, so one place decides how a request is asked.
 REQUEST_API_CALLS = ("SamplingParams", "generate", "enqueue")
-REQUEST_API_MODULE = "fastpath.scoring"
+REQUEST_API_MODULE = "fastpath.engine.scoring"
 REQUEST_API_EXEMPT = ("fastpath.patches", "fastpath.upstream", TESTING)
 
 
@@ -259,3 +259,65 @@ def test_one_product_module_calls_vllms_request_api():
            for name, line in request_api_calls(path)]
     assert not bad, f"vLLM's request API outside {REQUEST_API_MODULE}:\n" + "\n".join(bad)
     assert request_api_calls(modules[REQUEST_API_MODULE]), "the check finds nothing at all"
+
+
+# The package's layers, lowest first. A module imports only modules of its own layer or of a
+# lower one, so each layer can be read, tested and replaced knowing only what is below it.
+# Every module belongs to exactly one layer (the longest prefix listed decides), so a new
+# module must be placed before this test passes.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("fastpath", "fastpath.extras", "fastpath.source_text", "fastpath.data", "fastpath.zoo"),
+    ("fastpath.worker",),      # inside vLLM's engine processes; carried upstream
+    ("fastpath.patches",),     # the ledger of vLLM code replaced
+    ("fastpath.plugin",),      # vLLM's entry point: binds the ledger in every process
+    ("fastpath.engine",),      # the one module that talks to vLLM, and the Scorer seam
+    ("fastpath.metrics",),     # windows, conventions, perplexity, kld
+    ("fastpath.server",),      # fastpath serve and its client
+    ("fastpath.upstream",),    # the upstream series, generated from the worker layer
+    ("fastpath.tools", "fastpath.lm_eval_model"),  # check-vllm, reports, lm-eval's model
+    ("fastpath.cli",),         # the command line
+    (TESTING,),                # the test harness (which nothing above imports)
+)
+MAX_TOP_LEVEL_MODULES = 8
+
+
+def layer_of(module: str) -> int:
+    """The index in LAYERS of the longest prefix of `module` listed there."""
+    matches = [(len(prefix), index) for index, layer in enumerate(LAYERS) for prefix in layer
+               if _in_package(module, prefix) and (prefix != "fastpath" or module == prefix)]
+    if not matches:
+        raise LookupError(module)
+    return max(matches)[1]
+
+
+def test_every_module_has_a_layer():
+    unplaced = [m for m in package_modules() if not _try_layer(m)]
+    assert not unplaced, "modules in no layer (add them to LAYERS):\n" + "\n".join(unplaced)
+
+
+def _try_layer(module: str) -> bool:
+    try:
+        layer_of(module)
+    except LookupError:
+        return False
+    return True
+
+
+def test_imports_go_down_the_layers():
+    _, edges = import_graph()
+    bad = sorted({f"{e.importer} (layer {layer_of(e.importer)}, line {e.line}) imports "
+                  f"{e.module} (layer {layer_of(e.module)})" for e in edges
+                  if layer_of(e.module) > layer_of(e.importer)})
+    assert not bad, "imports that go up the layers:\n" + "\n".join(bad)
+
+
+def test_the_layer_rule_can_fail():
+    """The rule sees an upward import: the plugin importing the CLI would be one."""
+    assert layer_of("fastpath.cli.ppl") > layer_of("fastpath.plugin")
+    assert layer_of("fastpath.worker.targets") < layer_of("fastpath.engine.scoring")
+    assert layer_of("fastpath.testing.peers") == len(LAYERS) - 1
+
+
+def test_the_top_level_stays_small():
+    top = sorted(p.name for p in PACKAGE_DIR.glob("*.py"))
+    assert len(top) <= MAX_TOP_LEVEL_MODULES, f"{len(top)} modules at fastpath/'s top: {top}"

@@ -2,7 +2,7 @@
 
 fastpath computes only the scored rows (`target_start > 0`) and scores long prompts in
 chunks of rows, so its exactness rests on a row's logits, fp32 log-softmax and gathered
-target having the same bits among fewer rows. `fastpath.rowsubset.sweep` checks that at
+target having the same bits among fewer rows. `fastpath.worker.rowsubset.sweep` checks that at
 every zoo lm_head shape (see its docstring for the subsets). This module needs torch and
 pytest alone, so it also runs on a GPU machine without vLLM:
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastpath import rowsubset
+from fastpath.worker import rowsubset
 from tests.helpers import EPS32, ROW_CHUNK, SHAPES, cpu_plan, describe, shape_id
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,7 +86,7 @@ def test_standalone_command_prints_json_and_imports_no_vllm():
     script = ("import runpy, sys; sys.argv = ['rowsubset', '--hidden', '64', '--vocab', '512', "
               "'--rows', '40', '--chunk', '16', '--counts', '2', '3']; "
               "code = 0\n"
-              "try: runpy.run_module('fastpath.rowsubset', run_name='__main__')\n"
+              "try: runpy.run_module('fastpath.worker.rowsubset', run_name='__main__')\n"
               "except SystemExit as e: code = e.code\n"
               "print('VLLM' if 'vllm' in sys.modules else 'NO-VLLM', code, file=sys.stderr)")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,

@@ -15,11 +15,11 @@ import torch
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.worker.gpu_model_runner import AsyncGPUModelRunnerOutput
 
-from fastpath import fixed_id_runner, fixed_ids
-from fastpath.fixed_ids import ScheduledPrompt
 from fastpath.patches import gpu_model_runner as patch
 from fastpath.patches import scheduler as scheduler_patch
-from fastpath.targets import TOP_K_KEY
+from fastpath.worker import fixed_id_runner, fixed_ids
+from fastpath.worker.fixed_ids import ScheduledPrompt
+from fastpath.worker.targets import TOP_K_KEY
 
 
 def fixed_params(targets: np.ndarray, start: int = 0, top_k: int = 0):

@@ -1,4 +1,4 @@
-"""`fastpath.serve.ScoringChecks` as an ASGI middleware around a stand-in app: no engine, no
+"""`fastpath.server.serve.ScoringChecks` as an ASGI middleware around a stand-in app: no engine, no
 server (tests/servers/test_fuzz.py checks it on a real server)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from fastpath.serve import SCORE_ROUTE, TRACE_FIELD, ScoringChecks, trace_refusal
+from fastpath.server.serve import SCORE_ROUTE, TRACE_FIELD, ScoringChecks, trace_refusal
 
 FIELD = f"sampling_params.{TRACE_FIELD}"
 VOCAB = 1000

@@ -1,4 +1,4 @@
-"""The target_token_ids form, checked without an engine (fastpath.targets)."""
+"""The target_token_ids form, checked without an engine (fastpath.worker.targets)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastpath.targets import TargetTokenIdsError, check_prompt_kind, normalize_targets
+from fastpath.worker.targets import TargetTokenIdsError, check_prompt_kind, normalize_targets
 
 VOCAB = 100
 

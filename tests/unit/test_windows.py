@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fastpath.perplexity import PerplexityResult, assemble
-from fastpath.windows import WindowError, count_windows, make_windows
+from fastpath.metrics.perplexity import PerplexityResult, assemble
+from fastpath.metrics.windows import WindowError, count_windows, make_windows
 
 
 @st.composite

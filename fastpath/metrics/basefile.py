@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from fastpath.conventions import Layout
-from fastpath.windows import Window
+from fastpath.metrics.conventions import Layout
+from fastpath.metrics.windows import Window
 
 FORMAT = "fastpath-kld-base"
 FORMAT_VERSION = 1

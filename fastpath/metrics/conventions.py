@@ -4,7 +4,7 @@ A convention turns a text into a token stream and windows over it (`Layout`); th
 scores the windows the same way whatever the convention. Pure arithmetic (no vLLM), so each
 convention is unit-tested against a transcription of the tool's own loop.
 
-- `fastpath` (default): `fastpath.windows`: every token after the first scored exactly
+- `fastpath` (default): `fastpath.metrics.windows`: every token after the first scored exactly
   once, each with at least one token of context; the last window is full length.
 - `hf`: the loop of Hugging Face's "Perplexity of fixed-length models" guide, literally:
   windows start every `stride` tokens and stop at the first one that reaches the end (so
@@ -32,7 +32,13 @@ from typing import Any
 
 import numpy as np
 
-from fastpath.windows import Window, WindowError, check_parameters, check_shape, make_windows
+from fastpath.metrics.windows import (
+    Window,
+    WindowError,
+    check_parameters,
+    check_shape,
+    make_windows,
+)
 
 CONVENTIONS = ("fastpath", "hf", "lm-eval", "llama.cpp")
 DEFAULT_CONVENTION = "fastpath"

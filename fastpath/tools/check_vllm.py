@@ -14,7 +14,7 @@ What it checks comes from the ledger: every `Replacement` of every patch module 
 (with `manifest.json`), so this command needs no vLLM at all. After changing the ledger
 or accepting a new upstream version, regenerate them with the installed vLLM:
 
-    python -m fastpath.check_vllm --write-known
+    python -m fastpath.tools.check_vllm --write-known
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ from fastpath.source_text import (
     module_path,
 )
 
-KNOWN_DIR = Path(__file__).resolve().parent / "patches" / "known"
+KNOWN_DIR = Path(__file__).resolve().parents[1] / "patches" / "known"
 MANIFEST = KNOWN_DIR / "manifest.json"
-WRITE_COMMAND = "python -m fastpath.check_vllm --write-known"
+WRITE_COMMAND = "python -m fastpath.tools.check_vllm --write-known"
 EXIT_OK, EXIT_CHANGED, EXIT_USAGE = 0, 1, 2
 
 

@@ -1,7 +1,7 @@
 """Sliding-window perplexity through vLLM: windows -> requests -> one logprob per token.
 
-Windows are scored through a `fastpath.scorer.Scorer` (an in-process engine or servers);
-the window arithmetic is in `fastpath.windows`. Results are exact sums (`math.fsum`),
+Windows are scored through a `fastpath.engine.scorer.Scorer` (an in-process engine or servers);
+the window arithmetic is in `fastpath.metrics.windows`. Results are exact sums (`math.fsum`),
 independent of order.
 """
 
@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from fastpath import conventions, scoring
-from fastpath.scorer import Progress, Scorer
-from fastpath.windows import Window, make_windows
+from fastpath.engine import scoring
+from fastpath.engine.scorer import Progress, Scorer
+from fastpath.metrics import conventions
+from fastpath.metrics.windows import Window, make_windows
 
 
 @dataclass
@@ -151,7 +152,7 @@ def score_windows(scorer: Scorer, tokens: Sequence[int], windows: Sequence[Windo
     seconds = time.perf_counter() - started
     return PerplexityResult(logprobs=concatenate(windows, [a.targets for a in answers]),
                             num_windows=len(windows), seconds=seconds,
-                            extra={"method": getattr(scorer, "method", "fast")},
+                            extra={"method": scorer.method},
                             positions=window_positions(windows))
 
 

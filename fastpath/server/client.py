@@ -6,7 +6,7 @@ and `prompt_logprob_token_ids` = one target id per scored row, `prompt_logprob_s
 first scored row. The answer's `prompt_token_id_logprobs` is a base64 `.npy` float32
 array [rows, 1]: the same values, computed by the same code, as `fastpath ppl` offline.
 
-    from fastpath.client import ScoringClient
+    from fastpath.server.client import ScoringClient
     async with ScoringClient("http://127.0.0.1:8000") as client:
         ids = await client.tokenize(text)
         scores = await client.score(ScoreRequest(ids, ids[1:]))
@@ -16,7 +16,7 @@ array [rows, 1]: the same values, computed by the same code, as `fastpath ppl` o
 per server, a request whose server fails or times out goes back to the queue and is
 answered by another server, and every request is answered exactly once (or the run stops
 with an error naming what is missing). `ServerScorer` is the pool as a
-`fastpath.scorer.Scorer`, what `fastpath ppl --server` and `fastpath kld --server` use.
+`fastpath.engine.scorer.Scorer`, what `fastpath ppl --server` and `fastpath kld --server` use.
 Nothing here imports vLLM.
 """
 
@@ -32,13 +32,13 @@ from typing import Any
 
 import numpy as np
 
+from fastpath.engine.scorer import Exactness, Method, Progress, ScorerInfo, Scores
+from fastpath.engine.scoring import ScoreRequest
 from fastpath.extras import require
-from fastpath.scorer import Progress, ScorerInfo, Scores
-from fastpath.scoring import ScoreRequest
-from fastpath.serve import EXACTNESS_ROUTE, SCORE_ROUTE, TOKENIZER_ROUTE
-from fastpath.targets import TOP_K_KEY
+from fastpath.server.serve import EXACTNESS_ROUTE, SCORE_ROUTE, TOKENIZER_ROUTE
+from fastpath.worker.targets import TOP_K_KEY
 
-httpx = require("httpx", "client", "scoring on servers (fastpath.client)")
+httpx = require("httpx", "client", "scoring on servers (fastpath.server.client)")
 
 DEFAULT_TIMEOUT = 600.0  # seconds per request: a long window on a busy CPU server
 DEFAULT_MAX_IN_FLIGHT = 8
@@ -426,7 +426,7 @@ def percentiles(latencies: Sequence[float], qs: Sequence[float] = (50, 90, 99)) 
 
 
 class ServerTokenizer:
-    """A server's tokenizer, as `fastpath.conventions` uses one: `encode` through its
+    """A server's tokenizer, as `fastpath.metrics.conventions` uses one: `encode` through its
     /tokenize, the special ids from /fastpath/tokenizer (asked once)."""
 
     def __init__(self, url: str, api_key: str | None = None,
@@ -460,14 +460,14 @@ class ServerTokenizer:
 
 
 class ServerScorer:
-    """`fastpath serve` servers as a `fastpath.scorer.Scorer`: requests spread over them by
+    """`fastpath serve` servers as a `fastpath.engine.scorer.Scorer`: requests spread over them by
     a `ServerPool` (each answered once, retried on another server where one fails).
 
     The tokenizer is the first server's (`ServerTokenizer`) unless `tokenizer` is given;
     `check_tokenizers` makes sure every server tokenizes a probe of the text the same way.
     """
 
-    method = "fast"
+    method: Method = "fast"
 
     def __init__(self, urls: Sequence[str], *, tokenizer: Any = None,
                  api_key: str | None = None, describe_timeout: float = 60.0,
@@ -499,14 +499,14 @@ class ServerScorer:
     def _describe(self) -> ScorerInfo:
         described = self.servers()
         models = sorted({str(d["model"]) for d in described})
-        return ScorerInfo(model=models[0] if len(models) == 1 else models,
+        return ScorerInfo(model=str(described[0]["model"]), models=tuple(models),
                           max_model_len=min(int(d["max_model_len"]) for d in described),
                           vocab_size=self._server_tokenizers[0].info()["vocab_size"],
                           runner="server",
                           vllm_version=described[0]["vllm_version"],
                           where="these servers", extra={"servers": described})
 
-    def exactness(self) -> list[dict[str, Any]]:
+    def exactness(self) -> list[Exactness]:
         return [{"url": d["url"], **d["exactness"]} for d in self.servers()]
 
     def tokenizer(self) -> Any:

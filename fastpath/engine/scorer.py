@@ -5,7 +5,7 @@ scored row, optional top-K columns), *describe yourself* (model, tokenizer, max 
 runner, vLLM version) and *what do your bits rest on*. `perplexity`, `kld` and the
 `fastpath-vllm` lm-eval model ask only these, so the same windows are scored the same way
 by an in-process engine (`EngineScorer`, here) or by `fastpath serve` servers
-(`fastpath.client.ServerScorer`); a later backend (vLLM data parallel, Ray) is one more
+(`fastpath.server.client.ServerScorer`); a later backend (vLLM data parallel, Ray) is one more
 class with the same methods.
 
 A request's answer (`Scores`) is the engine's own float32 array cut into its columns:
@@ -16,14 +16,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-from fastpath import scoring
-from fastpath.scoring import ScoreRequest
+from fastpath.engine import scoring
+from fastpath.engine.scoring import ScoreRequest
 
 Progress = Callable[[int], None]  # called with the number of requests just answered
+Method = Literal["fast", "standard"]  # fixed ids, or prompt_logprobs dicts read back
+# What one engine's (or one server's) bits rest on: `scoring.exactness_report`'s fields,
+# with "url" for a server and "error" where a server could not say.
+Exactness = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,8 @@ def request_shape(request: ScoreRequest) -> tuple[int, int]:
 class ScorerInfo:
     """What answers: enough to lay out windows and to say in a report what scored them."""
 
-    model: str | list[str]
+    model: str  # the model that answers (the first server's name, where servers differ)
+    models: tuple[str, ...]  # every name the answering engines or servers give it
     max_model_len: int
     vocab_size: int | None
     runner: str  # "V1", "V2", or "server"
@@ -75,12 +80,14 @@ class ScorerInfo:
 class Scorer(Protocol):
     """Anything that scores fixed ids of prompts: an engine here, servers, later more."""
 
+    method: Method  # how the values are computed; servers answer the fast method
+
     def describe(self) -> ScorerInfo:
         """Model, max length, runner, vLLM version (cheap: asks no worker)."""
         ...
 
-    def exactness(self) -> Any:
-        """What the bits rest on: `scoring.exactness_report` of the engine, one per server."""
+    def exactness(self) -> list[Exactness]:
+        """What the bits rest on: one report per engine or server that answers."""
         ...
 
     def tokenizer(self) -> Any:
@@ -109,7 +116,7 @@ class EngineScorer:
     generated token (the lm-eval model's choice; no effect on the scores).
     """
 
-    def __init__(self, llm: Any, method: str = "fast", standard_k: int = 0,
+    def __init__(self, llm: Any, method: Method = "fast", standard_k: int = 0,
                  max_batch: int = 16, use_tqdm: bool = False, detokenize: bool = True,
                  **engine_options: Any) -> None:
         if method not in ("fast", "standard"):
@@ -117,7 +124,7 @@ class EngineScorer:
         if max_batch < 1:
             raise ValueError(f"max_batch must be positive, got {max_batch}")
         self.llm = llm
-        self.method = method
+        self.method: Method = method
         self.standard_k = standard_k
         self.max_batch = max_batch
         self.use_tqdm = use_tqdm
@@ -127,16 +134,17 @@ class EngineScorer:
     def describe(self) -> ScorerInfo:
         import vllm
 
-        from fastpath.runners import device_name, runner_name
+        from fastpath.engine.runners import device_name, runner_name
 
         config = self.llm.llm_engine.model_config
-        return ScorerInfo(model=str(config.model), max_model_len=int(config.max_model_len),
+        return ScorerInfo(model=str(config.model), models=(str(config.model),),
+                          max_model_len=int(config.max_model_len),
                           vocab_size=int(config.get_vocab_size()),
                           runner=runner_name(self.llm), vllm_version=vllm.__version__,
                           where="this engine", extra={"device": device_name()})
 
-    def exactness(self) -> dict[str, Any]:
-        return scoring.exactness(self.llm)
+    def exactness(self) -> list[Exactness]:
+        return [scoring.exactness(self.llm)]
 
     def tokenizer(self) -> Any:
         return self.llm.get_tokenizer()

@@ -1,15 +1,15 @@
 """`fastpath kld`: KL divergence of a model (e.g. a quantization) against its base model.
 
-Two passes over the same windows (`fastpath.conventions`):
+Two passes over the same windows (`fastpath.metrics.conventions`):
 1. base pass: the base model scores the targets on the fast path and, through fastpath's
    top-K extension (`SamplingParams.extra_args["fastpath_top_k"]`), also returns each
    scored row's top-K log-probs and ids from the same fp32 log-softmax; no Python object
-   per position. The result is the base file (`fastpath.basefile`), reusable by later runs.
+   per position. The result is the base file (`fastpath.metrics.basefile`), reusable by later runs.
 2. model pass: the model scores exactly the base's top-K ids and the target on each row,
    through upstream's 2-D `prompt_logprob_token_ids` ([rows, K + 1]) with
    `prompt_logprob_start`, plus its own top-1 (for "same top token").
-Both passes ask a `fastpath.scorer.Scorer`: an in-process engine or `fastpath serve`
-servers give the same values. The statistics are in `fastpath.divergence`. The target
+Both passes ask a `fastpath.engine.scorer.Scorer`: an in-process engine or `fastpath serve`
+servers give the same values. The statistics are in `fastpath.metrics.divergence`. The target
 columns of both passes are the values `fastpath ppl` computes, so PPL and PPL(base) equal
 its figures bit for bit.
 """
@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from fastpath import basefile, conventions, divergence
-from fastpath.perplexity import PerplexityResult, window_requests
-from fastpath.scorer import Progress, Scorer
-from fastpath.scoring import ScoreRequest
+from fastpath.engine.scorer import Progress, Scorer
+from fastpath.engine.scoring import ScoreRequest
+from fastpath.metrics import basefile, conventions, divergence
+from fastpath.metrics.perplexity import PerplexityResult, window_requests
 
 DEFAULT_TOP_K = 32
 

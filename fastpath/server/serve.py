@@ -72,7 +72,7 @@ class FastpathRoutes:
     - `GET /fastpath/tokenizer`: the BOS and EOS ids, the vocabulary size and the
       tokenizer's fingerprint (`basefile.tokenizer_fingerprint`), which a client needs to
       lay out windows as a convention does and to match a base file
-      (`fastpath.client.ServerTokenizer`).
+      (`fastpath.server.client.ServerTokenizer`).
     """
 
     def __init__(self, app: Any) -> None:
@@ -92,7 +92,7 @@ class FastpathRoutes:
             return
         engine = scope["app"].state.engine_client
         if path == TOKENIZER_ROUTE:
-            from fastpath.basefile import tokenizer_fingerprint
+            from fastpath.metrics.basefile import tokenizer_fingerprint
 
             tokenizer = engine.get_tokenizer()
             await _json(send, 200, {"bos_token_id": tokenizer.bos_token_id,
@@ -100,7 +100,7 @@ class FastpathRoutes:
                                     "vocab_size": engine.model_config.get_vocab_size(),
                                     "fingerprint": tokenizer_fingerprint(tokenizer)})
             return
-        from fastpath import scoring
+        from fastpath.engine import scoring
         from fastpath.patches import completions
 
         workers = await every_engines_workers(engine)

@@ -17,14 +17,14 @@ from typing import Any
 
 import torch
 
-from fastpath.fixed_ids import (
+from fastpath.worker.fixed_ids import (
     FixedIdScorer,
     RowMode,
     ScheduledPrompt,
     chunk_rows_setting,
     decide_rows,
 )
-from fastpath.targets import RANKS_KEY, TOP_K_KEY
+from fastpath.worker.targets import RANKS_KEY, TOP_K_KEY
 
 SCORER_ATTRIBUTE = "_fixed_id_scorer"  # the runner's FixedIdScorer, created on first use
 STEP_ATTRIBUTE = "_fixed_id_step_output"  # this step's finished scores, until sample_tokens
@@ -143,7 +143,7 @@ def exactness_report(worker: Any) -> dict[str, Any]:
                 "reason": "no lm_head on this pipeline stage"}
     if isinstance(runner, GPUModelRunner):
         return {**where, "runner": "V1", **scorer(runner).row_mode().report()}
-    from fastpath import rowsubset
+    from fastpath.worker import rowsubset
 
     report = rowsubset.probe(runner.model.compute_logits, lambda logits: logits,
                              runner.model_config.get_hidden_size(), runner.model_config.dtype,

@@ -26,7 +26,7 @@ fewer rows, which is exact only where the kernel gives a row the same bits among
 rows. That is a fact about one machine's kernels, so it is decided on the machine, once
 per worker, before the first scored row (`RowMode`, `decide_rows`):
 - `verified`: a probe on the real lm_head and log-softmax
-  (`fastpath.rowsubset.probe`): every piece size the scorer uses, against
+  (`fastpath.worker.rowsubset.probe`): every piece size the scorer uses, against
   steps of several sizes, in the model's dtype, on this worker's threads, found
   every row bitwise equal: rows are chunked and only the scored rows computed;
 - `construction`: the probe found a difference, or `FASTPATH_EXACTNESS=construction`:
@@ -123,7 +123,7 @@ def decide_rows(logits: Callable[[Tensor], Tensor], logprobs: Callable[[Tensor],
     not to, on steps of up to `max_rows` rows; agree across tensor-parallel ranks."""
     if exactness_setting() == "construction":
         return RowMode("construction", f"{EXACTNESS_ENV}=construction", chunk_rows)
-    from fastpath import rowsubset
+    from fastpath.worker import rowsubset
 
     report = rowsubset.probe(logits, logprobs, hidden_size, dtype, device, max_rows, chunk_rows)
     exact = _all_ranks_agree(report["exact"])

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from fastpath.targets import START_KEY, TARGET_KEY, TOP_K_KEY
+from fastpath.worker.targets import START_KEY, TARGET_KEY, TOP_K_KEY
 
 METHODS = ("fast", "standard", "prefill")
 
@@ -194,7 +194,7 @@ def exactness_report(scheduler_config: Any, workers: Sequence[dict[str, Any]]
     """What the fast path's bits rest on in one engine: its schedule mode and, from every
     worker (`collective_rpc("fixed_id_exactness")`), how it computes the scored rows
     (`verified` by a probe of its lm_head, or `construction`; see
-    fastpath/fixed_ids.py)."""
+    fastpath/worker/fixed_ids.py)."""
     mode = schedule_mode(scheduler_config)
     rows = sorted({w["lm_head_rows"] for w in workers if w["lm_head_rows"] != "none"})
     return {"schedule": mode, "schedule_detail": SCHEDULE_MODES[mode],

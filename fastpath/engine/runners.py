@@ -30,7 +30,7 @@ RUNNERS = ("v1", "v2")
 ENABLE_ENV = "FASTPATH_V2_CPU"
 RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
 # Put on PYTHONPATH for engine processes: its sitecustomize.py sets them up before vLLM loads.
-SITE_DIR = Path(__file__).with_name("engine_site")
+SITE_DIR = Path(__file__).resolve().parents[1] / "engine_site"
 
 
 def cpu_build() -> bool:

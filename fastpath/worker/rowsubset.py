@@ -16,7 +16,7 @@ Kernels: `linear` is `torch.nn.functional.linear`, which is vLLM's lm_head on CU
 Only that kernel imports vLLM, and only when asked for; the module itself needs torch
 alone, so it runs on a GPU machine that has torch and nothing else:
 
-    python -m fastpath.rowsubset --device cuda --hidden 4096 \
+    python -m fastpath.worker.rowsubset --device cuda --hidden 4096 \
         --vocab 128256 --rows 2048 --chunk 1024 512 \
         --dtype bfloat16 float16 float32
 
@@ -291,7 +291,8 @@ def summary(report: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Sweep the shapes, dtypes and chunk sizes given; print JSON; 1 if a multi-row run
     differs."""
-    parser = argparse.ArgumentParser(prog="python -m fastpath.rowsubset", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m fastpath.worker.rowsubset",
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--kernel", choices=KERNELS, default="linear")
