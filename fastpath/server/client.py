@@ -236,6 +236,182 @@ class PoolStats:
     answered_once: bool  # every request answered exactly once
 
 
+@dataclass(eq=False)
+class _PoolRun:
+    """One `ServerPool.score` call: the queue of requests not yet answered, the answers, the
+    servers and the stats, with one method per rule of answering each request exactly once."""
+
+    pool: ServerPool
+    requests: Sequence[ScoreRequest]
+    servers: list[_Server]
+    progress: Callable[[int], None] | None = None
+    on_answer: Callable[[int, str], None] | None = None
+    queue: asyncio.Queue[int] = field(default_factory=asyncio.Queue)  # indexes to send
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    fatal: list[BaseException] = field(default_factory=list)  # the first is raised
+    probes: list[asyncio.Task] = field(default_factory=list)
+    retries: int = 0
+    latencies: list[float] = field(default_factory=list)  # seconds, in completion order
+    results: list[Scores | None] = field(init=False)
+    times_answered: list[int] = field(init=False)
+    attempts: list[int] = field(init=False)  # sends per request, failed ones included
+    max_attempts: int = field(init=False)
+    remaining: int = field(init=False)
+    loop: asyncio.AbstractEventLoop = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        for server in self.servers:
+            server.healthy.set()
+        for index in range(len(self.requests)):
+            self.queue.put_nowait(index)
+        self.results = [None] * len(self.requests)
+        self.times_answered = [0] * len(self.requests)
+        self.attempts = [0] * len(self.requests)
+        self.max_attempts = self.pool.max_failures * len(self.servers) + 1
+        self.remaining = len(self.requests)
+        if self.remaining == 0:
+            self.finished.set()
+
+    async def run(self) -> None:
+        """`max_in_flight` workers per server until the run finishes or every worker has
+        ended; then the workers and probes stopped and the clients closed, whatever happened."""
+        tasks = [asyncio.create_task(self.work(s))
+                 for s in self.servers for _ in range(self.pool.max_in_flight)]
+        watcher = asyncio.create_task(self.finished.wait())
+        try:
+            await self.supervise(tasks, watcher)
+        finally:
+            for task in [*tasks, watcher, *self.probes]:
+                task.cancel()
+            await asyncio.gather(*tasks, watcher, *self.probes, return_exceptions=True)
+            for server in self.servers:
+                await server.client.aclose()
+
+    async def supervise(self, tasks: list[asyncio.Task], watcher: asyncio.Task) -> None:
+        """Wait until the run finishes or no worker is left (every server given up); a worker
+        that raised (a callback's error, say) stops the run with its exception."""
+        pending = set(tasks)
+        while not self.finished.is_set() and pending:
+            done, pending = await asyncio.wait(pending | {watcher},
+                                               return_when=asyncio.FIRST_COMPLETED)
+            pending.discard(watcher)
+            for task in done:
+                if task is not watcher and task.exception() is not None:
+                    self.stop(task.exception())
+
+    async def work(self, server: _Server) -> None:
+        """One of `server`'s workers: send it one request at a time while it is healthy,
+        until the run finishes or the server is given up."""
+        while not self.finished.is_set():
+            await server.healthy.wait()
+            if server.dead:
+                return
+            index = await self.next_request(server)
+            if index is not None:
+                await self.send(server, index)
+
+    async def next_request(self, server: _Server) -> int | None:
+        """The next queued request for `server`, or None with the request put back for the
+        others when the server failed (or was given up) while this worker waited for it."""
+        index = await self.queue.get()
+        if not server.healthy.is_set() or server.dead:
+            self.queue.put_nowait(index)
+            return None
+        return index
+
+    async def send(self, server: _Server, index: int) -> None:
+        """Request `index` to `server`: the answer kept, or the request retried (the server
+        unavailable), or the run stopped (a refusal or an unusable answer: same on any server)."""
+        self.attempts[index] += 1
+        started = self.loop.time()
+        try:
+            values = await server.client.score(self.requests[index])
+        except ServerUnavailable as error:
+            self.on_failure(server, index, error)
+        except (RequestRefused, ScoringError) as error:
+            self.stop(error)
+        else:
+            self.on_scores(server, index, values, started)
+
+    def on_scores(self, server: _Server, index: int, values: Scores, started: float) -> None:
+        """Keep `server`'s answer to request `index` and report it; a second answer to one
+        request stops the run (exactly once); the last answer finishes it."""
+        server.failures = 0
+        self.times_answered[index] += 1
+        if self.results[index] is not None:
+            self.stop(AssertionError(f"request {index} was answered twice"))
+            return
+        self.results[index] = values
+        self.latencies.append(self.loop.time() - started)
+        server.answered += 1
+        self.remaining -= 1
+        if self.progress is not None:
+            self.progress(1)
+        if self.on_answer is not None:
+            self.on_answer(index, server.client.url)
+        if self.remaining == 0:
+            self.finished.set()
+
+    def on_failure(self, server: _Server, index: int, error: ServerUnavailable) -> None:
+        """Request `index` back in the queue for any server and `server` paused; a request
+        that has failed `max_attempts` times stops the run (it is not the servers' fault)."""
+        self.queue.put_nowait(index)
+        self.retries += 1
+        server.errors.append(str(error))
+        if self.attempts[index] >= self.max_attempts:
+            self.stop(ScoringError(
+                f"request {index} failed {self.attempts[index]} times; last: {error}"))
+            return
+        server.failures += 1
+        self.pause(server)
+
+    def pause(self, server: _Server) -> None:
+        """No more requests to `server` until `probe` finds its /health again (one probe at
+        a time, however many of its requests failed)."""
+        if server.healthy.is_set():
+            server.healthy.clear()
+            self.probes.append(asyncio.create_task(self.probe(server)))
+
+    async def probe(self, server: _Server) -> None:
+        """Ask the paused `server`'s /health with a doubling wait: resume it when it answers,
+        give it up after `max_failures` failed probes."""
+        for attempt in range(self.pool.max_failures):
+            await asyncio.sleep(self.pool.probe_interval * 2 ** attempt)
+            if await server.client.health():
+                server.healthy.set()
+                return
+        self.give_up_on(server)
+
+    def give_up_on(self, server: _Server) -> None:
+        """Mark `server` dead and wake its waiting workers so that they see it and end."""
+        server.dead = True
+        server.healthy.set()
+
+    def stop(self, error: BaseException) -> None:
+        """End the run with `error` (of several, the first one recorded is raised)."""
+        self.fatal.append(error)
+        self.finished.set()
+
+    def stats(self) -> PoolStats:
+        """What this run did: answers per server, retries, servers given up, latencies."""
+        return PoolStats(
+            answered_by={s.client.url: s.answered for s in self.servers}, retries=self.retries,
+            dead_servers=[s.client.url for s in self.servers if s.dead],
+            latencies=self.latencies, answered_once=all(n == 1 for n in self.times_answered))
+
+    def answers(self) -> list[Scores]:
+        """Each request's scores in request order; else the error that stopped the run, or
+        ServerUnavailable naming how many requests no server answered."""
+        if self.fatal:
+            raise self.fatal[0]
+        if self.remaining:
+            last = "; ".join(f"{s.client.url}: {s.errors[-1]}" for s in self.servers if s.errors)
+            raise ServerUnavailable(f"every server failed with {self.remaining} of "
+                                    f"{len(self.requests)} requests unanswered ({last})")
+        return self.results  # type: ignore[return-value]
+
+
 class ServerPool:
     """Many requests over one or more servers, each answered exactly once.
 
@@ -274,114 +450,10 @@ class ServerPool:
 
         `progress(1)` after each answer (a tqdm bar's update); `on_answer(index, url)` too.
         """
-        loop = asyncio.get_running_loop()
-        servers = [_Server(c) for c in self.clients()]
-        for server in servers:
-            server.healthy.set()
-        queue: asyncio.Queue[int] = asyncio.Queue()
-        for index in range(len(requests)):
-            queue.put_nowait(index)
-        results: list[Scores | None] = [None] * len(requests)
-        times_answered = [0] * len(requests)
-        latencies: list[float] = []
-        attempts = [0] * len(requests)
-        max_attempts = self.max_failures * len(servers) + 1
-        remaining = len(requests)
-        finished = asyncio.Event()
-        fatal: list[BaseException] = []
-        probes: list[asyncio.Task] = []
-        retries = 0
-        if remaining == 0:
-            finished.set()
-
-        async def probe(server: _Server) -> None:
-            """After a failure: wait until /health answers again, or give the server up."""
-            for attempt in range(self.max_failures):
-                await asyncio.sleep(self.probe_interval * 2 ** attempt)
-                if await server.client.health():
-                    server.healthy.set()
-                    return
-            server.dead = True
-            server.healthy.set()  # wake its workers so they see it is dead
-
-        async def worker(server: _Server) -> None:
-            nonlocal remaining, retries
-            while not finished.is_set():
-                await server.healthy.wait()
-                if server.dead:
-                    return
-                index = await queue.get()
-                if not server.healthy.is_set() or server.dead:
-                    queue.put_nowait(index)  # this server failed meanwhile: leave it to others
-                    continue
-                attempts[index] += 1
-                started = loop.time()
-                try:
-                    values = await server.client.score(requests[index])
-                except ServerUnavailable as error:
-                    queue.put_nowait(index)
-                    retries += 1
-                    server.errors.append(str(error))
-                    if attempts[index] >= max_attempts:
-                        fatal.append(ScoringError(
-                            f"request {index} failed {attempts[index]} times; last: {error}"))
-                        finished.set()
-                        return
-                    server.failures += 1
-                    if server.healthy.is_set():
-                        server.healthy.clear()
-                        probes.append(asyncio.create_task(probe(server)))
-                    continue
-                except (RequestRefused, ScoringError) as error:
-                    fatal.append(error)
-                    finished.set()
-                    return
-                server.failures = 0
-                times_answered[index] += 1
-                if results[index] is not None:
-                    fatal.append(AssertionError(f"request {index} was answered twice"))
-                    finished.set()
-                    return
-                results[index] = values
-                latencies.append(loop.time() - started)
-                server.answered += 1
-                remaining -= 1
-                if progress is not None:
-                    progress(1)
-                if on_answer is not None:
-                    on_answer(index, server.client.url)
-                if remaining == 0:
-                    finished.set()
-
-        tasks = [asyncio.create_task(worker(s)) for s in servers for _ in range(self.max_in_flight)]
-        watcher = asyncio.create_task(finished.wait())
-        try:
-            pending_tasks = set(tasks)
-            while not finished.is_set() and pending_tasks:
-                done, pending_tasks = await asyncio.wait(
-                    pending_tasks | {watcher}, return_when=asyncio.FIRST_COMPLETED)
-                pending_tasks.discard(watcher)
-                for task in done:
-                    if task is not watcher and task.exception() is not None:
-                        fatal.append(task.exception())
-                        finished.set()
-        finally:
-            for task in [*tasks, watcher, *probes]:
-                task.cancel()
-            await asyncio.gather(*tasks, watcher, *probes, return_exceptions=True)
-            for server in servers:
-                await server.client.aclose()
-        self.stats = PoolStats(
-            answered_by={s.client.url: s.answered for s in servers}, retries=retries,
-            dead_servers=[s.client.url for s in servers if s.dead], latencies=latencies,
-            answered_once=all(n == 1 for n in times_answered))
-        if fatal:
-            raise fatal[0]
-        if remaining:
-            last = "; ".join(f"{s.client.url}: {s.errors[-1]}" for s in servers if s.errors)
-            raise ServerUnavailable(f"every server failed with {remaining} of {len(requests)} "
-                                    f"requests unanswered ({last})")
-        return results  # type: ignore[return-value]
+        run = _PoolRun(self, requests, [_Server(c) for c in self.clients()], progress, on_answer)
+        await run.run()
+        self.stats = run.stats()
+        return run.answers()
 
     def score_sync(self, requests: Sequence[ScoreRequest],
                    progress: Callable[[int], None] | None = None) -> list[Scores]:
