@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
+from collections.abc import Sequence
 
 from fastpath.cli.common import (
     EXIT_USAGE,
@@ -171,15 +172,24 @@ def _prepare_runner(argv: list[str]) -> None:
         prepare_process()
 
 
-def check_one_model(command: str, words: list[str]) -> None:
-    """Refuse a repeated `--model`: argparse would keep the last one and drop the others
-    without a word (each run scores one model; `kld` reuses its base file across runs)."""
-    models = [w for w in words if w == "--model" or w.startswith("--model=")]
-    if len(models) > 1:
-        hint = (" Run `fastpath kld` once per model with the same --base-cache: the base "
-                "pass runs once" if command == "kld" else "")
+def model_values(words: Sequence[str]) -> list[str]:
+    """Every `--model` value on the command line, in order (argparse keeps only the last)."""
+    values = []
+    for i, word in enumerate(words):
+        if word == "--model" and i + 1 < len(words):
+            values.append(words[i + 1])
+        elif word.startswith("--model="):
+            values.append(word.removeprefix("--model="))
+    return values
+
+
+def check_one_model(command: str, words: Sequence[str]) -> None:
+    """Refuse a repeated `--model` where a command scores one model (argparse would keep
+    the last and drop the others without a word); `kld` compares every one it is given."""
+    models = model_values(words)
+    if len(models) > 1 and command != "kld":
         raise UsageError(f"--model was given {len(models)} times; `fastpath {command}` scores "
-                         f"one model per run and would silently keep the last.{hint}")
+                         "one model per run and would silently keep the last")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
             given = given_flags(subparsers[args.command], words)
             from fastpath.cli import kld, ppl, serve
 
-            command = {"ppl": ppl.run, "kld": kld.run, "serve": serve.run}[args.command]
+            if args.command == "kld":
+                return kld.run(args, given, model_values(words))
+            command = {"ppl": ppl.run, "serve": serve.run}[args.command]
             return command(args, given)
         from fastpath.cli import report
 

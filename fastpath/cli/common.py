@@ -11,11 +11,14 @@ an explicit `--dtype auto` must win over fastpath's float32.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from fastpath.metrics import conventions
@@ -68,14 +71,60 @@ def given_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str
     return {dest for dest, marker in unset.items() if parsed.get(dest, marker) is not marker}
 
 
-def fill_defaults(args: argparse.Namespace, defaults: Mapping[str, Any],
-                  given: set[str]) -> dict[str, Any]:
-    """Set each default whose flag the user did not give; returns what was set."""
-    applied = {key: value for key, value in defaults.items()
-               if key not in given and hasattr(args, key)}
-    for key, value in applied.items():
-        setattr(args, key, value)
-    return applied
+@dataclass(frozen=True)
+class RunFlags:
+    """A command line read once: argparse's values (never written after parsing), which
+    of them the user gave, and what fastpath derived from them (`derived`: the convention's
+    stride, say). Attribute reads (`flags.context_length`) see a derived value first, then
+    the parsed one; a changed copy is `flags.replace(...)`, never an assignment."""
+
+    values: Mapping[str, Any]
+    given: frozenset[str]
+    derived: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "values", MappingProxyType(dict(self.values)))
+        object.__setattr__(self, "derived", MappingProxyType(dict(self.derived)))
+
+    @classmethod
+    def read(cls, args: argparse.Namespace, given: set[str]) -> RunFlags:
+        """The parsed namespace as flags (the namespace is copied, not kept)."""
+        return cls(vars(args), frozenset(given))
+
+    def __getattr__(self, name: str) -> Any:
+        for source in ("derived", "values"):
+            mapping = self.__dict__.get(source, {})
+            if name in mapping:
+                return mapping[name]
+        raise AttributeError(f"no flag {name!r}")
+
+    def replace(self, given: set[str] | None = None, **values: Any) -> RunFlags:
+        """A copy with `values` set (and `given` instead of the user's given flags); a value
+        set here replaces what was derived under the same name."""
+        derived = {k: v for k, v in self.derived.items() if k not in values}
+        return RunFlags({**self.values, **values},
+                        self.given if given is None else frozenset(given), derived)
+
+    def derive(self, **derived: Any) -> RunFlags:
+        """A copy that also holds values fastpath derived from the flags."""
+        return RunFlags(self.values, self.given, {**self.derived, **derived})
+
+    def namespace(self, defaults: Mapping[str, Any] | None = None,
+                  **overrides: Any) -> argparse.Namespace:
+        """A new namespace for vLLM (EngineArgs.from_cli_args, its server): the values,
+        `defaults` where the user gave no flag, then `overrides`."""
+        unset = {k: v for k, v in (defaults or {}).items() if k not in self.given}
+        return argparse.Namespace(**{**self.values, **self.derived, **unset, **overrides})
+
+    def given_values(self) -> dict[str, Any]:
+        """The flags the user gave, as given (what the report calls `flags`)."""
+        return {k: self.values[k] for k in sorted(self.given)
+                if k in self.values and jsonable(self.values[k])}
+
+    def settings(self) -> dict[str, Any]:
+        """Every value the run used, given or default, derived ones applied."""
+        merged = {**self.values, **self.derived}
+        return {k: v for k, v in sorted(merged.items()) if jsonable(v)}
 
 
 def verbose_requested(argv: Sequence[str]) -> bool:
@@ -103,16 +152,57 @@ def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------- engine
 
 
-def engine_args(args: argparse.Namespace, given: set[str]):
-    """vLLM EngineArgs from the parsed flags; fastpath's defaults where a flag was not given."""
+def engine_args(flags: RunFlags, **overrides: Any):
+    """vLLM EngineArgs from the flags: fastpath's defaults where a flag was not given, then
+    `overrides` (the model path fastpath resolved, say)."""
     from vllm.engine.arg_utils import EngineArgs
 
     from fastpath.engine import scoring
 
-    for key, value in scoring.default_engine_kwargs().items():
-        if key not in given:
-            setattr(args, key, value)
-    return EngineArgs.from_cli_args(args)
+    return EngineArgs.from_cli_args(flags.namespace(scoring.default_engine_kwargs(), **overrides))
+
+
+def with_engine_defaults(flags: RunFlags) -> RunFlags:
+    """The flags with fastpath's engine defaults derived where the user gave no flag, so
+    the report's settings show what the engine ran with."""
+    from fastpath.engine import scoring
+
+    return flags.derive(**{k: v for k, v in scoring.default_engine_kwargs().items()
+                           if k not in flags.given})
+
+
+@dataclass(frozen=True)
+class Opened:
+    """What `open_scorer` opened: the scorer, the engine behind it (None for servers), and
+    the report's fields on it."""
+
+    scorer: Any  # fastpath.engine.scorer.Scorer
+    llm: Any | None
+    fields: dict[str, Any]
+
+
+@contextlib.contextmanager
+def open_scorer(flags: RunFlags, text: str, urls: Sequence[str] | None = None,
+                model: str | None = None, runner: str = "auto") -> Iterator[Opened]:
+    """The `fastpath serve` servers at `urls`, else an engine of `model` built from the
+    flags on `runner` (always stopped after): the one way `ppl` and `kld` open a scorer."""
+    if urls:
+        yield Opened(server_scorer(list(urls), flags, text), None,
+                     {"servers": list(urls), "model_path": None, "tensor_parallel_size": None})
+        return
+    from fastpath.engine import scoring
+    from fastpath.engine.runners import runner_environment
+    from fastpath.engine.scorer import EngineScorer
+
+    engine = engine_args(flags, model=model)
+    with contextlib.ExitStack() as stack:
+        if runner != "auto":
+            # Kept for the engine's life: vLLM's front end reads it at every request.
+            stack.enter_context(runner_environment(runner))
+        llm = scoring.build_llm_from_engine_args(engine)
+        stack.callback(scoring.shutdown, llm)
+        yield Opened(EngineScorer(llm, max_batch=flags.max_batch_windows), llm,
+                     {"model_path": model, "tensor_parallel_size": engine.tensor_parallel_size})
 
 
 def engine_dests() -> set[str]:
@@ -149,21 +239,22 @@ def add_text_flags(group: Any) -> None:
                        "how often the progress bar moves (default 16)")
 
 
-def check_window_flags(args: argparse.Namespace) -> None:
+def check_window_flags(flags: RunFlags) -> RunFlags:
     """Refuse bad window flags (`ppl` and `kld` share them): convention, context, stride, and
-    --max-batch-windows; fills in the convention's stride."""
+    --max-batch-windows; the flags with the convention's stride derived."""
     from fastpath.metrics.windows import WindowError
 
     try:
-        args.stride = conventions.check_convention(args.convention, args.context_length,
-                                                   args.stride)
+        stride = conventions.check_convention(flags.convention, flags.context_length,
+                                              flags.stride)
     except WindowError as error:
         raise UsageError(str(error)) from None
-    if args.max_batch_windows < 1:
-        raise UsageError(f"--max-batch-windows must be positive, got {args.max_batch_windows}")
+    if flags.max_batch_windows < 1:
+        raise UsageError(f"--max-batch-windows must be positive, got {flags.max_batch_windows}")
+    return flags.derive(stride=stride)
 
 
-def load_text(args: argparse.Namespace) -> tuple[str, str]:
+def load_text(args: RunFlags) -> tuple[str, str]:
     """The text to score and a description of its source; UsageError if there is none."""
     from fastpath import data
 
@@ -185,7 +276,7 @@ def context_limit_error(context_length: int, max_len: int, where: str) -> UsageE
         f"the context length can be at most {max_len - 1}")
 
 
-def build_layout(scorer: Any, args: argparse.Namespace, text: str, source: str
+def build_layout(scorer: Any, args: RunFlags, text: str, source: str
                  ) -> conventions.Layout:
     """The windows of `--convention` over `text` in the scorer's tokens (an engine's or a
     server's tokenizer); UsageError where it cannot score the context length or the text
@@ -226,7 +317,7 @@ def add_server_flags(parser: argparse.ArgumentParser, base: bool = False) -> Non
                         help="seconds before a window is retried on another server (default 600)")
 
 
-def check_server_flags(args: argparse.Namespace, given: set[str]) -> None:
+def check_server_flags(args: RunFlags) -> None:
     """Refuse bad server flags, and engine flags that a server run would ignore."""
     if args.max_in_flight < 1:
         raise UsageError(f"--max-in-flight must be positive, got {args.max_in_flight}")
@@ -241,14 +332,14 @@ def check_server_flags(args: argparse.Namespace, given: set[str]) -> None:
                                              or not hasattr(args, "base_servers"))
     if not everything_on_servers:
         return
-    engine_flags = sorted(f"--{d.replace('_', '-')}" for d in given
+    engine_flags = sorted(f"--{d.replace('_', '-')}" for d in args.given
                           if d in engine_dests() and d not in CLIENT_SIDE_ENGINE_FLAGS)
     if engine_flags:
         raise UsageError(f"engine flags {', '.join(engine_flags)} apply to a local engine; with "
                          "--server the servers' own flags apply (give them to fastpath serve)")
 
 
-def server_failures(args: argparse.Namespace) -> tuple[type[BaseException], ...]:
+def server_failures(args: RunFlags) -> tuple[type[BaseException], ...]:
     """What a run on servers stops on (exit code EXIT_SERVERS_FAILED); none without one."""
     if not (args.servers or getattr(args, "base_servers", None)):
         return ()
@@ -257,7 +348,7 @@ def server_failures(args: argparse.Namespace) -> tuple[type[BaseException], ...]
     return (client.ServerUnavailable, client.RequestRefused, client.ScoringError)
 
 
-def server_scorer(urls: list[str], args: argparse.Namespace, text: str) -> Any:
+def server_scorer(urls: list[str], args: RunFlags, text: str) -> Any:
     """A `ServerScorer` over `urls`, its tokenizer local where --tokenizer names one; the
     servers must answer and agree on the text's token ids (UsageError naming the problem)."""
     from fastpath.server import client
@@ -303,10 +394,12 @@ def jsonable(value: Any) -> bool:
     return True
 
 
-def finish_report(report: dict[str, Any], args: argparse.Namespace,
+def finish_report(report: dict[str, Any], args: RunFlags,
                   show: Callable[[dict[str, Any]], None]) -> None:
-    """Add the flags to the report, print it with `show`, and write it where `--json` says."""
-    report["flags"] = {k: v for k, v in vars(args).items() if jsonable(v)}
+    """Add the flags the user gave and the settings the run used to the report, print it
+    with `show`, and write it where `--json` says."""
+    report["flags"] = args.given_values()
+    report["settings"] = args.settings()
     show(report)
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(report, indent=2, default=str) + "\n")

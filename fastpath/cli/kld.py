@@ -8,10 +8,9 @@ and `--base-server`; a base file replaces the base pass), and writes the report.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from fastpath.cli.common import (
     EXIT_SERVERS_FAILED,
+    RunFlags,
     UsageError,
     add_json_flag,
     add_server_flags,
@@ -26,17 +26,17 @@ from fastpath.cli.common import (
     build_layout,
     check_server_flags,
     check_window_flags,
-    engine_args,
     finish_report,
     load_text,
+    open_scorer,
     server_failures,
-    server_scorer,
+    with_engine_defaults,
 )
-from fastpath.engine import scoring
-from fastpath.engine.scorer import EngineScorer, Scorer
+from fastpath.engine.scorer import Scorer
 from fastpath.metrics import basefile, divergence
 from fastpath.metrics.kld import DEFAULT_TOP_K, base_pass, compare, model_pass
 
+NOISE_FLOOR_DTYPES = ("bfloat16", "float16", "float32", "none")
 BASE_OVERRIDES = {"base_quantization": "quantization", "base_dtype": "dtype",
                   "base_tensor_parallel_size": "tensor_parallel_size"}
 
@@ -57,73 +57,76 @@ def add_kld_flags(parser: argparse.ArgumentParser) -> None:
                        "tokens, windows, K and tokenizer, else written here")
     group.add_argument("--save-per-token", help="write per-token KLD, Δp and both log-probs "
                        "(.npz)")
+    group.add_argument("--noise-floor", choices=NOISE_FLOOR_DTYPES, default=None,
+                       help="also score the base model in this dtype against the base pass: "
+                       "the divergence arithmetic alone causes, a row beside the variants "
+                       "(default: bfloat16 when --model is given twice or more, else none)")
     add_text_flags(group)
     add_json_flag(group)
     add_server_flags(parser, base=True)
 
 
-def base_namespace(args: argparse.Namespace, given: set[str]
-                   ) -> tuple[argparse.Namespace, set[str]]:
-    """The flags of the base engine, and which were given: the model's, with the --base-*
-    overrides (`--base-quantization none` for an unquantized base)."""
-    base = copy.copy(args)
-    base.model = args.base_model
-    base.tokenizer = None
-    base_given = set(given) - {"tokenizer"}
+def base_flags(flags: RunFlags) -> RunFlags:
+    """The flags of the base engine: the model's, with the --base-* overrides
+    (`--base-quantization none` for an unquantized base) counted as given."""
+    values: dict[str, Any] = {"model": flags.base_model, "tokenizer": None}
+    given = set(flags.given) - {"tokenizer"}
     for flag, engine_flag in BASE_OVERRIDES.items():
-        value = getattr(args, flag)
+        value = getattr(flags, flag)
         if value is None:
             continue
         if flag == "base_quantization" and str(value).lower() == "none":
             value = None
-        setattr(base, engine_flag, value)
-        base_given.add(engine_flag)
-    return base, base_given
+        values[engine_flag] = value
+        given.add(engine_flag)
+    return flags.replace(given, **values)
 
 
-def check_kld_flags(args: argparse.Namespace, given: set[str]) -> None:
-    """Refuse bad `kld` flags before any engine starts or server is asked."""
-    check_window_flags(args)
-    if args.top_k < 1:
-        raise UsageError(f"--top-k must be a positive integer, got {args.top_k}")
-    check_server_flags(args, given)
-    if args.model is None and not args.servers:
+def check_kld_flags(flags: RunFlags) -> RunFlags:
+    """Refuse bad `kld` flags before any engine starts or server is asked; the flags with
+    what fastpath derives from them."""
+    flags = check_window_flags(flags)
+    if flags.top_k < 1:
+        raise UsageError(f"--top-k must be a positive integer, got {flags.top_k}")
+    check_server_flags(flags)
+    if flags.model is None and not flags.servers:
         raise UsageError("--model is required (or --server): the model to compare with the "
                          "base model")
-    if args.model is not None and args.servers:
+    if flags.model is not None and flags.servers:
         raise UsageError("--model and --server both name the model to compare: give one")
-    reuse = args.base_cache and Path(args.base_cache).is_file()
-    if args.base_model is None and not reuse and not args.base_servers:
+    reuse = flags.base_cache and Path(flags.base_cache).is_file()
+    if flags.base_model is None and not reuse and not flags.base_servers:
         raise UsageError("--base-model is required unless --base-cache names an existing "
                          "base file or --base-server names a server of the base model")
-    if args.base_model is not None and args.base_servers:
+    if flags.base_model is not None and flags.base_servers:
         raise UsageError("--base-model and --base-server both name the base model: give one")
+    if len(flags.models) > 1 and flags.servers:
+        raise UsageError(f"--model was given {len(flags.models)} times with --server: the "
+                         "servers serve one model; several variants run on local engines")
+    flags = flags if flags.servers else with_engine_defaults(flags)
+    return flags.derive(noise_floor=noise_floor_dtype(flags))
 
 
-def check_base_flags(base: basefile.BaseScores, args: argparse.Namespace) -> None:
+def noise_floor_dtype(flags: RunFlags) -> str:
+    """The dtype of the noise floor's pass, or "none": --noise-floor as given; by default
+    bfloat16 where two or more --model are compared and the base model is local."""
+    local_base = flags.base_model is not None and not flags.base_servers
+    if flags.noise_floor is None:
+        return "bfloat16" if len(flags.models) > 1 and local_base else "none"
+    if flags.noise_floor != "none" and not local_base:
+        raise UsageError(f"--noise-floor {flags.noise_floor} re-runs the base model: it needs "
+                         "--base-model (a local engine), not a base file or --base-server "
+                         "alone")
+    return flags.noise_floor
+
+
+def check_base_flags(base: basefile.BaseScores, flags: RunFlags) -> None:
     """Refuse a base file made with other flags before any engine starts."""
     try:
-        base.check_settings(args.top_k, args.convention, args.context_length, args.stride,
-                            source=f"--base-cache {args.base_cache}")
+        base.check_settings(flags.top_k, flags.convention, flags.context_length, flags.stride,
+                            source=f"--base-cache {flags.base_cache}")
     except basefile.BaseFileError as error:
         raise UsageError(str(error)) from None
-
-
-@contextlib.contextmanager
-def open_scorer(args: argparse.Namespace, given: set[str], urls: list[str] | None,
-                text: str) -> Iterator[tuple[Scorer, dict[str, Any]]]:
-    """The servers at `urls`, else an engine built from the flags (always stopped after);
-    with the report's engine fields."""
-    if urls:
-        yield server_scorer(urls, args, text), {"servers": urls, "tensor_parallel_size": None}
-        return
-    engine = engine_args(args, given)
-    llm = scoring.build_llm_from_engine_args(engine)
-    try:
-        yield (EngineScorer(llm, max_batch=args.max_batch_windows),
-               {"tensor_parallel_size": engine.tensor_parallel_size})
-    finally:
-        scoring.shutdown(llm)
 
 
 def fingerprint_of(scorer: Scorer) -> str:
@@ -138,9 +141,10 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="window")
 
 
-def run(args: argparse.Namespace, given: set[str]) -> int:
+def run(args: argparse.Namespace, given: set[str], models: Sequence[str] = ()) -> int:
     """The `fastpath kld` command on vLLM's V1 model runner, the one that computes the top-K
-    extension (V2, CUDA's default, refuses `fastpath_top_k`); a V2 request is refused."""
+    extension (V2, CUDA's default, refuses `fastpath_top_k`); a V2 request is refused.
+    `models`: every --model given, in order (each a variant scored against the one base)."""
     import os
 
     from fastpath.engine import runners
@@ -150,80 +154,141 @@ def run(args: argparse.Namespace, given: set[str]) -> int:
                          f"(fastpath_top_k) is computed by fastpath's V1 runner patch, and "
                          f"{runners.RUNNER_ENV}={os.environ[runners.RUNNER_ENV]} asks for V2; "
                          f"unset it (fastpath kld then runs V1, on CUDA too)")
+    flags = RunFlags.read(args, given).derive(models=list(models or filter(None, [args.model])))
     with runners.runner_environment("v1"):
         try:
-            return _run_kld(args, given)
-        except server_failures(args) as error:
+            return _run_kld(flags)
+        except server_failures(flags) as error:
             print(f"fastpath kld: servers failed: {error}", file=sys.stderr)
             return EXIT_SERVERS_FAILED
 
 
-def _run_kld(args: argparse.Namespace, given: set[str]) -> int:
-    """Base pass (or base file), model pass, statistics."""
-    check_kld_flags(args, given)
-    text, source = load_text(args)
+@dataclass(frozen=True)
+class Variant:
+    """One model pass against the base: a --model (or the servers), or the noise floor."""
 
-    base: basefile.BaseScores | None = None
-    base_file_bytes = None
-    reused = False
-    if args.base_cache and Path(args.base_cache).is_file():
+    label: str
+    flags: RunFlags  # the engine flags of its pass
+    role: str  # "variant" or "noise floor"
+
+
+def variants_of(flags: RunFlags) -> list[Variant]:
+    """Every --model in order (the servers' model with --server), then the noise floor
+    (the base model in --noise-floor's dtype) where one is asked for."""
+    if flags.servers:
+        runs = [Variant("the servers' model", flags, "variant")]
+    else:
+        runs = [Variant(m, flags.replace(model=m), "variant") for m in flags.models]
+    if flags.noise_floor != "none":
+        base = base_flags(flags)
+        runs.append(Variant(f"noise floor: base in {flags.noise_floor}",
+                            base.replace(base.given | {"dtype"}, dtype=flags.noise_floor),
+                            "noise floor"))
+    return runs
+
+
+def checkpoint_bytes(model: str | None) -> int | None:
+    """The size of a local checkpoint's weight files (what a variant costs to keep)."""
+    if not model or not Path(model).is_dir():
+        return None
+    files = [*Path(model).glob("*.safetensors"), *Path(model).glob("*.bin")]
+    return sum(f.stat().st_size for f in files) or None
+
+
+def obtain_base(flags: RunFlags, text: str, source: str) -> tuple[basefile.BaseScores,
+                                                                   dict[str, Any]]:
+    """The base file named by --base-cache, else a base pass (saved where --base-cache says);
+    with the report's fields on it."""
+    if flags.base_cache and Path(flags.base_cache).is_file():
         try:
-            base = basefile.BaseScores.load(args.base_cache)
+            base = basefile.BaseScores.load(flags.base_cache)
         except basefile.BaseFileError as error:
             raise UsageError(f"--base-cache: {error}") from None
-        reused = True
-        base_file_bytes = Path(args.base_cache).stat().st_size
-        check_base_flags(base, args)
-    base_timing = None
-    if base is None:
-        base_args, base_given = base_namespace(args, given)
-        with open_scorer(base_args, base_given, args.base_servers, text) as (scorer, _):
-            layout = build_layout(scorer, args, text, source)
-            tokenizer = fingerprint_of(scorer)
-            vocab = scorer.describe().vocab_size
-            if args.top_k > vocab:
-                raise UsageError(f"--top-k {args.top_k} exceeds the vocabulary ({vocab})")
-            with _progress(len(layout.windows), "base pass") as bar:
-                target, top_lp, top_ids, base_timing = base_pass(scorer, layout, args.top_k,
-                                                                 bar.update)
+        check_base_flags(base, flags)
+        return base, {"base_file_reused": True, "seconds_base_pass": None,
+                      "base_file_bytes": Path(flags.base_cache).stat().st_size}
+    base_run = base_flags(flags)
+    with open_scorer(base_run, text, flags.base_servers, base_run.model) as opened:
+        scorer = opened.scorer
+        layout = build_layout(scorer, flags, text, source)
+        tokenizer = fingerprint_of(scorer)
         described = scorer.describe()
-        base = basefile.from_layout(layout, target, top_lp, top_ids, vocab, tokenizer,
-                                    model=args.base_model or described.model,
-                                    meta={"vllm_version": described.vllm_version,
-                                          "source": source})
-        if args.base_cache:
-            base_file_bytes = base.save(args.base_cache)
+        vocab = described.vocab_size
+        if flags.top_k > vocab:
+            raise UsageError(f"--top-k {flags.top_k} exceeds the vocabulary ({vocab})")
+        with _progress(len(layout.windows), "base pass") as bar:
+            target, top_lp, top_ids, timing = base_pass(scorer, layout, flags.top_k,
+                                                        bar.update)
+    base = basefile.from_layout(layout, target, top_lp, top_ids, vocab, tokenizer,
+                                model=flags.base_model or described.model,
+                                meta={"vllm_version": described.vllm_version, "source": source})
+    saved = base.save(flags.base_cache) if flags.base_cache else None
+    return base, {"base_file_reused": False, "seconds_base_pass": timing.seconds,
+                  "base_file_bytes": saved}
 
-    with open_scorer(args, given, args.servers, text) as (scorer, engine_fields):
-        layout = build_layout(scorer, args, text, source)
+
+def score_variant(variant: Variant, position: str, base: basefile.BaseScores,
+                  flags: RunFlags, text: str, source: str) -> tuple[dict[str, Any], Any, Any]:
+    """One variant's model pass against the base: its report row, the divergence and the
+    layout (the same windows as the base's, checked)."""
+    run = variant.flags
+    urls = run.servers if variant.role == "variant" else None
+    with open_scorer(run, text, urls, run.model) as opened:
+        scorer = opened.scorer
+        layout = build_layout(scorer, flags, text, source)
         info = scorer.describe()
         try:
-            base.check_matches(layout, args.top_k, info.vocab_size, fingerprint_of(scorer),
-                               source=f"--base-cache {args.base_cache}" if reused
+            base.check_matches(layout, flags.top_k, info.vocab_size, fingerprint_of(scorer),
+                               source=f"--base-cache {flags.base_cache}"
+                               if flags.base_cache and Path(flags.base_cache).is_file()
                                else "the base model")
         except basefile.BaseFileError as error:
-            raise UsageError(str(error)) from None
-        with _progress(len(layout.windows), "model pass") as bar:
+            raise UsageError(f"{variant.label}: {error}") from None
+        with _progress(len(layout.windows), f"model pass {position}") as bar:
             model = model_pass(scorer, layout, base, bar.update)
-
     result = compare(layout, base, model)
+    quantization = (getattr(run, "quantization", None)
+                    or (opened.llm.llm_engine.model_config.quantization if opened.llm else None))
+    row = {"label": variant.label, "role": variant.role,
+           "model": run.model if run.model and not urls else info.model,
+           "dtype": str(opened.llm.llm_engine.model_config.dtype).removeprefix("torch.")
+           if opened.llm else None,
+           "quantization": quantization, "checkpoint_bytes": checkpoint_bytes(run.model),
+           "vllm_version": info.vllm_version, "runner": info.runner,
+           "device": info.extra.get("device"), **opened.fields, **result.summary(),
+           "seconds_model_pass": model.timing.seconds}
+    return row, result, layout
+
+
+def _run_kld(flags: RunFlags) -> int:
+    """Base pass (or base file) once, then each variant's model pass, statistics."""
+    flags = check_kld_flags(flags)
+    text, source = load_text(flags)
+    base, base_fields = obtain_base(flags, text, source)
+    variants = variants_of(flags)
+    rows, results = [], []
+    for number, variant in enumerate(variants, 1):
+        row, result, layout = score_variant(variant, f"{number}/{len(variants)}", base, flags,
+                                            text, source)
+        rows.append(row)
+        results.append(result)
+    base_file_bytes = base_fields["base_file_bytes"]
+    first = rows[0]
     report: dict[str, Any] = {
-        "kind": "fastpath-kld", "model": args.model or info.model, "base_model": base.model,
-        "base_file": args.base_cache, "base_file_reused": reused,
-        "base_file_bytes": base_file_bytes,
+        "kind": "fastpath-kld", "model": first["model"], "base_model": base.model,
+        "base_file": flags.base_cache, **base_fields,
         "base_file_bytes_per_token": base_file_bytes / base.num_scored
         if base_file_bytes else None,
-        "source": source, "vllm_version": info.vllm_version, "runner": info.runner,
-        "device": info.extra.get("device"), **engine_fields,
-        **layout.describe(), **result.summary(),
-        "seconds_base_pass": base_timing.seconds if base_timing else None,
-        "seconds_model_pass": model.timing.seconds,
+        "source": source, **{k: v for k, v in first.items() if k not in ("label", "role")},
+        **layout.describe(),
+        "variants": rows,
     }
-    finish_report(report, args, print_report)
-    if args.save_per_token:
-        with open(args.save_per_token, "wb") as handle:
-            np.savez(handle, positions=layout.positions(), targets=layout.targets(),
-                     **result.per_token())
+    finish_report(report, flags, print_report)
+    if flags.save_per_token:
+        with open(flags.save_per_token, "wb") as handle:
+            per_token = {f"{k}_{i}" if i else k: v for i, result in enumerate(results)
+                         for k, v in result.per_token().items()}
+            np.savez(handle, positions=layout.positions(), targets=layout.targets(), **per_token)
     return 0
 
 
@@ -245,4 +310,35 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"base file {report['base_file_bytes']} bytes, "
               f"{report['base_file_bytes_per_token']:.1f} bytes per scored token")
     print()
-    print(divergence.format_summary(report))
+    if len(report["variants"]) == 1:
+        print(divergence.format_summary(report))
+        return
+    print(variants_table(report["variants"]))
+
+
+# The terminal table of several variants: (heading, width, the row's text).
+TABLE_COLUMNS: tuple[tuple[str, int, Callable[[dict[str, Any]], str]], ...] = (
+    ("PPL", 10, lambda r: f"{r['ppl']:.4f}"),
+    ("ln(PPL ratio) ± se", 20,
+     lambda r: f"{r['ln_ppl_ratio']:+.5f} ± {r['ln_ppl_ratio_stderr']:.5f}"),
+    ("KLD mean ± se", 20, lambda r: f"{r['kld_mean']:.6f} ± {r['kld_mean_stderr']:.6f}"),
+    ("median", 9, lambda r: f"{r['kld_median']:.2e}"),
+    ("p99", 9, lambda r: f"{r['kld_percentiles']['99']:.2e}"),
+    ("max", 9, lambda r: f"{r['kld_max']:.2e}"),
+    ("top-1 agree", 11, lambda r: f"{100 * r['top1_agreement']:.2f}%"),
+    ("RMS Δp", 8, lambda r: f"{100 * r['rms_delta_p']:.3f}%"),
+    ("pass s", 8, lambda r: f"{r['seconds_model_pass']:.1f}"),
+)
+
+
+def variants_table(rows: list[dict[str, Any]]) -> str:
+    """One line per variant (the noise floor last), fixed-width for a terminal."""
+    width = max(len("variant"), *(len(r["label"]) for r in rows))
+    lines = ["  ".join([f"{'variant':<{width}}",
+                        *(f"{h:>{w}}" for h, w, _ in TABLE_COLUMNS)])]
+    for row in rows:
+        lines.append("  ".join([f"{row['label']:<{width}}",
+                                *(f"{cell(row):>{w}}" for _, w, cell in TABLE_COLUMNS)]))
+    lines.append(f"KLD over the base's top-{rows[0]['top_k']} + tail (a lower bound); "
+                 "every statistic per variant is in --json")
+    return "\n".join(lines)

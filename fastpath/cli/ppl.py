@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -14,6 +12,7 @@ import numpy as np
 from fastpath.cli.common import (
     EXIT_NOT_EQUAL,
     EXIT_SERVERS_FAILED,
+    RunFlags,
     UsageError,
     add_json_flag,
     add_server_flags,
@@ -21,13 +20,13 @@ from fastpath.cli.common import (
     build_layout,
     check_server_flags,
     check_window_flags,
-    engine_args,
     finish_report,
     load_text,
+    open_scorer,
     server_failures,
-    server_scorer,
+    with_engine_defaults,
 )
-from fastpath.engine.scorer import EngineScorer, Exactness, Scorer
+from fastpath.engine.scorer import EngineScorer, Exactness
 
 
 def add_ppl_flags(parser: argparse.ArgumentParser) -> None:
@@ -50,54 +49,25 @@ def add_ppl_flags(parser: argparse.ArgumentParser) -> None:
     add_server_flags(parser)
 
 
-def check_ppl_flags(args: argparse.Namespace, given: set[str]) -> None:
-    """Refuse bad fastpath flags before any engine starts or server is asked."""
-    check_window_flags(args)
-    if args.standard_k < -1:
+def check_ppl_flags(flags: RunFlags) -> RunFlags:
+    """Refuse bad fastpath flags before any engine starts or server is asked; the flags
+    with what fastpath derives from them."""
+    flags = check_window_flags(flags)
+    if flags.standard_k < -1:
         raise UsageError("--standard-k must be -1 (full vocabulary) or >= 0, "
-                         f"got {args.standard_k}")
-    check_server_flags(args, given)
-    if not args.servers:
-        check_runner(args.model_runner)
-        return
-    if args.method != "fast":
-        raise UsageError(f"--method {args.method} needs a local engine; servers answer the "
+                         f"got {flags.standard_k}")
+    check_server_flags(flags)
+    if not flags.servers:
+        check_runner(flags.model_runner)
+        return with_engine_defaults(flags)
+    if flags.method != "fast":
+        raise UsageError(f"--method {flags.method} needs a local engine; servers answer the "
                          "fast method (drop --server, or --method fast)")
-    if args.model_runner != "auto":
-        raise UsageError(f"--model-runner {args.model_runner} applies to a local engine; a "
+    if flags.model_runner != "auto":
+        raise UsageError(f"--model-runner {flags.model_runner} applies to a local engine; a "
                          "server runs the runner it was started with (VLLM_USE_V2_MODEL_RUNNER "
                          "in fastpath serve's environment)")
-
-
-@contextlib.contextmanager
-def open_scorers(args: argparse.Namespace, given: set[str], text: str
-                 ) -> Iterator[tuple[dict[str, Scorer], str, dict[str, Any]]]:
-    """The scorer of each path asked for (one engine shared by both paths, or the servers),
-    the model's name for the report and the engine's fields of it; an engine always stops."""
-    if args.servers:
-        scorer = server_scorer(args.servers, args, text)
-        yield {"fast": scorer}, scorer.describe().model, {"model_path": None}
-        return
-    from fastpath import zoo
-    from fastpath.engine import scoring
-    from fastpath.engine.runners import runner_environment
-
-    if args.model is None:
-        args.model = str(zoo.get_model(zoo.DEFAULT_MODEL))
-        model_name = f"{zoo.DEFAULT_MODEL} (embedded default)"
-    else:
-        model_name = args.model
-    engine = engine_args(args, given)
-    with contextlib.ExitStack() as stack:
-        if args.model_runner != "auto":
-            # Kept for the engine's life: vLLM's front end reads it at every request.
-            stack.enter_context(runner_environment(args.model_runner))
-        llm = scoring.build_llm_from_engine_args(engine)
-        stack.callback(scoring.shutdown, llm)
-        methods = ("fast", "standard") if args.method == "both" else (args.method,)
-        yield ({method: EngineScorer(llm, method, args.standard_k, args.max_batch_windows)
-                for method in methods}, model_name,
-               {"model_path": args.model, "tensor_parallel_size": engine.tensor_parallel_size})
+    return flags
 
 
 def run(args: argparse.Namespace, given: set[str]) -> int:
@@ -105,50 +75,64 @@ def run(args: argparse.Namespace, given: set[str]) -> int:
     on `fastpath serve` servers (--server); one flow, one report."""
     from tqdm import tqdm
 
+    from fastpath import zoo
     from fastpath.metrics import perplexity
 
-    check_ppl_flags(args, given)
-    text, source = load_text(args)
-    with open_scorers(args, given, text) as (scorers, model_name, engine_fields):
-        first = next(iter(scorers.values()))
-        where = (f"{len(args.servers)} server{'s' * (len(args.servers) > 1)}"
-                 if args.servers else None)
+    flags = check_ppl_flags(RunFlags.read(args, given))
+    text, source = load_text(flags)
+    model, model_name = flags.model, flags.model
+    if model is None and not flags.servers:
+        model = str(zoo.get_model(zoo.DEFAULT_MODEL))
+        model_name = f"{zoo.DEFAULT_MODEL} (embedded default)"
+    with open_scorer(flags, text, flags.servers, model, flags.model_runner) as opened:
+        first = opened.scorer
+        if opened.llm is None:  # servers answer the fast method
+            scorers = {"fast": first}
+            model_name = first.describe().model
+        else:
+            methods = ("fast", "standard") if flags.method == "both" else (flags.method,)
+            scorers = {method: EngineScorer(opened.llm, method, flags.standard_k,
+                                            flags.max_batch_windows) for method in methods}
+            first = next(iter(scorers.values()))
+        where = (f"{len(flags.servers)} server{'s' * (len(flags.servers) > 1)}"
+                 if flags.servers else None)
         results = {}
         try:
-            layout = build_layout(first, args, text, source)
+            layout = build_layout(first, flags, text, source)
             perplexity.warm_up(first, layout)
-            for path, scorer in scorers.items():
-                with tqdm(total=len(layout.windows), desc=f"windows ({where or path})",
+            for method, scorer in scorers.items():
+                with tqdm(total=len(layout.windows), desc=f"windows ({where or method})",
                           unit="window") as bar:
-                    results[path] = perplexity.score_layout(scorer, layout, bar.update)
-        except server_failures(args) as error:
+                    results[method] = perplexity.score_layout(scorer, layout, bar.update)
+        except server_failures(flags) as error:
             print(f"fastpath ppl: servers failed: {error}", file=sys.stderr)
             return EXIT_SERVERS_FAILED
         info = first.describe()
         exactness = first.exactness()
-        served = first.report() if args.servers else {}
+        served = first.report() if flags.servers else {}
 
-    main = results["fast" if args.method == "both" else args.method]
+    main = results["fast" if flags.method == "both" else flags.method]
+    engine_fields = {k: v for k, v in opened.fields.items() if k != "servers"}
     report: dict[str, Any] = {
-        "model": model_name, "model_path": None, "source": source,
+        "model": model_name, "source": source,
         "vllm_version": info.vllm_version, "runner": info.runner,
-        "device": info.extra.get("device"), "tensor_parallel_size": None,
+        "device": info.extra.get("device"),
         **engine_fields, **layout.describe(), **main.summary(), **served,
         "methods": {method: r.summary() for method, r in results.items()},
         "exactness": exactness,
     }
-    if args.servers:
+    if flags.servers:
         report["servers"] = info.extra["servers"]
     exit_code = 0
-    if args.method == "both":
+    if flags.method == "both":
         mismatches = perplexity.bitwise_mismatches(results["fast"].logprobs,
                                                    results["standard"].logprobs)
         report["bitwise_equal"] = mismatches.size == 0
         report["bitwise_mismatches"] = int(mismatches.size)
         exit_code = 0 if mismatches.size == 0 else EXIT_NOT_EQUAL
-    finish_report(report, args, lambda r: print_summary(r, results))
-    if args.save_logprobs:
-        np.save(args.save_logprobs, main.logprobs)
+    finish_report(report, flags, lambda r: print_summary(r, results))
+    if flags.save_logprobs:
+        np.save(flags.save_logprobs, main.logprobs)
     return exit_code
 
 

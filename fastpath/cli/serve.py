@@ -39,7 +39,7 @@ import time
 import urllib.request
 from typing import Any
 
-from fastpath.cli.common import UsageError, fill_defaults
+from fastpath.cli.common import RunFlags, UsageError
 from fastpath.server.serve import (
     BODY_LIMIT_ENV,
     DEFAULT_MAX_REQUEST_BYTES,
@@ -115,38 +115,40 @@ def run(args: argparse.Namespace, given: set[str]) -> int:
     from fastpath import plugin
     from fastpath.engine import scoring
 
-    if args.max_request_bytes < 0:
+    flags = RunFlags.read(args, given)
+    if flags.max_request_bytes < 0:
         raise UsageError(f"--max-request-bytes must be >= 0 (0: no limit), "
-                         f"got {args.max_request_bytes}")
+                         f"got {flags.max_request_bytes}")
     cli_env_setup()
     disabled = plugin.disabled()
     if not disabled:
         scoring.ensure_active()
-    fill_defaults(args, server_defaults(args.verbose), given)
-    if not args.tokens_only:
-        args.enable_scale_out = True  # the scoring route is what fastpath serve is for
-    os.environ[BODY_LIMIT_ENV] = str(args.max_request_bytes)
+    middleware = list(flags.middleware)
     if disabled:
         print(f"fastpath serve: {plugin.DISABLE_ENV} is set: serving vLLM unchanged "
               "(standard path only, no fastpath routes)", flush=True)
     else:
         # Starlette runs the last one added first: the body limit, then the scoring checks.
-        args.middleware = [*args.middleware, _middleware_name(FastpathRoutes),
-                           _middleware_name(ScoringChecks)]
-        if args.max_request_bytes:
-            args.middleware = [*args.middleware, _middleware_name(BodyLimit)]
-    args.subparser = "serve"
-    configure_logging_from_args(args)
+        middleware += [_middleware_name(FastpathRoutes), _middleware_name(ScoringChecks)]
+        if flags.max_request_bytes:
+            middleware.append(_middleware_name(BodyLimit))
+    # The namespace vLLM's server runs on (and writes into): the flags, fastpath's defaults
+    # where none was given, the scoring route on unless --tokens-only.
+    server_args = flags.namespace(server_defaults(flags.verbose), middleware=middleware,
+                                  subparser="serve",
+                                  **({} if flags.tokens_only else {"enable_scale_out": True}))
+    os.environ[BODY_LIMIT_ENV] = str(flags.max_request_bytes)
+    configure_logging_from_args(server_args)
     command = ServeSubcommand()
-    command.validate(args)
-    if args.model_tag is not None:
-        args.model = args.model_tag
-    url = listen_url(args)
-    if not args.headless:
-        print(f"fastpath serve: starting {args.model} on {url} (loading the model; "
+    command.validate(server_args)
+    if server_args.model_tag is not None:
+        server_args.model = server_args.model_tag
+    url = listen_url(server_args)
+    if not server_args.headless:
+        print(f"fastpath serve: starting {server_args.model} on {url} (loading the model; "
               "about 30 s for a small one on CPU)", flush=True)
-        if not args.uds:
-            threading.Thread(target=_announce_when_ready, args=(url, args.model),
+        if not server_args.uds:
+            threading.Thread(target=_announce_when_ready, args=(url, server_args.model),
                              daemon=True).start()
-    command.cmd(args)
+    command.cmd(server_args)
     return 0

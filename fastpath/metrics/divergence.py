@@ -15,6 +15,7 @@ the covariance), computed with numpy; sums that must not depend on order use mat
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,9 @@ LOWER_BOUND_NOTE = (
 # Per-token KLD histogram kept in every JSON report: a bin for values below 1e-8 (zero
 # included), then quarter-decade bins up to 100.
 HISTOGRAM_EDGES = np.concatenate([[0.0], 10.0 ** np.arange(-8.0, 2.01, 0.25)])
+# The base model's confidence (its top-1 probability) by which the KLD is bucketed: where the
+# base is sure, a variant's divergence matters more than where it hesitates anyway.
+CONFIDENCE_EDGES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 
 def _logsumexp(values: np.ndarray) -> np.ndarray:
@@ -119,6 +123,7 @@ class Divergence:
     mean_nll: float = float("nan")
     mean_nll_base: float = float("nan")
     top_k: int = 0
+    base_top1_logprobs: np.ndarray | None = None  # float32 [n]: the base's best log-prob
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -176,8 +181,34 @@ class Divergence:
             "rms_delta_p": rms,
             "rms_delta_p_stderr": 0.5 / rms * dp2_stderr if rms > 0 else 0.0,
             "kld_histogram": {"edges": HISTOGRAM_EDGES.tolist(), "counts": counts.tolist()},
+            "kld_by_base_confidence": self.kld_by_confidence(),
+            "non_finite_share": self.non_finite_share(),
             **self.extra,
         }
+
+    def kld_by_confidence(self) -> list[dict[str, Any]]:
+        """Mean KLD (math.fsum) and token count per bucket of the base's top-1 probability
+        (CONFIDENCE_EDGES; the last bucket includes 1.0); empty without the base's top-1."""
+        if self.base_top1_logprobs is None:
+            return []
+        confidence = np.exp(self.base_top1_logprobs.astype(np.float64))
+        buckets = np.clip(np.searchsorted(CONFIDENCE_EDGES, confidence, side="right") - 1,
+                          0, len(CONFIDENCE_EDGES) - 2)
+        rows = []
+        for i, (low, high) in enumerate(itertools.pairwise(CONFIDENCE_EDGES)):
+            values = self.kld[buckets == i]
+            rows.append({"base_top1_p_low": low, "base_top1_p_high": high,
+                         "tokens": int(values.size),
+                         "kld_mean": math.fsum(values.tolist()) / values.size
+                         if values.size else None})
+        return rows
+
+    def non_finite_share(self) -> float:
+        """Share of tokens whose KLD or model log-prob of the target is not finite (a NaN or
+        -inf from a broken variant shows here instead of poisoning the means unseen)."""
+        n = self.kld.size
+        bad = ~np.isfinite(self.kld) | ~np.isfinite(self.model_logprobs)
+        return float(bad.sum()) / n if n else float("nan")
 
     def per_token(self) -> dict[str, np.ndarray]:
         """Arrays for --save-per-token."""

@@ -120,4 +120,5 @@ def compare(layout: conventions.Layout, base: basefile.BaseScores,
         same_top=same_top, tail_mass_base=tail_base,
         top1_outside_base_topk=int(outside.sum()), top1_undecided=0,
         ppl=ppl.perplexity, ppl_base=ppl_base.perplexity, mean_nll=ppl.mean_nll,
-        mean_nll_base=ppl_base.mean_nll, top_k=base.top_k)
+        mean_nll_base=ppl_base.mean_nll, top_k=base.top_k,
+        base_top1_logprobs=base.topk_logprobs[:, 0])

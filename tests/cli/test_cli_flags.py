@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from fastpath import cli
@@ -51,7 +53,27 @@ def test_given_flags_needs_the_subcommand_parser(parsers):
 
 def engine_args(parsers, *words: str):
     args = parsers[0].parse_args(["ppl", *words])
-    return common.engine_args(args, given(parsers, *words))
+    return common.engine_args(common.RunFlags.read(args, given(parsers, *words)))
+
+
+def test_flags_are_read_once_and_never_written(parsers):
+    """The parsed namespace is copied into RunFlags and left as parsed; derived values and
+    fastpath's engine defaults live beside the given flags, never in them."""
+    words = ["--context-length", "1024", "--dtype", "auto"]
+    args = parsers[0].parse_args(["ppl", *words])
+    before = dict(vars(args))
+    flags = ppl_command.check_ppl_flags(common.RunFlags.read(args, given(parsers, *words)))
+    common.engine_args(flags)
+    assert vars(args) == before and args.stride is None  # nothing wrote into the namespace
+    assert flags.stride == 512  # the fastpath convention's default stride, derived
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        flags.stride = 3
+    with pytest.raises(TypeError):
+        flags.values["stride"] = 3
+    assert flags.given_values() == {"context_length": 1024, "dtype": "auto"}
+    settings = flags.settings()
+    assert settings["stride"] == 512 and settings["dtype"] == "auto"
+    assert settings["disable_log_stats"] == scoring.default_engine_kwargs()["disable_log_stats"]
 
 
 def test_typed_values_equal_to_vllms_defaults_are_kept(parsers):

@@ -24,8 +24,10 @@ from fastpath.cli import kld as kld_command
      "--stride does not apply"),
     (["kld", "--base-model", "b", "--model", "m", "--max-batch-windows", "0"],
      "--max-batch-windows must be positive"),
-    (["kld", "--base-model", "b", "--model", "q", "--model=b"],
-     "--model was given 2 times; `fastpath kld` scores one model per run"),
+    (["kld", "--server", "http://x", "--base-model", "b", "--model", "q", "--model=b"],
+     "--model and --server both name the model"),
+    (["kld", "--base-cache", "/nonexistent.npz", "--base-server", "http://b", "--model", "q",
+      "--noise-floor", "bfloat16"], "--noise-floor bfloat16 re-runs the base model"),
     (["ppl", "--model", "a", "--model", "b"], "--model was given 2 times"),
 ])
 def test_cli_flag_errors_before_any_engine(argv, fragment, capsys):
@@ -46,15 +48,41 @@ def test_base_engine_flags_are_the_models_with_overrides():
     words = ["--base-model", "/b", "--model", "/q", "--quantization", "awq", "--dtype",
              "bfloat16", "--base-quantization", "none", "--tokenizer", "/q-tok"]
     args = parser.parse_args(["kld", *words])
-    given = common.given_flags(kld_parser, words)
-    base, base_given = kld_command.base_namespace(args, given)
+    flags = common.RunFlags.read(args, common.given_flags(kld_parser, words))
+    base = kld_command.base_flags(flags)
     assert (base.model, base.quantization, base.dtype, base.tokenizer) == ("/b", None,
                                                                             "bfloat16", None)
-    assert {"quantization", "dtype"} <= base_given and "tokenizer" not in base_given
+    assert {"quantization", "dtype"} <= base.given and "tokenizer" not in base.given
+    assert (flags.model, flags.quantization, flags.tokenizer) == ("/q", "awq", "/q-tok")
     assert (args.model, args.quantization, args.tokenizer) == ("/q", "awq", "/q-tok")
     args = parser.parse_args(["kld", "--base-model", "/b", "--model", "/q",
                               "--base-dtype", "float16", "--base-tensor-parallel-size", "2"])
-    base, base_given = kld_command.base_namespace(args, set())
+    base = kld_command.base_flags(common.RunFlags.read(args, set()))
     assert (base.dtype, base.tensor_parallel_size) == ("float16", 2)
-    assert base_given == {"dtype", "tensor_parallel_size"}
-    assert common.engine_args(base, base_given).dtype == "float16"
+    assert base.given == {"dtype", "tensor_parallel_size"}
+    assert common.engine_args(base).dtype == "float16"
+    # fastpath's float32 default, derived for the model's engine, must not shadow the base's
+    defaulted = kld_command.base_flags(common.with_engine_defaults(common.RunFlags.read(args,
+                                                                                       set())))
+    assert defaulted.dtype == "float16" and common.engine_args(defaulted).dtype == "float16"
+
+
+def test_every_model_given_is_a_variant_in_order():
+    assert cli.model_values(["--base-model", "b", "--model", "q1", "--dtype", "auto",
+                             "--model=q2", "--model", "b"]) == ["q1", "q2", "b"]
+
+
+def test_noise_floor_by_default_only_with_several_local_variants():
+    parser, _, kld_parser, _ = cli.build_parser()
+
+    def floor(*words: str) -> str:
+        args = parser.parse_args(["kld", *words])
+        flags = common.RunFlags.read(args, common.given_flags(kld_parser, list(words)))
+        return kld_command.noise_floor_dtype(flags.derive(models=cli.model_values(words)))
+
+    assert floor("--base-model", "b", "--model", "q") == "none"
+    assert floor("--base-model", "b", "--model", "q1", "--model", "q2") == "bfloat16"
+    assert floor("--base-model", "b", "--model", "q", "--noise-floor", "float16") == "float16"
+    assert floor("--base-model", "b", "--model", "q1", "--model", "q2",
+                 "--noise-floor", "none") == "none"
+    assert floor("--base-server", "http://b", "--model", "q1", "--model", "q2") == "none"

@@ -25,7 +25,8 @@ def kld_report(path, model: str, scale: float, seed: int) -> None:
         kld=kld, base_logprobs=base_lp, model_logprobs=model_lp, same_top=rng.random(n) < 0.9,
         tail_mass_base=rng.random(n) * 0.1, ppl=math.exp(nll.mean()),
         ppl_base=math.exp(nll_base.mean()), mean_nll=nll.mean(), mean_nll_base=nll_base.mean(),
-        top_k=32)
+        top_k=32, base_top1_logprobs=np.maximum(base_lp, -rng.exponential(0.7, n)
+                                                .astype(np.float32)))
     report = {"kind": "fastpath-kld", "model": model, "base_model": "/models/base",
               "convention": "fastpath", "context_length": 2048, "stride": 512,
               "base_file_bytes_per_token": 264.0, **result.summary()}
@@ -51,3 +52,31 @@ def test_kld_reports_to_csv_and_plots(tmp_path, capsys):
     for plot in ("kld_histogram.png", "kld_percentiles.png"):
         assert (out / plot).stat().st_size > 10_000
     assert "kld.csv" in capsys.readouterr().out
+
+
+def test_a_several_variant_run_gives_a_row_per_variant(tmp_path):
+    """One `fastpath kld --model A --model B` report: a row per variant and the noise floor,
+    the markdown table, and KLD against checkpoint size with the noise floor across."""
+    variants = []
+    for i, (name, scale, size) in enumerate([("w8a8", 1e-4, 4 << 20), ("w4a8", 1e-2, 2 << 20),
+                                             ("base", 1e-6, None)]):
+        path = tmp_path / f"{name}.json"
+        kld_report(path, f"/models/{name}", scale, i)
+        row = json.loads(path.read_text())
+        row.update(role="noise floor" if name == "base" else "variant", dtype="bfloat16",
+                   checkpoint_bytes=size, seconds_model_pass=1.0 + i)
+        variants.append({k: v for k, v in row.items() if k not in ("kind", "base_model")})
+    report = {"kind": "fastpath-kld", "base_model": "/models/base", **variants[0],
+              "variants": variants}
+    run = tmp_path / "together.json"
+    run.write_text(json.dumps(report))
+    out = tmp_path / "out"
+    assert cli.main(["report", str(run), "--out", str(out)]) == 0
+    table = pd.read_csv(out / "kld.csv")
+    assert list(table["label"]) == ["w8a8", "w4a8", "noise floor (bfloat16)"]
+    assert list(table["role"]) == ["variant", "variant", "noise floor"]
+    assert table.loc[1, "kld_mean"] == variants[1]["kld_mean"]
+    assert "kld_mean_base_p0.8-1" in table.columns
+    markdown = (out / "kld.md").read_text()
+    assert markdown.startswith("| label") and "noise floor (bfloat16)" in markdown
+    assert (out / "kld_size.png").stat().st_size > 10_000

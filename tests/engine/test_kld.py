@@ -198,3 +198,39 @@ def test_v2_runner_asked_for_is_refused(monkeypatch, capsys):
     assert cli.main(["kld", "--base-model", "/nonexistent", "--model", "/nonexistent"]) == 2
     err = capsys.readouterr().err
     assert "needs vLLM's V1 model runner" in err and "VLLM_USE_V2_MODEL_RUNNER=1" in err
+
+
+def test_several_variants_against_one_base_in_one_run(tmp_path, capsys, quantized_path):
+    """`fastpath kld --model A --model Q` against base A: one base pass, a row per variant in
+    order and the noise floor last. A variant identical to the base gives KLD 0.0 exactly and
+    agreement 1.0; the int4 copy's row is the figures of a run of it alone on the same base
+    file; the noise floor (the base in bfloat16) is above zero, since its numerics differ."""
+    base_model = str(zoo.get_model("tiny-llama"))
+    common = ["--num-samples", "8", "--context-length", "96", "--stride", "32",
+              "--top-k", "16", "--max-model-len", "256", "--kv-cache-memory-bytes",
+              str(128 << 20), "--base-cache", str(tmp_path / "base.npz")]
+    together = tmp_path / "together.json"
+    assert cli.main(["kld", "--base-model", base_model, "--model", base_model,
+                     "--model", quantized_path, *common, "--json", str(together)]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(together.read_text())
+    same, int4, floor = report["variants"]
+    assert [r["role"] for r in report["variants"]] == ["variant", "variant", "noise floor"]
+    assert (same["model"], int4["model"], floor["model"]) == (base_model, quantized_path,
+                                                              base_model)
+    assert same["kld_mean"] == 0.0 and same["kld_max"] == 0.0
+    assert same["top1_agreement"] == 1.0 and same["ppl"] == same["ppl_base"]
+    assert int4["kld_mean"] > 0 and floor["dtype"] == "bfloat16" and floor["kld_mean"] > 0
+    for row in report["variants"]:
+        assert row["non_finite_share"] == 0.0 and row["seconds_model_pass"] > 0
+        buckets = row["kld_by_base_confidence"]
+        assert sum(b["tokens"] for b in buckets) == row["scored_tokens"]
+    assert report["kld_mean"] == same["kld_mean"]  # the top level is the first variant's
+    assert "noise floor: base in bfloat16" in out and "top-1 agree" in out
+    alone = tmp_path / "alone.json"
+    assert cli.main(["kld", "--model", quantized_path, *common, "--json", str(alone)]) == 0
+    single = json.loads(alone.read_text())
+    assert single["base_file_reused"] is True and len(single["variants"]) == 1
+    for key in ("kld_mean", "kld_max", "kld_percentiles", "top1_agreement", "ppl",
+                "ln_ppl_ratio", "rms_delta_p", "kld_by_base_confidence"):
+        assert single[key] == int4[key], key

@@ -24,9 +24,8 @@ def parser():
 def serve_args(parsers, argv):
     """Parsed `fastpath serve` flags with fastpath's defaults filled in as run_serve does."""
     args = parsers[0].parse_args(argv)
-    common.fill_defaults(args, serve_command.server_defaults(args.verbose),
-                        common.given_flags(parsers[3], argv[1:]))
-    return args
+    flags = common.RunFlags.read(args, common.given_flags(parsers[3], argv[1:]))
+    return flags.namespace(serve_command.server_defaults(args.verbose))
 
 
 def test_serve_defaults_only_where_no_flag_was_given(parser):
