@@ -25,7 +25,11 @@ so several quantizations of one base model compare side by side:
   (percentiles as `kld_p99.9`, ...), base file bytes per token, seconds per pass;
 - `kld_histogram.png`: the per-token KLD histogram of each run (log bins, stored in the
   report itself), one line per model;
-- `kld_percentiles.png`: KLD percentiles (0.1 .. 99.9, log scale) by model.
+- `kld_percentiles.png`: KLD percentiles (0.1 .. 99.9, log scale) by model;
+- `kld.md`: the columns variants are compared by, as a markdown table;
+- `kld_size.png`: mean KLD and ln(PPL ratio) against checkpoint size (local checkpoints,
+  two or more), the noise floor drawn across.
+A several-variant run (`fastpath kld --model A --model B ...`) gives one row per variant.
 """
 
 from __future__ import annotations
@@ -52,12 +56,18 @@ LM_EVAL_REFERENCES = ("vllm", "fastpath-vllm", "local-completions@vllm-serve")
 
 
 KLD_KIND = "fastpath-kld"
-KLD_COLUMNS = ["label", "model", "base_model", "convention", "context_length", "stride", "top_k",
+KLD_COLUMNS = ["label", "role", "model", "base_model", "dtype", "quantization",
+               "checkpoint_bytes", "convention", "context_length", "stride", "top_k",
                "scored_tokens", "kld_mean", "kld_mean_stderr", "kld_median", "kld_max",
                "top1_agreement", "top1_agreement_stderr", "top1_undecided", "ppl", "ppl_base",
-               "ln_ppl_ratio", "ln_ppl_ratio_stderr", "rms_delta_p", "tail_mass_mean",
+               "ln_ppl_ratio", "ln_ppl_ratio_stderr", "ln_ppl_correlation", "delta_p_mean",
+               "rms_delta_p", "tail_mass_mean", "non_finite_share",
                "base_file_bytes_per_token", "seconds_base_pass", "seconds_model_pass",
                "vllm_version", "device", "source"]
+# The markdown table's columns (kld.md): what a reader compares variants by.
+KLD_MARKDOWN = ["label", "ppl", "ln_ppl_ratio", "ln_ppl_ratio_stderr", "kld_mean",
+                "kld_mean_stderr", "kld_median", "kld_p99", "kld_max", "top1_agreement",
+                "rms_delta_p", "non_finite_share", "seconds_model_pass"]
 
 
 def run_name(path: Path) -> str:
@@ -302,14 +312,32 @@ def model_label(model: str) -> str:
     return Path(str(model).rstrip("/")).name or str(model)
 
 
+def variant_rows(report: dict) -> list[dict]:
+    """A report's rows: one per variant of a several-variant run (the run's own fields,
+    base and windows, beside each variant's statistics), else the report itself."""
+    variants = report.get("variants") or []
+    if len(variants) < 2:
+        return [report]
+    shared = {k: v for k, v in report.items() if k != "variants"}
+    return [{**shared, **variant,
+             "variant_label": "noise floor" if variant.get("role") == "noise floor"
+             else None} for variant in variants]
+
+
 def load_kld_reports(paths: list[Path]) -> list[dict]:
-    """The reports, each with a `label` unique among them (the model's folder name)."""
-    reports = [json.loads(path.read_text()) for path in paths]
-    labels = [model_label(r["model"]) for r in reports]
-    for i, report in enumerate(reports):
+    """The reports' rows (a several-variant run gives one per variant), each with a
+    `label` unique among them (the model's folder name; the noise floor says so)."""
+    rows, stems = [], []
+    for path in paths:
+        for row in variant_rows(json.loads(path.read_text())):
+            rows.append(row)
+            stems.append(path.stem)
+    labels = [(row.get("variant_label") and f"noise floor ({row.get('dtype')})")
+              or model_label(row["model"]) for row in rows]
+    for i, row in enumerate(rows):
         same = [j for j, label in enumerate(labels) if label == labels[i]]
-        report["label"] = labels[i] if len(same) == 1 else f"{labels[i]} ({paths[i].stem})"
-    return reports
+        row["label"] = labels[i] if len(same) == 1 else f"{labels[i]} ({stems[i]}#{i})"
+    return rows
 
 
 def kld_table(reports: list[dict]) -> pd.DataFrame:
@@ -318,8 +346,46 @@ def kld_table(reports: list[dict]) -> pd.DataFrame:
     for report in reports:
         row = {c: report.get(c) for c in KLD_COLUMNS}
         row.update({f"kld_p{q}": v for q, v in report.get("kld_percentiles", {}).items()})
+        for bucket in report.get("kld_by_base_confidence", []):
+            name = f"kld_mean_base_p{bucket['base_top1_p_low']:g}-{bucket['base_top1_p_high']:g}"
+            row[name] = bucket["kld_mean"]
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def kld_markdown(table: pd.DataFrame) -> str:
+    """The table a reader compares variants by, as markdown (pandas, via tabulate)."""
+    columns = [c for c in KLD_MARKDOWN if c in table.columns]
+    return table[columns].to_markdown(index=False, floatfmt=".6g") + "\n"
+
+
+def plot_kld_against_size(table: pd.DataFrame, out: Path) -> Path | None:
+    """Mean KLD and ln(PPL ratio) against checkpoint size, one point per variant whose
+    size is known (local checkpoints); None where fewer than two are."""
+    known = table.dropna(subset=["checkpoint_bytes"])
+    known = known[known["role"].fillna("variant") == "variant"]
+    if len(known) < 2:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    size = known["checkpoint_bytes"] / 2**20
+    for axes, column, error, name in ((left, "kld_mean", "kld_mean_stderr", "mean KLD (nats)"),
+                                      (right, "ln_ppl_ratio", "ln_ppl_ratio_stderr",
+                                       "ln(PPL / PPL base)")):
+        axes.errorbar(size, known[column], yerr=known[error], fmt="o")
+        for x, y, label in zip(size, known[column], known["label"]):
+            axes.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        floor = table[table["role"] == "noise floor"]
+        if len(floor):
+            axes.axhline(float(floor[column].iloc[0]), linestyle="--", color="grey",
+                         label="noise floor")
+            axes.legend(fontsize=8)
+        axes.set_xlabel("checkpoint size (MiB)")
+        axes.set_ylabel(name)
+    figure.suptitle("Variants against their base: divergence by size", fontsize=10)
+    return save_figure(figure, out / "kld_size.png")
 
 
 def plot_kld_histogram(reports: list[dict], out: Path) -> Path:
@@ -393,11 +459,13 @@ def run_kld_report(paths: list[Path], out: Path) -> list[Path]:
     reports = load_kld_reports(paths)
     table = kld_table(reports)
     out.mkdir(parents=True, exist_ok=True)
-    written = [out / "kld.csv"]
+    written = [out / "kld.csv", out / "kld.md"]
     table.to_csv(written[0], index=False)
+    written[1].write_text(kld_markdown(table))
     written.append(plot_kld_histogram(reports, out))
     written.append(plot_kld_percentiles(table, out))
-    return written
+    by_size = plot_kld_against_size(table, out)
+    return written + ([by_size] if by_size else [])
 
 
 def plot_peers(table: pd.DataFrame, out: Path) -> Path:
