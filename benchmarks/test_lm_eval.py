@@ -20,6 +20,12 @@ fastpath serve`: echo + logprobs answered from `prompt_logprobs`) and `fastpath 
 (the same JSON from the fast path). The two servers' answers are checked equal; the
 fastpath server's row carries its speedup over vLLM's server and its time relative to
 the offline `fastpath-vllm` run.
+
+A row's comparison with another backend (speedups, answers, the offline ratio) uses that
+backend's reference run: a module-scoped fixture that times it itself (one untimed pass,
+then ROUNDS timed, as its own benchmark does), so each test runs alone and its figures do
+not depend on which tests ran before it. Where both run, the reference backend is timed
+twice.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -44,15 +51,11 @@ from tests.helpers import running
 ROOT = Path(__file__).resolve().parents[1]
 TASKS_DIR = "tests/data/lm_eval_tasks"
 TASKS = ["fastpath_wikitext", "fastpath_lambada", "fastpath_mc"]
-BACKENDS = ("vllm", "fastpath-vllm")  # vllm first: fastpath-vllm's row reports the ratio
-# lm-eval's local-completions against vLLM's server, then fastpath serve (same order reason)
+BACKENDS = ("vllm", "fastpath-vllm")  # fastpath-vllm's row reports its ratio to vllm's
+# lm-eval's local-completions against vLLM's server, and against fastpath serve
 SERVERS = ("vllm-serve", "fastpath-serve")
 MAX_MODEL_LEN = 2048
 ROUNDS = 2
-
-_seconds: dict[str, float] = {}
-_request_seconds: dict[str, float] = {}
-_answers: dict[str, list] = {}
 
 
 @cache
@@ -148,17 +151,43 @@ def answers_against(ours: list, theirs: list) -> dict[str, float | int | bool]:
     }
 
 
-@pytest.fixture(scope="module")
-def lm_eval_models(request):
-    """Both backends on the 8B shape (twin on CPU), alive together for one session."""
-    from fastpath import lm_eval_model
+@dataclass(frozen=True)
+class Reference:
+    """A backend's run over all TASKS that other backends' rows are compared with."""
+    seconds: float  # median wall seconds of ROUNDS timed rounds
+    request_seconds: float  # seconds inside loglikelihood(_rolling), per round
+    answers: list  # flat_answers of the last round
 
+
+def reference_run(lm) -> Reference:
+    """One untimed pass over TASKS, then ROUNDS timed: as the backend's own test times it."""
+    evaluate(lm)  # untimed: warm-up
+    seconds: list[float] = []
+    with timing_requests(lm) as request_seconds:
+        for _ in range(ROUNDS):
+            started = time.perf_counter()
+            results = evaluate(lm)
+            seconds.append(time.perf_counter() - started)
+    return Reference(float(np.median(seconds)), sum(request_seconds) / ROUNDS,
+                     flat_answers(results))
+
+
+@pytest.fixture(scope="module")
+def lm_eval_checkpoint(request) -> tuple[str, str]:
+    """(name for reports, path) of the 8B model (its twin on CPU), which every backend runs."""
     model = next(m for m in MODELS if m.label == "8B")
     wanted = request.config.getoption("--bench-models").split(",")
     if model.label not in wanted:
         pytest.skip("the 8B model is not among --bench-models")
-    name, path = resolve(request.config, model)
-    request.config.fastpath_lm_eval_model = (name, path)  # the servers serve the same
+    return resolve(request.config, model)
+
+
+@pytest.fixture(scope="module")
+def lm_eval_models(lm_eval_checkpoint):
+    """Both backends on the 8B shape (twin on CPU), alive together for one session."""
+    from fastpath import lm_eval_model
+
+    name, path = lm_eval_checkpoint
     args = dict(pretrained=path, max_model_len=MAX_MODEL_LEN, seed=0)
     if scoring.on_cpu():
         args.update(dtype="float32", kv_cache_memory_bytes=256 << 20, enforce_eager=True)
@@ -177,8 +206,29 @@ def lm_eval_models(request):
             scoring.shutdown(lm.model)
 
 
+# Module scope: a reference costs ROUNDS + 1 passes of lm-eval over all TASKS; it is timed
+# once per module for the rows compared with it (both servers' rows use the offline
+# fastpath-vllm one), by the fixture itself, the same way whichever test asks first.
+@pytest.fixture(scope="module")
+def vllm_offline_reference(lm_eval_models) -> Reference:
+    """lm-eval's `vllm` backend: fastpath-vllm's row is compared with it."""
+    return reference_run(lm_eval_models["vllm"])
+
+
+@pytest.fixture(scope="module")
+def fastpath_offline_reference(lm_eval_models) -> Reference:
+    """The offline fastpath-vllm backend: both servers' rows are compared with it."""
+    return reference_run(lm_eval_models["fastpath-vllm"])
+
+
+@pytest.fixture(scope="module")
+def vllm_serve_reference(completions_lms) -> Reference:
+    """local-completions against vLLM's server: fastpath serve's row is compared with it."""
+    return reference_run(completions_lms["vllm-serve"])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_lm_eval_wall_time(benchmark, lm_eval_models, backend):
+def test_lm_eval_wall_time(benchmark, request, lm_eval_models, backend):
     import lm_eval
     import vllm
 
@@ -193,14 +243,14 @@ def test_lm_eval_wall_time(benchmark, lm_eval_models, backend):
 
     with timing_requests(lm) as request_seconds:
         results = benchmark.pedantic(evaluate, args=(lm,), rounds=ROUNDS, iterations=1)
-    _seconds[backend] = benchmark.stats.stats.median
-    _request_seconds[backend] = sum(request_seconds) / ROUNDS
-    _answers[backend] = flat_answers(results)
+    seconds = benchmark.stats.stats.median
+    model_request_seconds = sum(request_seconds) / ROUNDS
+    answers = flat_answers(results)
 
     info = {
         "table": "lm_eval", "backend": backend, "model": lm.bench_name, "tasks": ",".join(TASKS),
         "max_model_len": MAX_MODEL_LEN, "requests": sum(requests.values()),
-        "model_request_seconds": _request_seconds[backend],
+        "model_request_seconds": model_request_seconds,
         "objects_per_request": sum(objects[t] * requests[t] for t in TASKS)
         / sum(requests.values()),
         **{f"objects_per_request_{t}": objects[t] for t in TASKS},
@@ -210,10 +260,11 @@ def test_lm_eval_wall_time(benchmark, lm_eval_models, backend):
         "device": device_name(), "vllm_version": vllm.__version__,
         "lm_eval_version": lm_eval.__version__,
     }
-    if backend == "fastpath-vllm" and "vllm" in _seconds:
-        info["speedup_vs_vllm"] = _seconds["vllm"] / _seconds[backend]
-        info["request_speedup_vs_vllm"] = _request_seconds["vllm"] / _request_seconds[backend]
-        info.update(answers_against(_answers[backend], _answers["vllm"]))
+    if backend == "fastpath-vllm":
+        vllm_run = request.getfixturevalue("vllm_offline_reference")
+        info["speedup_vs_vllm"] = vllm_run.seconds / seconds
+        info["request_speedup_vs_vllm"] = vllm_run.request_seconds / model_request_seconds
+        info.update(answers_against(answers, vllm_run.answers))
         # lm-eval's `vllm` runs vLLM's batched defaults, fastpath-vllm the isolated schedule:
         # bitwise equal only where no prompt was split differently (docs/cli.md), so the
         # bound is on the size of a difference, and is_greedy must not flip.
@@ -223,12 +274,13 @@ def test_lm_eval_wall_time(benchmark, lm_eval_models, backend):
 
 
 @pytest.fixture(scope="module")
-def completions_lms(request, lm_eval_models, tmp_path_factory):
+def completions_lms(lm_eval_checkpoint, lm_eval_models, tmp_path_factory):
     """lm-eval `local-completions` models on vLLM's server (fastpath off) and on fastpath
-    serve, both serving the offline engines' model with their flags."""
+    serve, both serving the offline engines' model with their flags (lm_eval_models: the
+    working directory the task YAMLs need)."""
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
-    name, path = request.config.fastpath_lm_eval_model
+    name, path = lm_eval_checkpoint
     flags = ["--max-model-len", str(MAX_MODEL_LEN), "--seed", "0"]
     if scoring.on_cpu():
         flags += ["--dtype", "float32", "--kv-cache-memory-bytes", str(256 << 20),
@@ -249,30 +301,30 @@ def completions_lms(request, lm_eval_models, tmp_path_factory):
 
 
 @pytest.mark.parametrize("backend", SERVERS)
-def test_lm_eval_local_completions_wall_time(benchmark, completions_lms, backend):
+def test_lm_eval_local_completions_wall_time(benchmark, request, completions_lms, backend):
     import lm_eval
     import vllm
 
     lm = completions_lms[backend]
     evaluate(lm)  # untimed: warm-up
     results = benchmark.pedantic(evaluate, args=(lm,), rounds=ROUNDS, iterations=1)
-    _seconds[backend] = benchmark.stats.stats.median
-    _answers[backend] = flat_answers(results)
+    seconds = benchmark.stats.stats.median
+    answers = flat_answers(results)
     info = {
         "table": "lm_eval", "backend": f"local-completions@{backend}",
         "model": lm.bench_name,
         "tasks": ",".join(TASKS), "max_model_len": MAX_MODEL_LEN,
-        "requests": len(_answers[backend]),
+        "requests": len(answers),
         **{f"{t}_{k}": v for t in TASKS for k, v in results["results"][t].items()
            if isinstance(v, float)},
         "device": device_name(), "vllm_version": vllm.__version__,
         "lm_eval_version": lm_eval.__version__,
     }
-    if backend == "fastpath-serve" and "vllm-serve" in _seconds:
-        info["speedup_vs_vllm_serve"] = _seconds["vllm-serve"] / _seconds[backend]
-        info["answers_equal_to_vllm_serve"] = repr(_answers[backend]) == repr(
-            _answers["vllm-serve"])
+    if backend == "fastpath-serve":
+        vllm_serve = request.getfixturevalue("vllm_serve_reference")
+        info["speedup_vs_vllm_serve"] = vllm_serve.seconds / seconds
+        info["answers_equal_to_vllm_serve"] = repr(answers) == repr(vllm_serve.answers)
         assert info["answers_equal_to_vllm_serve"], "fastpath serve's answers differ"
-    if "fastpath-vllm" in _seconds:
-        info["seconds_vs_fastpath_vllm_offline"] = _seconds[backend] / _seconds["fastpath-vllm"]
+    offline = request.getfixturevalue("fastpath_offline_reference")
+    info["seconds_vs_fastpath_vllm_offline"] = seconds / offline.seconds
     benchmark.extra_info.update(info)

@@ -153,7 +153,8 @@ def _reference(convention, model, tokenizer, layout, context, stride):
 @pytest.mark.engine
 @pytest.mark.correctness
 @pytest.mark.parametrize("convention, context, stride", ENGINE_CASES)
-def test_convention_agrees_with_the_tools_loop(llama_llm, hf_model, convention, context, stride):
+def test_convention_agrees_with_the_tools_loop(llama_llm, hf_model, convention, context, stride,
+                                               record_property):
     tokenizer = llama_llm.get_tokenizer()
     layout = conventions.build(convention, tokenizer, TEXT, context, stride)
     got = perplexity.score_layout(EngineScorer(llama_llm), layout)
@@ -161,9 +162,12 @@ def test_convention_agrees_with_the_tools_loop(llama_llm, hf_model, convention, 
     np.testing.assert_array_equal(got.positions, positions)
     rel = abs(got.perplexity - ppl) / ppl
     worst = float(np.max(np.abs(got.logprobs.astype(np.float64) - values)))
-    print(f"\n{convention} ctx={context} stride={stride}: {len(layout.tokens)} tokens, "
-          f"{got.num_tokens} scored; PPL fastpath {got.perplexity:.6f} tool loop {ppl:.6f} "
-          f"rel diff {rel:.2e}; max |token diff| {worst:.2e}")
+    record_property("tokens", len(layout.tokens))
+    record_property("scored_tokens", got.num_tokens)
+    record_property("ppl_fastpath", got.perplexity)
+    record_property("ppl_tool_loop", ppl)
+    record_property("ppl_rel_diff", rel)
+    record_property("max_abs_token_logprob_diff", worst)
     assert rel <= (HF_GUIDE_PPL_RTOL if convention == "hf" else REFERENCE_PPL_RTOL)
     assert worst <= REFERENCE_TOKEN_ATOL
 

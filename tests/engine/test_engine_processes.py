@@ -110,7 +110,7 @@ def test_plugin_stands_aside_in_every_process_on_native_vllm(tp2):
     assert patches.applied() == []
 
 
-def test_tp2_fast_equals_standard_and_tp1_within_bound(tp2, llama_llm):
+def test_tp2_fast_equals_standard_and_tp1_within_bound(tp2, llama_llm, record_property):
     llm, _ = tp2
     rng = np.random.default_rng(7)
     prompts = [random_prompt(rng, n, vocab_size(llm)) for n in (5, 64, 130, 300)]
@@ -122,15 +122,18 @@ def test_tp2_fast_equals_standard_and_tp1_within_bound(tp2, llama_llm):
             assert_bitwise_equal(f, s, what=f"TP2 k={k} len={len(request.prompt_token_ids)}")
     fast1 = score(llama_llm, requests, "fast")
     worst = max(float(np.max(np.abs(a.astype(np.float64) - b))) for a, b in zip(fast1, fast2))
-    print(f"TP1 vs TP2 largest |logprob difference|: {worst:.3e} (bound {TP_MAX_ABS_DIFF})")
+    record_property("tp1_tp2_max_abs_logprob_diff", worst)
+    record_property("tp1_tp2_bound_abs_logprob_diff", TP_MAX_ABS_DIFF)
     assert worst <= TP_MAX_ABS_DIFF
 
 
-def test_tp2_perplexity_difference_is_bounded(tp2, llama_llm):
+def test_tp2_perplexity_difference_is_bounded(tp2, llama_llm, record_property):
     llm, _ = tp2
     tokens = llm.get_tokenizer().encode(bundled_text()[:12000])[:2000]
     one = perplexity.score_stream(EngineScorer(llama_llm), tokens, 256, 128)
     two = perplexity.score_stream(EngineScorer(llm), tokens, 256, 128)
     rel = abs(two.perplexity - one.perplexity) / one.perplexity
-    print(f"PPL TP1 {one.perplexity:.9g} TP2 {two.perplexity:.9g} rel diff {rel:.2e}")
+    record_property("ppl_tp1", one.perplexity)
+    record_property("ppl_tp2", two.perplexity)
+    record_property("ppl_tp1_tp2_rel_diff", rel)
     assert rel <= TP_PPL_RTOL

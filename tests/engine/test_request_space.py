@@ -540,7 +540,8 @@ def test_request_space(engine_under_test, reference, record_property):
                    {"setting": setting, "llm": llm, "reference": reference, "stats": stats})
     run_state_machine_as_test(machine, settings=_run_settings())
     stats["preemptions"] = int(_preemptions(llm) - preempted_before)
-    print(f"request space [{setting.name}]: {stats}")
+    for key, value in stats.items():
+        record_property(f"request_space_{setting.name}_{key}", value)
     record_property(f"request_space_{setting.name}", stats)
     assert stats["checked_rows"] > 0, "no score was ever checked: the test is not testing"
     assert stats["longest_prompt"] > 256, "no prompt past the attention's first tile"

@@ -39,11 +39,21 @@ pytestmark = [pytest.mark.skipif(not _vllm_on_cpu(), reason="vLLM's platform her
               pytest.mark.slow]
 
 
+def _record_sweep(record_property, report: dict) -> None:
+    """A sweep's figures as the test's properties (junit XML, the report)."""
+    record_property("sweep", rowsubset.summary(report))
+    record_property("subsets_checked", report["subsets_checked"])
+    record_property("rows_checked", report["rows_checked"])
+    record_property("multi_row_mismatches", len(report["mismatches"]))
+    record_property("lone_row_mismatches", len(report["lone_row_mismatches"]))
+    record_property("max_abs_logit", report["max_abs_logit"])
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-def test_vllm_cpu_lm_head_is_row_subset_invariant_in_float32(shape):
+def test_vllm_cpu_lm_head_is_row_subset_invariant_in_float32(shape, record_property):
     report = rowsubset.sweep(*shape, kernel="vllm-cpu", device="cpu",
                              **cpu_plan(*shape, chunk=ROW_CHUNK))
-    print(rowsubset.summary(report))
+    _record_sweep(record_property, report)
     assert report["invariant"], describe(report)
     assert report["log_softmax_invariant"], describe(report)
 
@@ -64,14 +74,16 @@ def test_vllm_cpu_lm_head_is_row_subset_invariant_on_one_thread():
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_vllm_cpu_lm_head_in_16_bit_differs_by_rounding_at_most(dtype):
+def test_vllm_cpu_lm_head_in_16_bit_differs_by_rounding_at_most(dtype, record_property):
     """Measured, not relied on: 1100 rows, where AMX's bf16 kernel rounded a row differently."""
     report = rowsubset.sweep(128, 2048, rows=1100, chunk=ROW_CHUNK, dtype=dtype, kernel="vllm-cpu",
                              counts=(2, 3, 8, 255, 1024))
-    print(describe(report))
+    _record_sweep(record_property, report)
     assert report["log_softmax_invariant"], describe(report)
     unit = 2.0**-8 if dtype == "bfloat16" else 2.0**-11  # 16-bit rounding of the output
     diffs = [m["max_abs_diff"] for m in report["mismatches"] + report["lone_row_mismatches"]
              if m["stage"] == "logits"]
     bound = (unit + 128 * EPS32) * report["max_abs_logit"]
+    record_property("max_abs_logits_diff", max(diffs, default=0.0))
+    record_property("bound_abs_logits_diff", bound)
     assert max(diffs, default=0.0) <= bound, describe(report)

@@ -115,7 +115,7 @@ def test_v2_equals_v1_bitwise_in_raw_logits(scores):
 @cpu_facts
 @pytest.mark.slow
 @pytest.mark.parametrize("scores", ["raw_logprobs"], indirect=True)
-def test_v2_within_stated_bound_of_v1_in_raw_logprobs(scores):
+def test_v2_within_stated_bound_of_v1_in_raw_logprobs(scores, record_property):
     """Each runner's fast path is its standard path bit for bit; across runners the two
     log-softmax kernels (torch on V1, V2's Triton kernel) differ by at most the bound."""
     worst, worst_ulps, differing, total = 0.0, 0, 0, 0
@@ -133,9 +133,12 @@ def test_v2_within_stated_bound_of_v1_in_raw_logprobs(scores):
         ulps = np.abs(_ordered(a) - _ordered(b))
         worst, worst_ulps = max(worst, float(diff.max())), max(worst_ulps, int(ulps.max()))
         differing, total = differing + int(np.count_nonzero(diff)), total + diff.size
-    print(f"\nV1 vs V2 raw_logprobs: max |diff| {worst:.3e}, {worst_ulps} ulp (bounds "
-          f"{RAW_LOGPROBS_MAX_ABS_DIFF:.0e}, {RAW_LOGPROBS_MAX_ULPS} ulp), {differing}/{total} "
-          "values differ")
+    record_property("v1_v2_raw_logprobs_max_abs_diff", worst)
+    record_property("v1_v2_raw_logprobs_max_ulps", worst_ulps)
+    record_property("v1_v2_raw_logprobs_bound_abs_diff", RAW_LOGPROBS_MAX_ABS_DIFF)
+    record_property("v1_v2_raw_logprobs_bound_ulps", RAW_LOGPROBS_MAX_ULPS)
+    record_property("v1_v2_raw_logprobs_values_differing", differing)
+    record_property("v1_v2_raw_logprobs_values", total)
     assert worst <= RAW_LOGPROBS_MAX_ABS_DIFF and worst_ulps <= RAW_LOGPROBS_MAX_ULPS
 
 

@@ -117,7 +117,7 @@ def test_by_construction_mode_equals_standard(monkeypatch):
 @pytest.mark.correctness
 @pytest.mark.engine
 @pytest.mark.slow
-def test_oneDNN_without_avx2_the_probe_decides_and_bits_hold(monkeypatch):
+def test_oneDNN_without_avx2_the_probe_decides_and_bits_hold(monkeypatch, record_property):
     """oneDNN capped at AVX (its GEMMs then round a row by the step's size on the machine
     this was written on: the probe failed there and the runner fell back to construction):
     whatever the probe finds, fast == standard for the same schedule, starts included."""
@@ -126,7 +126,8 @@ def test_oneDNN_without_avx2_the_probe_decides_and_bits_hold(monkeypatch):
         (worker,) = scoring.exactness(llm)["workers"]
         probe = worker["probe"]
         assert worker["lm_head_rows"] == ("verified" if probe["exact"] else "construction")
-        print(f"oneDNN AVX: {worker['lm_head_rows']}: {worker['reason']}")
+        record_property("onednn_avx_lm_head_rows", worker["lm_head_rows"])
+        record_property("onednn_avx_reason", worker["reason"])
         _assert_starts_equal_standard(llm, 34, [300, 150, 90], (0, 70, 88), what="oneDNN AVX")
 
 
@@ -244,6 +245,10 @@ def test_a_forced_run_does_not_load_kernels_compiled_for_another_isa(tmp_path, r
     shared = _count_in_subprocess({**forced_env,
                                    "TORCHINDUCTOR_CACHE_DIR": base["TORCHINDUCTOR_CACHE_DIR"]})
     record_property("shared_cache_wrong_counts", shared["wrong"])
-    print(f"native {native}, forced with its own cache {forced}, forced sharing the native "
-          f"cache {shared} (of 24 counts)")
+    record_property("native_capability", native["capability"])
+    record_property("native_wrong_counts", native["wrong"])
+    record_property("forced_capability", forced["capability"])
+    record_property("forced_wrong_counts", forced["wrong"])
+    record_property("shared_cache_capability", shared["capability"])
+    record_property("counts_per_run", 24)
     assert forced["capability"] == "AVX2" and forced["wrong"] == 0, forced
