@@ -29,8 +29,7 @@ from fastpath import zoo
 from fastpath.cli.common import LOG_LEVEL_ENV
 from fastpath.engine import scoring
 from fastpath.metrics.perplexity import bitwise_mismatches
-from fastpath.testing import v2cpu
-from fastpath.worker import rowsubset
+from fastpath.testing import rowsweep, v2cpu
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository root
 
@@ -220,7 +219,7 @@ def cpu_plan(hidden: int, vocab: int, chunk: int = 256) -> dict:
     The big shapes take `chunk + 1` rows: two chunks, the second a lone row.
     """
     if hidden * vocab <= 1 << 20:
-        return {"rows": 2047, "chunk": ROW_CHUNK, "counts": rowsubset.COUNTS,
+        return {"rows": 2047, "chunk": ROW_CHUNK, "counts": rowsweep.COUNTS,
                 "count_starts": "edges"}
     return {"rows": chunk + 1, "chunk": chunk, "counts": (2, 3, 8, 64, 255),
             "count_starts": "one"}
@@ -232,7 +231,7 @@ def shape_id(shape: tuple[int, int]) -> str:
 
 def describe(report: dict, key: str = "mismatches") -> str:
     items = report[key]
-    return f"{rowsubset.summary(report)}; first: {json.dumps(items[:5])}"
+    return f"{rowsweep.summary(report)}; first: {json.dumps(items[:5])}"
 
 
 def lm_eval_cli(model: str, model_args: str, tasks: Sequence[str], tasks_dir: str, out: Path,

@@ -3,7 +3,7 @@
 On CPU vLLM does not call `torch.nn.functional.linear` for the lm_head: at load it
 dispatches the layer to oneDNN (`onednn_mm`), or to sgl-kernel's `weight_packed_linear` for
 16-bit weights on AMX CPUs (`vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm`).
-This sweeps that kernel (`fastpath.worker.rowsubset`, kernel `vllm-cpu`) at every zoo lm_head
+This sweeps that kernel (`fastpath.testing.rowsweep`, kernel `vllm-cpu`) at every zoo lm_head
 shape in float32, what fastpath's CPU engines run: every subset of two or more rows must
 give each row its bits (asserted), runs of 64 rows (the CPU default chunk) and chunks of
 1024 among them. (A measurement on this machine's native kernels: engines do not rely on
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from fastpath.worker import rowsubset
+from fastpath.testing import rowsweep
 from tests.helpers import EPS32, ROW_CHUNK, SHAPES, cpu_plan, describe, shape_id
 
 pytest.importorskip("vllm")
@@ -41,7 +41,7 @@ pytestmark = [pytest.mark.skipif(not _vllm_on_cpu(), reason="vLLM's platform her
 
 def _record_sweep(record_property, report: dict) -> None:
     """A sweep's figures as the test's properties (junit XML, the report)."""
-    record_property("sweep", rowsubset.summary(report))
+    record_property("sweep", rowsweep.summary(report))
     record_property("subsets_checked", report["subsets_checked"])
     record_property("rows_checked", report["rows_checked"])
     record_property("multi_row_mismatches", len(report["mismatches"]))
@@ -51,7 +51,7 @@ def _record_sweep(record_property, report: dict) -> None:
 
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_vllm_cpu_lm_head_is_row_subset_invariant_in_float32(shape, record_property):
-    report = rowsubset.sweep(*shape, kernel="vllm-cpu", device="cpu",
+    report = rowsweep.sweep(*shape, kernel="vllm-cpu", device="cpu",
                              **cpu_plan(*shape, chunk=ROW_CHUNK))
     _record_sweep(record_property, report)
     assert report["invariant"], describe(report)
@@ -63,8 +63,8 @@ def test_vllm_cpu_lm_head_is_row_subset_invariant_on_one_thread():
 
     In a fresh process: where vLLM already set up its CPU threads, torch keeps that count.
     """
-    code = ("import json; from fastpath import rowsubset; from tests.helpers import "
-            "cpu_plan; print(json.dumps(rowsubset.sweep(128, 2048, kernel='vllm-cpu', "
+    code = ("import json; from fastpath.testing import rowsweep; from tests.helpers import "
+            "cpu_plan; print(json.dumps(rowsweep.sweep(128, 2048, kernel='vllm-cpu', "
             "threads=1, **cpu_plan(128, 2048))))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True, cwd=Path(__file__).resolve().parents[2], timeout=600)
@@ -76,7 +76,7 @@ def test_vllm_cpu_lm_head_is_row_subset_invariant_on_one_thread():
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_vllm_cpu_lm_head_in_16_bit_differs_by_rounding_at_most(dtype, record_property):
     """Measured, not relied on: 1100 rows, where AMX's bf16 kernel rounded a row differently."""
-    report = rowsubset.sweep(128, 2048, rows=1100, chunk=ROW_CHUNK, dtype=dtype, kernel="vllm-cpu",
+    report = rowsweep.sweep(128, 2048, rows=1100, chunk=ROW_CHUNK, dtype=dtype, kernel="vllm-cpu",
                              counts=(2, 3, 8, 255, 1024))
     _record_sweep(record_property, report)
     assert report["log_softmax_invariant"], describe(report)

@@ -2,7 +2,7 @@
 
 fastpath computes only the scored rows (`target_start > 0`) and scores long prompts in
 chunks of rows, so its exactness rests on a row's logits, fp32 log-softmax and gathered
-target having the same bits among fewer rows. `fastpath.worker.rowsubset.sweep` checks that at
+target having the same bits among fewer rows. `fastpath.testing.rowsweep.sweep` checks that at
 every zoo lm_head shape (see its docstring for the subsets). This module needs torch and
 pytest alone, so it also runs on a GPU machine without vLLM:
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastpath.worker import rowsubset
+from fastpath.testing import rowsweep
 from tests.helpers import EPS32, ROW_CHUNK, SHAPES, cpu_plan, describe, shape_id
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def cpu_linear(request) -> dict:
     """One bare-torch sweep per zoo lm_head shape, shared by the tests below."""
     hidden, vocab = request.param
-    return rowsubset.sweep(hidden, vocab, kernel="linear", device="cpu", **cpu_plan(hidden, vocab))
+    return rowsweep.sweep(hidden, vocab, kernel="linear", device="cpu", **cpu_plan(hidden, vocab))
 
 
 def test_log_softmax_and_gather_keep_a_rows_bits_among_fewer_rows(cpu_linear):
@@ -49,11 +49,11 @@ def test_cpu_linear_differences_are_rounding_only(cpu_linear):
              if m["stage"] == "logits"]
     bound = cpu_linear["hidden"] * EPS32 * cpu_linear["max_abs_logit"]  # k * u * max|logit|
     assert max(diffs, default=0.0) <= bound, describe(cpu_linear)
-    print(rowsubset.summary(cpu_linear), f"max |diff| {max(diffs, default=0.0):.3g}")
+    print(rowsweep.summary(cpu_linear), f"max |diff| {max(diffs, default=0.0):.3g}")
 
 
 def test_subsets_cover_suffixes_chunks_and_lone_rows():
-    checked = rowsubset.subsets(2047, 1024)
+    checked = rowsweep.subsets(2047, 1024)
     spans = {(start, stop) for start, stop, _ in checked}
     assert {(1, 2047), (0, 1024), (1024, 2047), (2046, 2047), (1023, 1024), (1024, 1025),
             (1023, 1025), (0, 2), (2045, 2047)} <= spans
@@ -61,7 +61,7 @@ def test_subsets_cover_suffixes_chunks_and_lone_rows():
     assert all(0 <= start < stop <= 2047 for start, stop in spans)
     assert len(spans) == len(checked)
     with pytest.raises(ValueError, match="rows"):
-        rowsubset.subsets(1, 1024)
+        rowsweep.subsets(1, 1024)
 
 
 def test_sweep_finds_a_kernel_that_depends_on_the_row_count(monkeypatch):
@@ -72,8 +72,8 @@ def test_sweep_finds_a_kernel_that_depends_on_the_row_count(monkeypatch):
             return out.nextafter(out + 1) if len(hidden) % 2 else out
         return logits
 
-    monkeypatch.setattr(rowsubset, "lm_head", odd_rounding)
-    report = rowsubset.sweep(64, 256, 40, chunk=16, counts=(2, 3, 8))
+    monkeypatch.setattr(rowsweep, "lm_head", odd_rounding)
+    report = rowsweep.sweep(64, 256, 40, chunk=16, counts=(2, 3, 8))
     odd = {(m["start"], m["stop"]) for m in report["mismatches"] if m["stage"] == "logits"}
     assert not report["invariant"] and report["log_softmax_invariant"]
     assert odd and all((stop - start) % 2 for start, stop in odd)
@@ -83,10 +83,10 @@ def test_sweep_finds_a_kernel_that_depends_on_the_row_count(monkeypatch):
 
 
 def test_standalone_command_prints_json_and_imports_no_vllm():
-    script = ("import runpy, sys; sys.argv = ['rowsubset', '--hidden', '64', '--vocab', '512', "
+    script = ("import runpy, sys; sys.argv = ['rowsweep', '--hidden', '64', '--vocab', '512', "
               "'--rows', '40', '--chunk', '16', '--counts', '2', '3']; "
               "code = 0\n"
-              "try: runpy.run_module('fastpath.worker.rowsubset', run_name='__main__')\n"
+              "try: runpy.run_module('fastpath.testing.rowsweep', run_name='__main__')\n"
               "except SystemExit as e: code = e.code\n"
               "print('VLLM' if 'vllm' in sys.modules else 'NO-VLLM', code, file=sys.stderr)")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
@@ -105,7 +105,7 @@ REAL_SHAPE = (4096, 128_256)  # Llama-3-8B's head
 @pytest.mark.parametrize("chunk", [1024, 512])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_cuda_linear_is_row_subset_invariant_at_llama3_8b(dtype, chunk):
-    report = rowsubset.sweep(*REAL_SHAPE, rows=2048, chunk=chunk, dtype=dtype, device="cuda")
+    report = rowsweep.sweep(*REAL_SHAPE, rows=2048, chunk=chunk, dtype=dtype, device="cuda")
     print(json.dumps({k: v for k, v in report.items() if k != "mismatches"}))
     assert report["invariant"], describe(report)
     assert report["log_softmax_invariant"], describe(report)
@@ -115,7 +115,7 @@ def test_cuda_linear_is_row_subset_invariant_at_llama3_8b(dtype, chunk):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_cuda_linear_is_row_subset_invariant_at_zoo_shapes(shape, dtype):
-    report = rowsubset.sweep(*shape, rows=2047, chunk=ROW_CHUNK, dtype=dtype, device="cuda")
-    print(rowsubset.summary(report))
+    report = rowsweep.sweep(*shape, rows=2047, chunk=ROW_CHUNK, dtype=dtype, device="cuda")
+    print(rowsweep.summary(report))
     assert report["invariant"], describe(report)
     assert report["log_softmax_invariant"], describe(report)
