@@ -48,7 +48,9 @@ llama.cpp's).
 examples:
   fastpath kld --base-model BASE --model QUANT --top-k 32 --base-cache base.kld.npz \\
       --dataset wikitext --dataset-config wikitext-2-raw-v1 --json quant.json
-  fastpath kld --base-cache base.kld.npz --model QUANT2     # the base file again, no base pass"""
+  fastpath kld --base-cache base.kld.npz --model QUANT2     # the base file again, no base pass
+  fastpath kld --base-model BASE --model W8A8 --model W4A8 --json all.json
+                                   # several variants, one base pass, a noise-floor row"""
 
 
 ENGINE_FLAGS_NOTE = (
@@ -132,7 +134,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser,
     kld = commands.add_parser(
         "kld", help="KL divergence of a model against a base model",
         description=KLD_DESCRIPTION, epilog=HELP_SEARCH.format(command="kld"),
-        usage="fastpath kld --model MODEL (--base-model BASE | --base-cache FILE) "
+        usage="fastpath kld --model MODEL [--model MODEL ...] (--base-model BASE | --base-cache "
+        "FILE) "
         "[fastpath flags] [vllm serve engine flags]", formatter_class=RawEpilogFormatter)
     EngineArgs.add_cli_args(kld)
     kld.set_defaults(model=None)
@@ -141,7 +144,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser,
     for command, model_help in ((ppl, "the model to score, a path or a name (default: the "
                                   "embedded default on the bundled text)"),
                                  (kld, "the model to judge against the base (e.g. a quantized "
-                                  "copy), a path or a name")):
+                                  "copy), a path or a name; repeat to compare several")):
         next(a for a in command._actions if a.dest == "model").help = model_help
         command.own_groups = tuple(g.title for g in command._action_groups
                                    if g.title and "fastpath" in g.title)

@@ -59,7 +59,7 @@ def add_kld_flags(parser: argparse.ArgumentParser) -> None:
                        "(.npz)")
     group.add_argument("--noise-floor", choices=NOISE_FLOOR_DTYPES, default=None,
                        help="also score the base model in this dtype against the base pass: "
-                       "the divergence arithmetic alone causes, a row beside the variants "
+                       "the divergence rounding alone causes, a row beside the variants "
                        "(default: bfloat16 when --model is given twice or more, else none)")
     add_text_flags(group)
     add_json_flag(group)
