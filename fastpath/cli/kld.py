@@ -178,7 +178,8 @@ def variants_of(flags: RunFlags) -> list[Variant]:
     if flags.servers:
         runs = [Variant("the servers' model", flags, "variant")]
     else:
-        runs = [Variant(m, flags.replace(model=m), "variant") for m in flags.models]
+        runs = [Variant(Path(m.rstrip("/")).name or m, flags.replace(model=m), "variant")
+                for m in flags.models]
     if flags.noise_floor != "none":
         base = base_flags(flags)
         runs.append(Variant(f"noise floor: base in {flags.noise_floor}",
@@ -227,10 +228,11 @@ def obtain_base(flags: RunFlags, text: str, source: str) -> tuple[basefile.BaseS
                   "base_file_bytes": saved}
 
 
-def score_variant(variant: Variant, position: str, base: basefile.BaseScores,
+def score_variant(variant: Variant, position: str, base: basefile.BaseScores, base_from: str,
                   flags: RunFlags, text: str, source: str) -> tuple[dict[str, Any], Any, Any]:
     """One variant's model pass against the base: its report row, the divergence and the
-    layout (the same windows as the base's, checked)."""
+    layout (the same windows as the base's, checked; `base_from` names where they came
+    from in a refusal)."""
     run = variant.flags
     urls = run.servers if variant.role == "variant" else None
     with open_scorer(run, text, urls, run.model) as opened:
@@ -239,21 +241,18 @@ def score_variant(variant: Variant, position: str, base: basefile.BaseScores,
         info = scorer.describe()
         try:
             base.check_matches(layout, flags.top_k, info.vocab_size, fingerprint_of(scorer),
-                               source=f"--base-cache {flags.base_cache}"
-                               if flags.base_cache and Path(flags.base_cache).is_file()
-                               else "the base model")
+                               source=base_from)
         except basefile.BaseFileError as error:
             raise UsageError(f"{variant.label}: {error}") from None
         with _progress(len(layout.windows), f"model pass {position}") as bar:
             model = model_pass(scorer, layout, base, bar.update)
+        config = opened.llm.llm_engine.model_config if opened.llm else None
     result = compare(layout, base, model)
-    quantization = (getattr(run, "quantization", None)
-                    or (opened.llm.llm_engine.model_config.quantization if opened.llm else None))
     row = {"label": variant.label, "role": variant.role,
            "model": run.model if run.model and not urls else info.model,
-           "dtype": str(opened.llm.llm_engine.model_config.dtype).removeprefix("torch.")
-           if opened.llm else None,
-           "quantization": quantization, "checkpoint_bytes": checkpoint_bytes(run.model),
+           "dtype": str(config.dtype).removeprefix("torch.") if config else None,
+           "quantization": config.quantization if config else None,
+           "checkpoint_bytes": checkpoint_bytes(run.model),
            "vllm_version": info.vllm_version, "runner": info.runner,
            "device": info.extra.get("device"), **opened.fields, **result.summary(),
            "seconds_model_pass": model.timing.seconds}
@@ -268,8 +267,10 @@ def _run_kld(flags: RunFlags) -> int:
     variants = variants_of(flags)
     rows, results = [], []
     for number, variant in enumerate(variants, 1):
-        row, result, layout = score_variant(variant, f"{number}/{len(variants)}", base, flags,
-                                            text, source)
+        base_from = (f"--base-cache {flags.base_cache}" if base_fields["base_file_reused"]
+                     else "the base model")
+        row, result, layout = score_variant(variant, f"{number}/{len(variants)}", base,
+                                            base_from, flags, text, source)
         rows.append(row)
         results.append(result)
     base_file_bytes = base_fields["base_file_bytes"]

@@ -455,7 +455,7 @@ def plot_memory(table: pd.DataFrame, out: Path) -> Path:
 
 
 def run_kld_report(paths: list[Path], out: Path) -> list[Path]:
-    """kld.csv and the two KLD plots from `fastpath kld --json` reports."""
+    """kld.csv, kld.md and the KLD plots from `fastpath kld --json` reports."""
     reports = load_kld_reports(paths)
     table = kld_table(reports)
     out.mkdir(parents=True, exist_ok=True)
