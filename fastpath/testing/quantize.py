@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -171,3 +172,26 @@ def _build_compressed(source: Path, path: Path, scheme: str) -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp.parent / f"{tmp.name}.txt").unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m fastpath.testing.quantize MODEL SCHEME...`: build (or find in the cache)
+    each compressed checkpoint of a zoo model and print its path, one per line."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fastpath.testing.quantize",
+                                     description=main.__doc__)
+    parser.add_argument("model", help="a zoo model, e.g. trained-llama (the embedded default)")
+    parser.add_argument("schemes", nargs="+", choices=COMPRESSED_SCHEMES)
+    args = parser.parse_args(argv)
+    try:
+        for scheme in args.schemes:
+            print(get_compressed(args.model, scheme))
+    except QuantizerUnavailable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
