@@ -86,3 +86,22 @@ def test_noise_floor_by_default_only_with_several_local_variants():
     assert floor("--base-model", "b", "--model", "q1", "--model", "q2",
                  "--noise-floor", "none") == "none"
     assert floor("--base-server", "http://b", "--model", "q1", "--model", "q2") == "none"
+
+
+def test_variants_and_noise_floor_runs():
+    """Each --model in order on the model's engine flags, then the base model in the noise
+    floor's dtype on the base's flags (--base-dtype included): what the engines are given."""
+    parser, _, kld_parser, _ = cli.build_parser()
+    words = ["--base-model", "/b", "--model", "/q1", "--model=/q2/", "--dtype", "float16",
+             "--base-dtype", "float32", "--kv-cache-memory-bytes", "64M"]
+    args = parser.parse_args(["kld", *words])
+    flags = common.RunFlags.read(args, common.given_flags(kld_parser, words))
+    flags = kld_command.check_kld_flags(flags.derive(models=cli.model_values(words)))
+    runs = kld_command.variants_of(flags)
+    assert [(r.label, r.role) for r in runs] == [
+        ("q1", "variant"), ("q2", "variant"), ("noise floor: base in bfloat16", "noise floor")]
+    engines = [common.engine_args(r.flags) for r in runs]
+    assert [(e.model, e.dtype) for e in engines] == [("/q1", "float16"), ("/q2/", "float16"),
+                                                      ("/b", "bfloat16")]
+    assert all(e.kv_cache_memory_bytes == 64 << 20 for e in engines)
+    assert all(e.max_num_seqs == 1 for e in engines)  # fastpath's isolated schedule, each

@@ -200,6 +200,7 @@ def test_v2_runner_asked_for_is_refused(monkeypatch, capsys):
     assert "needs vLLM's V1 model runner" in err and "VLLM_USE_V2_MODEL_RUNNER=1" in err
 
 
+@pytest.mark.slow  # five engines, about 200 s on 2 cores; test_variants_and_noise_floor_runs
 def test_several_variants_against_one_base_in_one_run(tmp_path, capsys, quantized_path):
     """`fastpath kld --model A --model Q` against base A: one base pass, a row per variant in
     order and the noise floor last. A variant identical to the base gives KLD 0.0 exactly and
