@@ -14,8 +14,8 @@ dies looking up the version of a distribution named "vllm". What fastpath adds:
   `--middleware` hook, so a huge body is refused before it is read;
 - `GET /fastpath/exactness` (the same hook): what the server's bits rest on, as
   `fastpath ppl --json` reports it offline: the schedule mode and each worker's row mode;
-- scoring-route bodies that vLLM answers with a bare HTTP 500 are refused with a 400 naming
-  the field (the same hook; `fastpath.server.serve.ScoringChecks`);
+- scoring and completions bodies that vLLM answers with a bare HTTP 500 are refused with a
+  400 naming the field (the same hook; `fastpath.server.serve.RequestChecks`);
 - `/v1/completions` on the fast path for echo + logprobs requests (lm-eval's
   `local-completions`) and `target_token_ids` on completions requests
   (`fastpath.patches.completions`, bound by the routes middleware in each API server);
@@ -46,7 +46,7 @@ from fastpath.server.serve import (
     SCORE_ROUTE,
     BodyLimit,
     FastpathRoutes,
-    ScoringChecks,
+    RequestChecks,
 )
 
 
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace, given: set[str]) -> int:
               "(standard path only, no fastpath routes)", flush=True)
     else:
         # Starlette runs the last one added first: the body limit, then the scoring checks.
-        middleware += [_middleware_name(FastpathRoutes), _middleware_name(ScoringChecks)]
+        middleware += [_middleware_name(FastpathRoutes), _middleware_name(RequestChecks)]
         if flags.max_request_bytes:
             middleware.append(_middleware_name(BodyLimit))
     # The namespace vLLM's server runs on (and writes into): the flags, fastpath's defaults

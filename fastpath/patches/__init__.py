@@ -175,7 +175,7 @@ BORROWED: tuple[Borrowed, ...] = (
     Borrowed("vllm.v1.engine", "EngineCoreOutput.finish_reason", "scheduler"),
     Borrowed("vllm.v1.engine.logprobs", "LogprobsProcessor._update_prompt_logprobs",
              "completions", frozenset({"e55d3b9b1ad45854"})),
-    # Not a patch's: fastpath.server.serve.ScoringChecks asks vLLM's own check for its reasons.
+    # Not a patch's: fastpath.server.serve.RequestChecks asks vLLM's own check for its reasons.
     Borrowed("vllm.sampling_params", "SamplingParams._validate_trace_replay", SERVE_CHECKS,
              frozenset({"619e282f15f54e44"})),
 )

@@ -1,7 +1,7 @@
 """What `fastpath serve` adds inside vLLM's server: the routes' addresses, a request-body
 limit (HTTP 413 naming `--max-request-bytes`), `GET /fastpath/exactness|tokenizer`, a
-check of the scoring route's bodies (HTTP 400 naming a field where vLLM would answer a bare
-500), and `/v1/completions` on the fast path (`fastpath.patches.completions`, bound when
+check of the scoring and completions routes' bodies (HTTP 400 naming a field where vLLM
+would answer a bare 500), and `/v1/completions` on the fast path (`fastpath.patches.completions`, bound when
 the routes are built), loaded through vLLM's own `--middleware` hook, so this module is
 imported by name in every API server process (`fastpath.cli.serve` starts them)."""
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,6 +19,8 @@ TOKENIZER_ROUTE = "/fastpath/tokenizer"  # its tokenizer's special ids and the v
 BODY_LIMIT_ENV = "FASTPATH_MAX_REQUEST_BYTES"
 DEFAULT_MAX_REQUEST_BYTES = 64 << 20  # a 128K-token window with its ids is about 3 MB
 TRACE_FIELD = "trace_decode_token_ids"  # SamplingParams field vLLM checks with bare ValueErrors
+COMPLETIONS_ROUTE = "/v1/completions"
+CHECKED_ROUTES = (SCORE_ROUTE, COMPLETIONS_ROUTE)  # bodies RequestChecks reads first
 
 
 class BodyLimit:
@@ -129,23 +132,29 @@ async def every_engines_workers(engine: Any) -> list[dict[str, Any]]:
             for rank, workers in zip(ranks, per_engine, strict=True) for worker in workers]
 
 
-class ScoringChecks:
+class RequestChecks:
     """ASGI middleware: refuse with HTTP 400, in vLLM's error format and naming the field,
-    the bodies of `POST /inference/v1/generate` that vLLM itself answers with a bare 500.
+    the bodies of `POST /inference/v1/generate` and `POST /v1/completions` that vLLM itself
+    answers with a bare 500.
 
-    One class so far (found by tests/servers/test_fuzz.py): `sampling_params.
-    trace_decode_token_ids`. vLLM checks it with plain ValueErrors
-    (`SamplingParams._validate_trace_replay`) inside `AsyncLLM.generate`, which turns every
-    error that is not a client error into `EngineGenerateError`: an empty HTTP 500. Only a
-    body that names the field (or has a `\\u` escape) is parsed here; every other body goes
-    to vLLM untouched.
+    Two classes so far (found by tests/servers/test_fuzz.py):
+    1. the scoring route's `sampling_params.trace_decode_token_ids`, which vLLM checks with
+       plain ValueErrors (`SamplingParams._validate_trace_replay`) inside `AsyncLLM.generate`,
+       where every error that is not a client error becomes an empty HTTP 500;
+    2. a value of the wrong type that one of vLLM's `mode="before"` request validators reads
+       before pydantic checks its type (`CompletionRequest.check_structured_outputs_count`
+       calls `.get` on a string `structured_outputs`): an AttributeError, which pydantic does
+       not turn into a validation error, so vLLM answers 500. Every such crash of vLLM's own
+       request model is caught here, not only the one found (`validation_crash`), and so is
+       a raw TypeError, which vLLM answers with a 400 that names no field.
+    A body vLLM refuses itself (400) or takes goes to vLLM untouched.
     """
 
     def __init__(self, app: Any) -> None:
         self.app = app
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if (scope["type"] != "http" or scope.get("path") != SCORE_ROUTE
+        if (scope["type"] != "http" or scope.get("path") not in CHECKED_ROUTES
                 or scope.get("method") != "POST"):
             await self.app(scope, receive, send)
             return
@@ -158,15 +167,93 @@ class ScoringChecks:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        refusal = validation_crash(request_model(scope["path"]), body)
         # A JSON key may be spelled with \u escapes: such a body is parsed too.
-        if TRACE_FIELD.encode() in body or b"\\u" in body:
-            refusal = trace_refusal(body, scope["app"].state.engine_client.vllm_config)
-            if refusal is not None:
-                await _json(send, 400, {"error": {
-                    "message": refusal, "type": "BadRequestError",
-                    "param": f"sampling_params.{TRACE_FIELD}", "code": 400}})
-                return
+        if refusal is None and scope["path"] == SCORE_ROUTE and (
+                TRACE_FIELD.encode() in body or b"\\u" in body):
+            trace = trace_refusal(body, scope["app"].state.engine_client.vllm_config)
+            refusal = None if trace is None else (f"sampling_params.{TRACE_FIELD}", trace)
+        if refusal is not None:
+            param, message_text = refusal
+            await _json(send, 400, {"error": {
+                "message": message_text, "type": "BadRequestError", "param": param,
+                "code": 400}})
+            return
         await self.app(scope, replaying(body, receive), send)
+
+
+def request_model(route: str) -> Any:
+    """vLLM's pydantic model for the body of `route` (one of CHECKED_ROUTES)."""
+    if route == SCORE_ROUTE:
+        from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateRequest
+        return GenerateRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    return CompletionRequest
+
+
+def validation_crash(model: Any, body: bytes) -> tuple[str, str] | None:
+    """(field, message) where vLLM's own request model crashes on this body (an exception
+    that is not a validation error: vLLM answers an AttributeError with a bare 500, a raw
+    TypeError with a 400 that names no field), or None: the body validates, or vLLM refuses
+    it itself naming the field. The field is the top-level key without which the crash goes
+    away."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None  # not JSON: vLLM answers 400 itself
+    crash = _crash_of(model, data)
+    if crash is None:
+        return None
+    # The culprit: a key without which the body validates; failing that, one without which
+    # vLLM refuses it itself (removing `prompt` makes a missing-prompt error come first).
+    without = {key: _outcome(model, {k: v for k, v in data.items() if k != key})
+               for key in data}
+    culprit = next((key for key, outcome in without.items() if outcome == "valid"),
+                   next((key for key, outcome in without.items() if outcome == "refused"),
+                        None))
+    if culprit is None:
+        return ("body", f"the request body cannot be read by vLLM's request validation "
+                        f"({type(crash).__name__}: {crash})")
+    field = model.model_fields.get(culprit)
+    expected = _type_name(field.annotation) if field is not None else "another value"
+    return (culprit, f"{culprit} has the wrong form: expected {expected}, got "
+                     f"{type(data[culprit]).__name__} {json.dumps(data[culprit])[:80]} "
+                     f"(vLLM's request validation fails on it with "
+                     f"{type(crash).__name__}: {crash})")
+
+
+def _crash_of(model: Any, data: Any) -> Exception | None:
+    """The exception validating `data` raises that vLLM would not answer with a 400 naming
+    the field (anything but pydantic's validation error and vLLM's client errors), or None."""
+    from pydantic import ValidationError
+    from vllm.exceptions import VLLMClientError
+
+    if not isinstance(data, dict):
+        return None
+    try:
+        model.model_validate(data)
+    except (ValidationError, VLLMClientError):
+        return None  # vLLM answers these with a 400 itself, naming the field
+    except Exception as crash:  # noqa: BLE001 - a bare 500 (or a 400 naming nothing)
+        return crash
+    return None
+
+
+def _outcome(model: Any, data: dict) -> str:
+    """"valid", "refused" (a 400 naming the field, from vLLM) or "crash"."""
+    if _crash_of(model, data) is not None:
+        return "crash"
+    try:
+        model.model_validate(data)
+    except Exception:  # noqa: BLE001 - _crash_of said it is a client error
+        return "refused"
+    return "valid"
+
+
+def _type_name(annotation: Any) -> str:
+    """A field's type as a reader knows it: `StructuredOutputsParams | None`."""
+    text = getattr(annotation, "__name__", None) or str(annotation)
+    return re.sub(r"\b[\w.]+\.(\w+)", r"\1", text)
 
 
 def trace_refusal(body: bytes, vllm_config: Any) -> str | None:

@@ -24,7 +24,14 @@ Classes of bad input found (each now a 400 naming the field, with a plain regres
    ValueError inside `AsyncLLM.generate`, which vLLM answers with an empty HTTP 500. Found by
    the coverage phase (its base body carries `"trace_decode_token_ids": []`): 167 of the 772
    coverage requests to the scoring route answered 500 before the fix; none of 660 fuzzed
-   ones did. Fixed by `fastpath.server.serve.ScoringChecks`.
+   ones did. Fixed by `fastpath.server.serve.RequestChecks`.
+2. a `/v1/completions` field of the wrong type that a vLLM `mode="before"` validator reads
+   before pydantic checks it: a string `structured_outputs` (vLLM's
+   `check_structured_outputs_count` calls `.get` on it: an AttributeError, an HTTP 500).
+   Found by CI's fixed-seed run (seed 19, 1 of 30 completions requests) on an AMD EPYC
+   (AVX2) machine; the guard now validates each body with vLLM's own request model first
+   and refuses any such crash with a 400 naming the field
+   (`test_found_completions_class_is_refused`).
 Tried since the fix: two nightly-size runs (2147 requests each: 1547 coverage, 600 fuzzed)
 and CI-size runs (60 each): no 5xx, no timeout, the same bits after. Without the fix the
 nightly size fails on class 1 (a run with the check removed), and a 0.02 s request timeout
@@ -264,6 +271,30 @@ def test_found_class_is_refused(fuzz_server: Server, name: str, body: dict) -> N
     assert error["type"] == "BadRequestError" and error["code"] == 400, error
     assert error["param"] == f"sampling_params.{TRACE_FIELD}", error
     assert f"sampling_params.{TRACE_FIELD}" in error["message"], error
+
+
+# Class 2: the body CI's fuzzer sent (its surrogate-laden strings kept), then the field alone.
+FOUND_COMPLETIONS = [
+    ("as fuzzed", {"kv_transfer_params": {}, "return_token_offsets": "\ud976\udcd4}\u00df",
+                   "stream_interval": None, "structured_outputs": "\u00ee\u0088O<\udbc5\udf38",
+                   "prompt": [147, 197, 1565, 540, 1236, 113, 2047, 647], "model": None}),
+    ("string structured_outputs", {"prompt": [1, 2, 3], "max_tokens": 1,
+                                   "structured_outputs": "x"}),
+]
+
+
+@pytest.mark.parametrize("name, body", FOUND_COMPLETIONS,
+                         ids=[case[0] for case in FOUND_COMPLETIONS])
+def test_found_completions_class_is_refused(fuzz_server: Server, name: str,
+                                            body: dict) -> None:
+    """A 400 naming `structured_outputs` where vLLM answered a 500."""
+    reply = httpx.post(f"{fuzz_server.url}{COMPLETIONS_ROUTE}", timeout=REQUEST_TIMEOUT,
+                       content=json.dumps(body).encode(),
+                       headers={"content-type": "application/json"})
+    assert reply.status_code == 400, (name, reply.status_code, reply.text[:500])
+    error = reply.json()["error"]
+    assert error["param"] == "structured_outputs", error
+    assert "structured_outputs has the wrong form" in error["message"], error
 
 
 def test_scoring_body_without_the_field_is_answered(fuzz_server: Server) -> None:

@@ -1,4 +1,4 @@
-"""`fastpath.server.serve.ScoringChecks` as an ASGI middleware around a stand-in app: no engine, no
+"""`fastpath.server.serve.RequestChecks` as an ASGI middleware around a stand-in app: no engine, no
 server (tests/servers/test_fuzz.py checks it on a real server)."""
 
 from __future__ import annotations
@@ -10,7 +10,16 @@ from typing import Any
 
 import pytest
 
-from fastpath.server.serve import SCORE_ROUTE, TRACE_FIELD, ScoringChecks, trace_refusal
+from pydantic import BaseModel, model_validator
+
+from fastpath.server.serve import (
+    COMPLETIONS_ROUTE,
+    SCORE_ROUTE,
+    TRACE_FIELD,
+    RequestChecks,
+    trace_refusal,
+    validation_crash,
+)
 
 FIELD = f"sampling_params.{TRACE_FIELD}"
 VOCAB = 1000
@@ -54,7 +63,7 @@ def call(payload: bytes, path: str = SCORE_ROUTE, method: str = "POST",
     async def send(message: dict) -> None:
         sent.append(message)
 
-    asyncio.run(ScoringChecks(app)(scope, receive, send))
+    asyncio.run(RequestChecks(app)(scope, receive, send))
     return seen, sent
 
 
@@ -129,7 +138,8 @@ def test_field_name_spelled_with_escapes_is_found():
     assert not seen and error_of(sent)[1]["param"] == FIELD
 
 
-@pytest.mark.parametrize("path, method", [(SCORE_ROUTE, "GET"), ("/v1/completions", "POST")])
+@pytest.mark.parametrize("path, method", [(SCORE_ROUTE, "GET"), (COMPLETIONS_ROUTE, "GET"),
+                                          ("/v1/chat/completions", "POST")])
 def test_other_routes_untouched(path, method):
     payload = body(**{TRACE_FIELD: []})
     seen, sent = call(payload, path=path, method=method)
@@ -148,6 +158,57 @@ def test_client_gone_mid_upload_ends_quietly():
     async def send(message: dict) -> None:
         seen.append(message)
 
-    asyncio.run(ScoringChecks(app)({"type": "http", "path": SCORE_ROUTE, "method": "POST"},
+    asyncio.run(RequestChecks(app)({"type": "http", "path": SCORE_ROUTE, "method": "POST"},
                                    receive, send))
     assert seen == []
+
+
+def completion(**fields: Any) -> bytes:
+    return json.dumps({"prompt": [1, 2, 3], "max_tokens": 1, **fields}).encode()
+
+
+def test_completions_field_that_crashes_vllms_validation_is_refused_by_name():
+    """Found by the fuzzer: vLLM's `check_structured_outputs_count` calls `.get` on a string
+    `structured_outputs` (an AttributeError: a bare 500 from vLLM)."""
+    seen, sent = call(completion(structured_outputs="x"), path=COMPLETIONS_ROUTE)
+    assert seen == []
+    status, error = error_of(sent)
+    assert status == 400 and error["param"] == "structured_outputs", error
+    assert "expected StructuredOutputsParams | None, got str" in error["message"], error
+
+
+@pytest.mark.parametrize("payload", [completion(), completion(structured_outputs=None),
+                                     completion(structured_outputs={"regex": "a+"}),
+                                     completion(return_token_offsets="x"),  # vLLM's 400
+                                     completion(prompt_logprobs="x"),  # vLLM's own 400
+                                     b'{"prompt": [1', b"[1, 2]", b"\xff"])
+def test_completions_bodies_vllm_answers_itself_pass_untouched(payload):
+    seen, sent = call(payload, path=COMPLETIONS_ROUTE)
+    assert seen == [payload] and sent[0]["status"] == 200
+
+
+class Fragile(BaseModel):
+    """A request model with the flaw class 2 is about: a before-validator that trusts a type."""
+
+    a: int = 0
+    options: dict | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def count(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("options") is not None:
+            len(data["options"].keys())
+        if isinstance(data, dict) and 13 in (data.get("a"), data.get("b")):
+            raise TypeError("two thirteens")
+        return data
+
+
+def test_the_guard_catches_any_crash_not_only_the_one_found():
+    assert validation_crash(Fragile, b'{"a": 1, "options": {"x": 1}}') is None
+    assert validation_crash(Fragile, b'{"a": "not an int"}') is None  # a validation error
+    field, message = validation_crash(Fragile, b'{"a": 1, "options": [1]}')
+    assert field == "options" and "expected dict | None, got list [1]" in message, message
+    assert "AttributeError" in message
+    # a crash no single field explains is refused as the body's
+    field, message = validation_crash(Fragile, b'{"a": 13, "b": 13}')
+    assert field == "body" and "TypeError: two thirteens" in message, message
