@@ -1,9 +1,10 @@
 """What `fastpath serve` adds inside vLLM's server: the routes' addresses, a request-body
 limit (HTTP 413 naming `--max-request-bytes`), `GET /fastpath/exactness|tokenizer`, a
 check of the scoring and completions routes' bodies (HTTP 400 naming a field where vLLM
-would answer a bare 500), and `/v1/completions` on the fast path (`fastpath.patches.completions`, bound when
-the routes are built), loaded through vLLM's own `--middleware` hook, so this module is
-imported by name in every API server process (`fastpath.cli.serve` starts them)."""
+would answer a bare 500), and `/v1/completions` on the fast path
+(`fastpath.patches.completions`, bound when the routes are built), loaded through vLLM's
+own `--middleware` hook, so this module is imported by name in every API server process
+(`fastpath.cli.serve` starts them)."""
 
 from __future__ import annotations
 
@@ -234,7 +235,7 @@ def _crash_of(model: Any, data: Any) -> Exception | None:
         model.model_validate(data)
     except (ValidationError, VLLMClientError):
         return None  # vLLM answers these with a 400 itself, naming the field
-    except Exception as crash:  # noqa: BLE001 - a bare 500 (or a 400 naming nothing)
+    except Exception as crash:  # a bare 500, or a 400 naming nothing
         return crash
     return None
 
@@ -245,7 +246,7 @@ def _outcome(model: Any, data: dict) -> str:
         return "crash"
     try:
         model.model_validate(data)
-    except Exception:  # noqa: BLE001 - _crash_of said it is a client error
+    except Exception:  # _crash_of said: a client error
         return "refused"
     return "valid"
 

@@ -9,7 +9,6 @@ import types
 from typing import Any
 
 import pytest
-
 from pydantic import BaseModel, model_validator
 
 from fastpath.server.serve import (
