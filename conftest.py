@@ -85,6 +85,21 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
             f"fastpath: vLLM from {vllm_dir} ({source})"]
 
 
+def skip_repeated_conditions(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A `conditions` run forced to the build this CPU loads anyway, on quiet cores, repeats
+    the main run: its tests are skipped with the reason (CI's conditions run on an
+    AVX2-only machine; on an AVX-512 machine forced AVX2 is another build and they run)."""
+    isa = config.getoption("cpu_isa")
+    if isa == "native" or isa != kernels.native_build() or config.fastpath_busy_cores:
+        return
+    skip = pytest.mark.skip(reason=(
+        f"--cpu-isa {isa} is this CPU's own kernel build, on quiet cores: "
+        "the run without it already ran this test under the same build"))
+    for item in items:
+        if item.get_closest_marker("conditions"):
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def busy_cores(request: pytest.FixtureRequest):
     """Other work on the cores for the whole run, where --busy-cores asks for it."""
@@ -123,8 +138,10 @@ def _runner_of(item: pytest.Item) -> str | None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip `gpu` tests without CUDA and `v1_only` tests on V2, each with its reason; run
+    """Skip `gpu` tests without CUDA, `v1_only` tests on V2 and a repeated `conditions` run,
+    each with its reason; run
     the tests of one runner before the other's, so one runner's engines live at a time."""
+    skip_repeated_conditions(config, items)
     order = {name: i for i, name in enumerate(RUNNERS)}
     items.sort(key=lambda item: order.get(_runner_of(item), -1))
     v1_asked = "v1" in runners(config)

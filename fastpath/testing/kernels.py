@@ -70,6 +70,12 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def native_build() -> str:
+    """The kernel build this CPU loads unforced, as ISAS names it: avx512 where it has
+    AVX-512 (vLLM's `_C_AVX512` or `_C`), else avx2."""
+    return "avx512" if all(f in cpu_flags() for f in REQUIRED_FLAGS["avx512"]) else "avx2"
+
+
 def check_isa(isa: str) -> None:
     """Raise ValueError for an unknown name, IsaUnavailable where this CPU lacks the ISA."""
     if isa not in ISAS:

@@ -15,14 +15,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from fastpath import zoo
 
 pytestmark = [pytest.mark.engine]
 
 ROOT = Path(__file__).resolve().parents[2]
-# One run starts an engine: about 50 s on 2 idle cores. FASTPATH_EXIT_RUNS asks for more.
-RUNS = int(os.environ.get("FASTPATH_EXIT_RUNS", "3"))
+# One run starts an engine: about 50 s on 2 idle cores, so CI runs the script once and the
+# nightly three times (the reported failure came in 2 of 4 runs); FASTPATH_EXIT_RUNS sets it.
+RUNS = int(os.environ.get("FASTPATH_EXIT_RUNS")
+           or (3 if settings.get_current_profile_name() == "nightly" else 1))
 ABORT_TEXT = "terminate called"
 
 SCRIPT = '''
