@@ -8,6 +8,7 @@ and `--base-server`; a base file replaces the base pass), and writes the report.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -196,6 +197,24 @@ def checkpoint_bytes(model: str | None) -> int | None:
     return sum(f.stat().st_size for f in files) or None
 
 
+def weight_bits(model: str | None) -> int | None:
+    """The bits per weight of a local checkpoint's quantized linear layers, from its
+    config.json's `quantization_config` (compressed-tensors' `num_bits` when every group
+    agrees, GPTQ's `bits`, AWQ's `w_bit`); None where unquantized or unknown."""
+    if not model or not (Path(model) / "config.json").is_file():
+        return None
+    try:
+        config = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    quantization = config.get("quantization_config") or {}
+    groups = quantization.get("config_groups") or {}
+    bits = {(group.get("weights") or {}).get("num_bits") for group in groups.values()}
+    bits |= {quantization.get("bits"), quantization.get("w_bit")}
+    bits.discard(None)
+    return bits.pop() if len(bits) == 1 else None
+
+
 def obtain_base(flags: RunFlags, text: str, source: str) -> tuple[basefile.BaseScores,
                                                                    dict[str, Any]]:
     """The base file named by --base-cache, else a base pass (saved where --base-cache says);
@@ -253,6 +272,7 @@ def score_variant(variant: Variant, position: str, base: basefile.BaseScores, ba
            "dtype": str(config.dtype).removeprefix("torch.") if config else None,
            "quantization": config.quantization if config else None,
            "checkpoint_bytes": checkpoint_bytes(run.model),
+           "weight_bits": weight_bits(run.model),
            "vllm_version": info.vllm_version, "runner": info.runner,
            "device": info.extra.get("device"), **opened.fields, **result.summary(),
            "seconds_model_pass": model.timing.seconds}
@@ -327,6 +347,10 @@ TABLE_COLUMNS: tuple[tuple[str, int, Callable[[dict[str, Any]], str]], ...] = (
     ("p99", 9, lambda r: f"{r['kld_percentiles']['99']:.2e}"),
     ("max", 9, lambda r: f"{r['kld_max']:.2e}"),
     ("top-1 agree", 11, lambda r: f"{100 * r['top1_agreement']:.2f}%"),
+    ("top-5 agree", 11, lambda r: (f"{100 * r['topk_agreement']['5']:.2f}%"
+                                   if "5" in r.get("topk_agreement", {}) else "-")),
+    ("rev. KLD", 9, lambda r: (f"{r['reverse_kld_mean']:.2e}"
+                               if "reverse_kld_mean" in r else "-")),
     ("RMS Δp", 8, lambda r: f"{100 * r['rms_delta_p']:.3f}%"),
     ("pass s", 8, lambda r: f"{r['seconds_model_pass']:.1f}"),
 )

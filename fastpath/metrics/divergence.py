@@ -26,6 +26,10 @@ PERCENTILES = (99.9, 99.0, 95.0, 90.0, 50.0, 10.0, 5.0, 1.0, 0.1)
 LOWER_BOUND_NOTE = (
     "KLD is over the base model's top-K tokens plus one tail bucket: a lower bound of the "
     "full-vocabulary KLD (equal when K is the vocabulary)")
+REVERSE_NOTE = (
+    "reverse KLD is KL(model || base) over the same K + 1 outcomes (the base's top-K ids and "
+    "one tail bucket): a lower bound of the full-vocabulary KL(model || base); mass the "
+    "model moves to ids outside the base's top-K counts only through the tail bucket")
 # Per-token KLD histogram kept in every JSON report: a bin for values below 1e-8 (zero
 # included), then quarter-decade bins up to 100.
 HISTOGRAM_EDGES = np.concatenate([[0.0], 10.0 ** np.arange(-8.0, 2.01, 0.25)])
@@ -99,6 +103,16 @@ def topk_kld(base_logprobs: np.ndarray, model_logprobs: np.ndarray,
     return kld + tail, tail_base, tail_model
 
 
+def topk_agreement(model_on_base_top: np.ndarray, model_own_top: np.ndarray) -> np.ndarray:
+    """Per row and k = 1 .. k_max: the model's k best ids are the base's k best, in order
+    (exllamav3's top-K agreement), read tie-aware from values: the model's log-prob of the
+    base's j-th id equals its own j-th best for every j < k. Both come from one log-softmax
+    row, so a model identical to the base agrees exactly. bool [n, k_max]."""
+    k_max = model_own_top.shape[1]
+    equal = model_on_base_top[:, :k_max] == model_own_top
+    return np.logical_and.accumulate(equal, axis=1)
+
+
 def mean_stderr(values: np.ndarray) -> tuple[float, float]:
     """Mean (math.fsum) and its standard error (sample std / sqrt(n))."""
     n = values.size
@@ -124,6 +138,8 @@ class Divergence:
     mean_nll_base: float = float("nan")
     top_k: int = 0
     base_top1_logprobs: np.ndarray | None = None  # float32 [n]: the base's best log-prob
+    reverse_kld: np.ndarray | None = None  # float64 [n]: KL(model || base), REVERSE_NOTE
+    topk_agreement: np.ndarray | None = None  # bool [n, k]: see `topk_agreement`
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -182,9 +198,24 @@ class Divergence:
             "rms_delta_p_stderr": 0.5 / rms * dp2_stderr if rms > 0 else 0.0,
             "kld_histogram": {"edges": HISTOGRAM_EDGES.tolist(), "counts": counts.tolist()},
             "kld_by_base_confidence": self.kld_by_confidence(),
+            **self.reverse_summary(),
+            "topk_agreement": ({str(k + 1): float(share) for k, share
+                                in enumerate(self.topk_agreement.mean(axis=0))}
+                               if self.topk_agreement is not None and n else {}),
             "non_finite_share": self.non_finite_share(),
             **self.extra,
         }
+
+    def reverse_summary(self) -> dict[str, Any]:
+        """Mean (± stderr), median, p99 and max of the reverse KLD; empty without it."""
+        if self.reverse_kld is None or not self.reverse_kld.size:
+            return {}
+        mean, stderr = mean_stderr(self.reverse_kld)
+        return {"reverse_kld_mean": mean, "reverse_kld_mean_stderr": stderr,
+                "reverse_kld_median": float(np.percentile(self.reverse_kld, 50)),
+                "reverse_kld_p99": float(np.percentile(self.reverse_kld, 99)),
+                "reverse_kld_max": float(self.reverse_kld.max()),
+                "reverse_kld_note": REVERSE_NOTE}
 
     def kld_by_confidence(self) -> list[dict[str, Any]]:
         """Mean KLD (math.fsum) and token count per bucket of the base's top-1 probability
@@ -214,7 +245,8 @@ class Divergence:
         """Arrays for --save-per-token."""
         return {"kld": self.kld, "delta_p": self.delta_p,
                 "logprob_base": self.base_logprobs, "logprob_model": self.model_logprobs,
-                "tail_mass_base": self.tail_mass_base, "same_top": self.same_top}
+                "tail_mass_base": self.tail_mass_base, "same_top": self.same_top,
+                **({"reverse_kld": self.reverse_kld} if self.reverse_kld is not None else {})}
 
 
 def _label(q: float) -> str:
@@ -253,4 +285,15 @@ def format_summary(s: dict[str, Any]) -> str:
         f"Same top p: {100 * s['top1_agreement']:6.3f} ± "
         f"{100 * s['top1_agreement_stderr']:5.3f} %  (undecided rows: {s['top1_undecided']})",
     ]
+    if s.get("topk_agreement"):
+        lines.append("Top-K agreement (the same K best ids, in order): " + ", ".join(
+            f"K={k} {100 * share:.2f}%" for k, share in s["topk_agreement"].items()))
+    if "reverse_kld_mean" in s:
+        lines += ["", "====== Reverse KL divergence, KL(Q || base) (same outcomes) ======",
+                  f"Mean    KLD: {s['reverse_kld_mean']:10.6f} ± "
+                  f"{s['reverse_kld_mean_stderr']:10.6f}",
+                  f"Median  KLD: {s['reverse_kld_median']:10.6f}",
+                  f"99.0%   KLD: {s['reverse_kld_p99']:10.6f}",
+                  f"Maximum KLD: {s['reverse_kld_max']:10.6f}",
+                  f"Note: {REVERSE_NOTE}."]
     return "\n".join(lines)

@@ -7,7 +7,8 @@ Two passes over the same windows (`fastpath.metrics.conventions`):
    per position. The result is the base file (`fastpath.metrics.basefile`), reusable by later runs.
 2. model pass: the model scores exactly the base's top-K ids and the target on each row,
    through upstream's 2-D `prompt_logprob_token_ids` ([rows, K + 1]) with
-   `prompt_logprob_start`, plus its own top-1 (for "same top token").
+   `prompt_logprob_start`, plus its own top-`AGREEMENT_K` (for "same top token" and the
+   top-K agreement).
 Both passes ask a `fastpath.engine.scorer.Scorer`: an in-process engine or `fastpath serve`
 servers give the same values. The statistics are in `fastpath.metrics.divergence`. The target
 columns of both passes are the values `fastpath ppl` computes, so PPL and PPL(base) equal
@@ -28,6 +29,7 @@ from fastpath.metrics import basefile, conventions, divergence
 from fastpath.metrics.perplexity import PerplexityResult, window_requests
 
 DEFAULT_TOP_K = 32
+AGREEMENT_K = 5  # the model pass's own top-K: top-1 .. top-5 agreement, as exllamav3 reports
 
 
 @dataclass
@@ -55,18 +57,30 @@ def _rows(parts: Any) -> np.ndarray:
 
 @dataclass
 class ModelScores:
-    """The model pass's answer: the model on the base's top-K ids, the target, its top-1."""
+    """The model pass's answer: the model on the base's top-K ids, the target, and the
+    model's own top few (AGREEMENT_K or the base's K, the smaller)."""
 
     topk_logprobs: np.ndarray  # float32 [n, K]: model log-probs of the base's top-K ids
     target_logprobs: np.ndarray  # float32 [n]
-    top1_logprobs: np.ndarray  # float32 [n]: the model's own best log-prob
-    top1_ids: np.ndarray  # int32 [n]
+    own_top_logprobs: np.ndarray  # float32 [n, k]: the model's own best log-probs, descending
+    own_top_ids: np.ndarray  # int32 [n, k]
     timing: PassTiming
+
+    @property
+    def top1_logprobs(self) -> np.ndarray:
+        """float32 [n]: the model's own best log-prob."""
+        return self.own_top_logprobs[:, 0]
+
+    @property
+    def top1_ids(self) -> np.ndarray:
+        """int32 [n]: the model's own best id."""
+        return self.own_top_ids[:, 0]
 
 
 def model_requests(layout: conventions.Layout, base: basefile.BaseScores) -> list[ScoreRequest]:
     """Per window: each row's base top-K ids and its target ([rows, K + 1]; the target is
-    left out when K is the whole vocabulary, where it is one of the K), plus the top-1."""
+    left out when K is the whole vocabulary, where it is one of the K), plus the model's own
+    top few (`own_top_k`)."""
     full = base.top_k == base.vocab_size
     targets = layout.targets()
     edges = np.concatenate([[0], np.cumsum([w.num_scored for w in layout.windows])])
@@ -78,13 +92,18 @@ def model_requests(layout: conventions.Layout, base: basefile.BaseScores) -> lis
             ids = np.concatenate([ids, targets[lo:hi, None]], axis=1)
         requests.append(ScoreRequest(window.prompt(layout.tokens),
                                      np.ascontiguousarray(ids, dtype=np.int32),
-                                     window.first_scored_row, top_k=1))
+                                     window.first_scored_row, top_k=own_top_k(base)))
     return requests
+
+
+def own_top_k(base: basefile.BaseScores) -> int:
+    """How many of the model's own best ids the model pass fetches."""
+    return min(AGREEMENT_K, base.top_k)
 
 
 def model_pass(scorer: Scorer, layout: conventions.Layout, base: basefile.BaseScores,
                progress: Progress | None = None) -> ModelScores:
-    """Score the model on each row's base top-K ids and target, and its own top-1."""
+    """Score the model on each row's base top-K ids and target, and its own top few."""
     k = base.top_k
     full = k == base.vocab_size
     started = time.perf_counter()
@@ -97,8 +116,7 @@ def model_pass(scorer: Scorer, layout: conventions.Layout, base: basefile.BaseSc
     else:
         target = scores[:, k]
     return ModelScores(np.ascontiguousarray(scores[:, :k]), np.ascontiguousarray(target),
-                       _rows(a.top_logprobs[:, 0] for a in answers),
-                       _rows(a.top_ids[:, 0] for a in answers),
+                       _rows(a.top_logprobs for a in answers), _rows(a.top_ids for a in answers),
                        PassTiming(seconds, len(layout.windows)))
 
 
@@ -108,6 +126,10 @@ def compare(layout: conventions.Layout, base: basefile.BaseScores,
     full = base.top_k == base.vocab_size
     kld, tail_base, _ = divergence.topk_kld(base.topk_logprobs, model.topk_logprobs,
                                             full_vocabulary=full, vocab_size=base.vocab_size)
+    # KL(model || base) over the same K + 1 outcomes: a lower bound of the full-vocabulary
+    # reverse KLD by the same log-sum argument (divergence.REVERSE_NOTE).
+    reverse, _, _ = divergence.topk_kld(model.topk_logprobs, base.topk_logprobs,
+                                        full_vocabulary=full, vocab_size=base.vocab_size)
     # Same top token: the model's log-prob of the base's top id equals its own best (ties:
     # the base's top wins). Both come from the same log-softmax row, so this is exact.
     same_top = model.topk_logprobs[:, 0] == model.top1_logprobs
@@ -121,4 +143,5 @@ def compare(layout: conventions.Layout, base: basefile.BaseScores,
         top1_outside_base_topk=int(outside.sum()), top1_undecided=0,
         ppl=ppl.perplexity, ppl_base=ppl_base.perplexity, mean_nll=ppl.mean_nll,
         mean_nll_base=ppl_base.mean_nll, top_k=base.top_k,
-        base_top1_logprobs=base.topk_logprobs[:, 0])
+        base_top1_logprobs=base.topk_logprobs[:, 0], reverse_kld=reverse,
+        topk_agreement=divergence.topk_agreement(model.topk_logprobs, model.own_top_logprobs))

@@ -57,17 +57,19 @@ LM_EVAL_REFERENCES = ("vllm", "fastpath-vllm", "local-completions@vllm-serve")
 
 KLD_KIND = "fastpath-kld"
 KLD_COLUMNS = ["label", "role", "model", "base_model", "dtype", "quantization",
-               "checkpoint_bytes", "convention", "context_length", "stride", "top_k",
+               "checkpoint_bytes", "weight_bits", "convention", "context_length", "stride", "top_k",
                "scored_tokens", "kld_mean", "kld_mean_stderr", "kld_median", "kld_max",
                "top1_agreement", "top1_agreement_stderr", "top1_undecided", "ppl", "ppl_base",
                "ln_ppl_ratio", "ln_ppl_ratio_stderr", "ln_ppl_correlation", "delta_p_mean",
-               "rms_delta_p", "tail_mass_mean", "non_finite_share",
-               "base_file_bytes_per_token", "seconds_base_pass", "seconds_model_pass",
+               "rms_delta_p", "tail_mass_mean", "non_finite_share", "reverse_kld_mean",
+               "reverse_kld_mean_stderr", "base_file_bytes_per_token", "seconds_base_pass",
+               "seconds_model_pass",
                "vllm_version", "device", "source"]
 # The markdown table's columns (kld.md): what a reader compares variants by.
 KLD_MARKDOWN = ["label", "ppl", "ln_ppl_ratio", "ln_ppl_ratio_stderr", "kld_mean",
-                "kld_mean_stderr", "kld_median", "kld_p99", "kld_max", "top1_agreement",
-                "rms_delta_p", "non_finite_share", "seconds_model_pass"]
+                "kld_mean_stderr", "kld_median", "kld_p99", "kld_max", "reverse_kld_mean",
+                "top1_agreement", "top5_agreement", "rms_delta_p", "non_finite_share",
+                "seconds_model_pass"]
 
 
 def run_name(path: Path) -> str:
@@ -346,6 +348,8 @@ def kld_table(reports: list[dict]) -> pd.DataFrame:
     for report in reports:
         row = {c: report.get(c) for c in KLD_COLUMNS}
         row.update({f"kld_p{q}": v for q, v in report.get("kld_percentiles", {}).items()})
+        row.update({f"top{k}_agreement": v  # top-1 is top1_agreement, the same definition
+                    for k, v in report.get("topk_agreement", {}).items() if k != "1"})
         for bucket in report.get("kld_by_base_confidence", []):
             name = f"kld_mean_base_p{bucket['base_top1_p_low']:g}-{bucket['base_top1_p_high']:g}"
             row[name] = bucket["kld_mean"]
@@ -360,31 +364,38 @@ def kld_markdown(table: pd.DataFrame) -> str:
 
 
 def plot_kld_against_size(table: pd.DataFrame, out: Path) -> Path | None:
-    """Mean KLD and ln(PPL ratio) against checkpoint size, one point per variant whose
-    size is known (local checkpoints); None where fewer than two are."""
-    known = table.dropna(subset=["checkpoint_bytes"])
-    known = known[known["role"].fillna("variant") == "variant"]
+    """Mean KLD and ln(PPL ratio) against bits per weight where two or more variants say
+    theirs (their quantization config), else against checkpoint size (local checkpoints);
+    one point per variant, the noise floor as a line; None where fewer than two are known."""
+    variants = table[table["role"].fillna("variant") == "variant"]
+    if "weight_bits" in variants and variants["weight_bits"].notna().sum() >= 2:
+        known = variants.dropna(subset=["weight_bits"])
+        x, x_name = known["weight_bits"].astype(float), "bits per weight (quantized layers)"
+    else:
+        known = variants.dropna(subset=["checkpoint_bytes"])
+        x, x_name = known["checkpoint_bytes"] / 2**20, "checkpoint size (MiB)"
     if len(known) < 2:
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    size = known["checkpoint_bytes"] / 2**20
     for axes, column, error, name in ((left, "kld_mean", "kld_mean_stderr", "mean KLD (nats)"),
                                       (right, "ln_ppl_ratio", "ln_ppl_ratio_stderr",
                                        "ln(PPL / PPL base)")):
-        axes.errorbar(size, known[column], yerr=known[error], fmt="o")
-        for x, y, label in zip(size, known[column], known["label"]):
-            axes.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        axes.errorbar(x, known[column], yerr=known[error], fmt="o")
+        for x_value, y, label in zip(x, known[column], known["label"]):
+            axes.annotate(label, (x_value, y), fontsize=7, xytext=(3, 3),
+                          textcoords="offset points")
         floor = table[table["role"] == "noise floor"]
         if len(floor):
             axes.axhline(float(floor[column].iloc[0]), linestyle="--", color="grey",
                          label="noise floor")
             axes.legend(fontsize=8)
-        axes.set_xlabel("checkpoint size (MiB)")
+        axes.set_xlabel(x_name)
         axes.set_ylabel(name)
-    figure.suptitle("Variants against their base: divergence by size", fontsize=10)
+    figure.suptitle(f"Variants against their base: divergence by {x_name.split(' (')[0]}",
+                    fontsize=10)
     return save_figure(figure, out / "kld_size.png")
 
 

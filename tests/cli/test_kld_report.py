@@ -64,7 +64,8 @@ def test_a_several_variant_run_gives_a_row_per_variant(tmp_path):
         kld_report(path, f"/models/{name}", scale, i)
         row = json.loads(path.read_text())
         row.update(role="noise floor" if name == "base" else "variant", dtype="bfloat16",
-                   checkpoint_bytes=size, seconds_model_pass=1.0 + i)
+                   checkpoint_bytes=size, seconds_model_pass=1.0 + i,
+                   weight_bits={"w8a8": 8, "w4a8": 4}.get(name))
         variants.append({k: v for k, v in row.items() if k not in ("kind", "base_model")})
     report = {"kind": "fastpath-kld", "base_model": "/models/base", **variants[0],
               "variants": variants}
@@ -80,3 +81,31 @@ def test_a_several_variant_run_gives_a_row_per_variant(tmp_path):
     markdown = (out / "kld.md").read_text()
     assert markdown.startswith("| label") and "noise floor (bfloat16)" in markdown
     assert (out / "kld_size.png").stat().st_size > 10_000
+    assert list(table["weight_bits"][:2]) == [8, 4]
+
+
+def test_weight_bits_come_from_the_quantization_config(tmp_path):
+    """compressed-tensors' num_bits (all groups agreeing), GPTQ's bits, AWQ's w_bit; None
+    for an unquantized, unreadable or disagreeing config."""
+    from fastpath.cli.kld import weight_bits
+
+    def checkpoint(name: str, quantization: dict | None) -> str:
+        folder = tmp_path / name
+        folder.mkdir()
+        config = {"model_type": "llama"}
+        if quantization is not None:
+            config["quantization_config"] = quantization
+        (folder / "config.json").write_text(json.dumps(config))
+        return str(folder)
+
+    def groups(*bits: int) -> dict:
+        return {"quant_method": "compressed-tensors", "config_groups": {
+            f"group_{i}": {"weights": {"num_bits": b}} for i, b in enumerate(bits)}}
+
+    assert weight_bits(checkpoint("w4a8", groups(4))) == 4
+    assert weight_bits(checkpoint("w8a8", groups(8, 8))) == 8
+    assert weight_bits(checkpoint("mixed", groups(4, 8))) is None
+    assert weight_bits(checkpoint("gptq", {"quant_method": "gptq", "bits": 3})) == 3
+    assert weight_bits(checkpoint("awq", {"quant_method": "awq", "w_bit": 4})) == 4
+    assert weight_bits(checkpoint("fp32", None)) is None
+    assert weight_bits(str(tmp_path / "missing")) is None and weight_bits(None) is None

@@ -88,6 +88,11 @@ def test_model_against_itself_is_exactly_zero(llama_llm, layout):
     assert summary["kld_mean"] == 0.0 and summary["kld_max"] == 0.0
     assert summary["top1_agreement"] == 1.0 and summary["top1_undecided"] == 0
     assert summary["ln_ppl_ratio"] == 0.0 and summary["rms_delta_p"] == 0.0
+    assert summary["reverse_kld_mean"] == 0.0 and summary["reverse_kld_max"] == 0.0
+    assert summary["topk_agreement"] == {str(k): 1.0 for k in range(1, kld.AGREEMENT_K + 1)}
+    # The model's own top few are the base's first values, bit for bit.
+    assert_bitwise_equal(model.own_top_logprobs, base.topk_logprobs[:, :kld.AGREEMENT_K],
+                         what="own top few vs base")
     # The base's top-K is the model's own: the model pass scored the same values.
     assert_bitwise_equal(model.topk_logprobs, base.topk_logprobs, what="model vs base top-K")
     assert_bitwise_equal(model.top1_logprobs, base.topk_logprobs[:, 0], what="top-1")
@@ -221,6 +226,8 @@ def test_several_variants_against_one_base_in_one_run(tmp_path, capsys, quantize
                                                               base_model)
     assert same["kld_mean"] == 0.0 and same["kld_max"] == 0.0
     assert same["top1_agreement"] == 1.0 and same["ppl"] == same["ppl_base"]
+    assert same["reverse_kld_mean"] == 0.0 and set(same["topk_agreement"].values()) == {1.0}
+    assert int4["reverse_kld_mean"] > 0 and int4["topk_agreement"]["5"] < 1.0
     assert int4["kld_mean"] > 0 and floor["dtype"] == "bfloat16" and floor["kld_mean"] > 0
     for row in report["variants"]:
         assert row["non_finite_share"] == 0.0 and row["seconds_model_pass"] > 0
@@ -233,5 +240,6 @@ def test_several_variants_against_one_base_in_one_run(tmp_path, capsys, quantize
     single = json.loads(alone.read_text())
     assert single["base_file_reused"] is True and len(single["variants"]) == 1
     for key in ("kld_mean", "kld_max", "kld_percentiles", "top1_agreement", "ppl",
-                "ln_ppl_ratio", "rms_delta_p", "kld_by_base_confidence"):
+                "ln_ppl_ratio", "rms_delta_p", "kld_by_base_confidence", "reverse_kld_mean",
+                "topk_agreement"):
         assert single[key] == int4[key], key

@@ -168,3 +168,51 @@ def test_summary_matches_llama_cpp_formulas(seed, n):
     assert s["kld_max"] == kld.max() and s["kld_is_lower_bound"] is True
     text = divergence.format_summary(s)
     assert "Mean    KLD" in text and "lower bound" in text and "Same top p" in text
+
+
+@given(pairs)
+def test_reverse_kld_is_a_lower_bound_of_the_full_reverse_kld(params):
+    """KL(model || base) over the base's top-K + tail (what `kld.compare` computes) never
+    exceeds the full-vocabulary KL(model || base), and equals it at K = vocabulary."""
+    seed, rows, vocab, scale, noise = params
+    base, model = random_pair(seed, rows, vocab, scale, noise)
+    full_reverse = full_kld(model, base)
+    for k in sorted({1, min(4, vocab), vocab}):
+        ids = top_k_columns(base, k)
+        got, _, _ = divergence.topk_kld(np.take_along_axis(model, ids, 1),
+                                        np.take_along_axis(base, ids, 1),
+                                        full_vocabulary=k == vocab)
+        assert np.all(got <= full_reverse * (1 + 1e-9) + 1e-12), (k, got, full_reverse)
+        if k == vocab:
+            np.testing.assert_allclose(got, full_reverse, rtol=1e-9, atol=1e-15)
+
+
+def test_topk_agreement_is_ordered_and_reads_ties_from_values():
+    # model's log-probs on the base's top-3 ids, and the model's own top-3, per row
+    on_base = np.array([[-0.1, -1.0, -2.0],   # same order: agrees at k = 1, 2, 3
+                        [-1.0, -0.1, -2.0],   # top two swapped: agrees at no k
+                        [-0.1, -2.0, -1.0],   # 2nd and 3rd swapped: agrees at k = 1 only
+                        [-0.5, -0.5, -3.0]],  # a tie the model broke the other way: agrees
+                       dtype=np.float32)
+    own = np.array([[-0.1, -1.0, -2.0], [-0.1, -1.0, -2.0], [-0.1, -1.0, -2.0],
+                    [-0.5, -0.5, -1.0]], dtype=np.float32)
+    agree = divergence.topk_agreement(on_base, own)
+    assert agree.tolist() == [[True, True, True], [False, False, False],
+                              [True, False, False], [True, True, False]]
+    assert divergence.topk_agreement(own, own).all()
+
+
+def test_summary_carries_reverse_kld_and_topk_agreement():
+    n = 50
+    rng = np.random.default_rng(3)
+    lp = -rng.exponential(1.0, n).astype(np.float32)
+    d = divergence.Divergence(
+        kld=rng.exponential(0.01, n), base_logprobs=lp, model_logprobs=lp,
+        same_top=np.ones(n, bool), tail_mass_base=np.zeros(n), ppl=2.0, ppl_base=2.0,
+        mean_nll=0.7, mean_nll_base=0.7, top_k=8, reverse_kld=np.zeros(n),
+        topk_agreement=np.tile([True, True, False], (n, 1)))
+    s = d.summary()
+    assert s["reverse_kld_mean"] == 0.0 and s["reverse_kld_max"] == 0.0
+    assert s["topk_agreement"] == {"1": 1.0, "2": 1.0, "3": 0.0}
+    text = divergence.format_summary(s)
+    assert "K=2 100.00%" in text and "KL(Q || base)" in text
