@@ -139,8 +139,8 @@ def _runner_of(item: pytest.Item) -> str | None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip `gpu` tests without CUDA, `v1_only` tests on V2 and a repeated `conditions` run,
-    each with its reason; run
-    the tests of one runner before the other's, so one runner's engines live at a time."""
+    each with its reason; run the tests of one runner before the other's, so one runner's
+    engines live at a time."""
     skip_repeated_conditions(config, items)
     order = {name: i for i, name in enumerate(RUNNERS)}
     items.sort(key=lambda item: order.get(_runner_of(item), -1))
