@@ -1,5 +1,6 @@
-"""Real quantized checkpoints on vLLM's quantized CPU kernels: the kernel that runs, and
-`fastpath ppl --method both` bitwise equal on each.
+"""Real quantized checkpoints on vLLM's quantized CPU kernels: the kernel that runs,
+`fastpath ppl --method both` bitwise equal on each, and `fastpath kld`'s passes bitwise the
+standard path's.
 
 The checkpoints are the embedded default (`trained-llama`) quantized by llm-compressor's
 one-shot GPTQ, as model makers publish them (compressed-tensors; `fastpath.testing.compress`),
@@ -11,7 +12,9 @@ in groups of 128, dynamic int8 activations) and W4A16 (int4 weights, 16-bit acti
   classes read in the worker (quant method, compressed-tensors scheme, kernel), and the
   kernel's own `apply_weights` counted while a prompt runs (an eager engine);
 - `fastpath ppl --method both` on each: fast path == vLLM's standard prompt_logprobs path,
-  bit for bit, with a finite perplexity other than the unquantized model's.
+  bit for bit, with a finite perplexity other than the unquantized model's;
+- `fastpath kld`'s base and model passes on each, window by window: targets, top-K and the
+  model's own top few equal vLLM's standard path (prompt_logprobs=K) bit for bit.
 
 W4A16 runs vLLM's `CPUWNA16LinearKernel`, which calls `torch.ops._C.cpu_gemm_wna16`: vLLM's
 AVX2 build (`_C_AVX2`, loaded on CPUs without AVX-512) lacks that op, so there the tests skip
@@ -221,3 +224,64 @@ def test_ppl_both_bitwise_equal(scheme, checkpoint, base_perplexity, runner, tmp
     assert report["scored_tokens"] == base_tokens  # the same windows as the base figure
     assert math.isfinite(ppl) and ppl > 1
     assert abs(ppl - base) / base > MIN_PPL_REL_CHANGE, (ppl, base)
+
+
+KLD_TOP_K, KLD_SAMPLES = 8, 8
+
+
+def standard_rows(llm, prompt: list[int], first: int, k: int) -> tuple:
+    """vLLM's standard path on one window (prompt_logprobs=k, the prompt alone on the idle
+    engine): per scored position from `first`, the target's log-prob and the top-k ids and
+    log-probs in rank order."""
+    import numpy as np
+    from vllm import SamplingParams
+
+    (out,) = llm.generate([{"prompt_token_ids": prompt}],
+                          SamplingParams(max_tokens=1, prompt_logprobs=k), use_tqdm=False)
+    targets, ids, values = [], [], []
+    for position in range(first, len(prompt)):
+        entries = out.prompt_logprobs[position]
+        targets.append(entries[prompt[position]].logprob)
+        ranked = sorted((e.rank, token, e.logprob) for token, e in entries.items()
+                        if e.rank <= k)
+        ids.append([token for _, token, _ in ranked])
+        values.append([value for *_, value in ranked])
+    return (np.array(targets, np.float32), np.array(ids, np.int32),
+            np.array(values, np.float32))
+
+
+def test_kld_passes_bitwise_standard(scheme, checkpoint, runner):
+    """`fastpath kld`'s passes on the quantized model, window by window against vLLM's
+    standard path (prompt_logprobs=K) on the same engine, each window alone on it: the base
+    pass's targets and top-K, and the model pass's targets, its scores on those K ids and its
+    own top few, all bit for bit."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from fastpath import data
+    from fastpath.engine.scorer import EngineScorer
+    from fastpath.metrics import basefile, conventions, kld
+    from tests.helpers import assert_bitwise_equal
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    text, _ = data.load_text(num_samples=KLD_SAMPLES)
+    layout = conventions.build("fastpath", tokenizer, text, PPL_CONTEXT, PPL_STRIDE)
+    with runner_engine(checkpoint, runner, **engine_kwargs()) as llm:
+        scorer = EngineScorer(llm, max_batch=1)  # each window alone, as the standard runs
+        target, top_lp, top_ids, _ = kld.base_pass(scorer, layout, KLD_TOP_K)
+        base = basefile.from_layout(layout, target, top_lp, top_ids,
+                                    llm.llm_engine.model_config.get_vocab_size(),
+                                    basefile.tokenizer_fingerprint(tokenizer))
+        model = kld.model_pass(scorer, layout, base)
+        rows = [standard_rows(llm, w.prompt(layout.tokens), w.score_from - w.begin, KLD_TOP_K)
+                for w in layout.windows]
+    std_target, std_ids, std_values = (np.concatenate(parts) for parts in zip(*rows))
+    own = kld.own_top_k(base)
+    print(f"\n{scheme}: {len(layout.windows)} windows, {std_target.size} scored tokens, "
+          f"K={KLD_TOP_K}, own top {own}")
+    assert_bitwise_equal(base.target_logprobs, std_target, what="base pass targets")
+    assert_bitwise_equal(base.topk_logprobs, std_values, what="base pass top-K")
+    assert np.array_equal(base.topk_ids, std_ids), "base pass top-K ids"
+    assert_bitwise_equal(model.target_logprobs, std_target, what="model pass targets")
+    assert_bitwise_equal(model.topk_logprobs, std_values, what="model pass on the top-K ids")
+    assert_bitwise_equal(model.own_top_logprobs, std_values[:, :own], what="own top few")
