@@ -183,7 +183,11 @@ class Divergence:
             "top1_undecided": self.top1_undecided,
             "top1_outside_base_topk": self.top1_outside_base_topk,
             "ppl": self.ppl,
+            "ppl_stderr": self.ppl * float(nll.std(ddof=1)) / math.sqrt(n) if n > 1
+            else float("nan"),
             "ppl_base": self.ppl_base,
+            "ppl_base_stderr": self.ppl_base * float(nll_base.std(ddof=1)) / math.sqrt(n)
+            if n > 1 else float("nan"),
             "ppl_ratio": self.ppl / self.ppl_base,
             "ln_ppl_ratio": self.mean_nll - self.mean_nll_base,
             "ln_ppl_ratio_stderr": ratio_stderr,
@@ -257,8 +261,8 @@ def format_summary(s: dict[str, Any]) -> str:
     """The statistics as llama-perplexity prints them (values in % where it uses %)."""
     lines = [
         "====== Perplexity statistics ======",
-        f"Mean PPL(Q)                   : {s['ppl']:10.6f}",
-        f"Mean PPL(base)                : {s['ppl_base']:10.6f}",
+        f"Mean PPL(Q)                   : {s['ppl']:10.6f} ± {s['ppl_stderr']:10.6f}",
+        f"Mean PPL(base)                : {s['ppl_base']:10.6f} ± {s['ppl_base_stderr']:10.6f}",
         f"Cor(ln(PPL(Q)), ln(PPL(base))): {100 * s['ln_ppl_correlation']:6.2f}%",
         f"Mean ln(PPL(Q)/PPL(base))     : {s['ln_ppl_ratio']:10.6f} ± "
         f"{s['ln_ppl_ratio_stderr']:10.6f}",

@@ -59,14 +59,15 @@ KLD_KIND = "fastpath-kld"
 KLD_COLUMNS = ["label", "role", "model", "base_model", "dtype", "quantization",
                "checkpoint_bytes", "weight_bits", "convention", "context_length", "stride", "top_k",
                "scored_tokens", "kld_mean", "kld_mean_stderr", "kld_median", "kld_max",
-               "top1_agreement", "top1_agreement_stderr", "top1_undecided", "ppl", "ppl_base",
+               "top1_agreement", "top1_agreement_stderr", "top1_undecided", "ppl", "ppl_stderr",
+               "ppl_base",
                "ln_ppl_ratio", "ln_ppl_ratio_stderr", "ln_ppl_correlation", "delta_p_mean",
                "rms_delta_p", "tail_mass_mean", "non_finite_share", "reverse_kld_mean",
                "reverse_kld_mean_stderr", "base_file_bytes_per_token", "seconds_base_pass",
                "seconds_model_pass",
                "vllm_version", "device", "source"]
 # The markdown table's columns (kld.md): what a reader compares variants by.
-KLD_MARKDOWN = ["label", "ppl", "ln_ppl_ratio", "ln_ppl_ratio_stderr", "kld_mean",
+KLD_MARKDOWN = ["label", "ppl", "ppl_stderr", "ln_ppl_ratio", "ln_ppl_ratio_stderr", "kld_mean",
                 "kld_mean_stderr", "kld_median", "kld_p99", "kld_max", "reverse_kld_mean",
                 "top1_agreement", "top5_agreement", "rms_delta_p", "non_finite_share",
                 "seconds_model_pass"]

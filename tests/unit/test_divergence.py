@@ -152,6 +152,9 @@ def test_summary_matches_llama_cpp_formulas(seed, n):
     assert s["ln_ppl_ratio"] == pytest.approx(m - b, rel=1e-9, abs=1e-12)
     assert s["ln_ppl_ratio_stderr"] == pytest.approx(math.sqrt(sm**2 + sb**2 - 2 * cov), rel=1e-6)
     assert s["ln_ppl_correlation"] == pytest.approx(cov / (sm * sb), rel=1e-6)
+    # PPL's uncertainty as llama.cpp gives it: PPL times the stderr of the mean log.
+    assert s["ppl_stderr"] == pytest.approx(math.exp(nll.mean()) * sm, rel=1e-6)
+    assert s["ppl_base_stderr"] == pytest.approx(math.exp(nll_base.mean()) * sb, rel=1e-6)
     dp = np.exp(model_lp.astype(np.float64)) - np.exp(base_lp.astype(np.float64))
     assert s["rms_delta_p"] == pytest.approx(math.sqrt(_llama_cpp(dp * dp)[0]), rel=1e-12)
     p = same_top.sum() / n
