@@ -339,8 +339,7 @@ def print_report(report: dict[str, Any]) -> None:
 
 # The terminal table of several variants: (heading, width, the row's text).
 TABLE_COLUMNS: tuple[tuple[str, int, Callable[[dict[str, Any]], str]], ...] = (
-    ("PPL ± se", 18, lambda r: (f"{r['ppl']:.4f} ± {r['ppl_stderr']:.4f}"
-                                if "ppl_stderr" in r else f"{r['ppl']:.4f}")),
+    ("PPL", 10, lambda r: f"{r['ppl']:.4f}"),
     ("ln(PPL ratio) ± se", 20,
      lambda r: f"{r['ln_ppl_ratio']:+.5f} ± {r['ln_ppl_ratio_stderr']:.5f}"),
     ("KLD mean ± se", 20, lambda r: f"{r['kld_mean']:.6f} ± {r['kld_mean_stderr']:.6f}"),
