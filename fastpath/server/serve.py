@@ -226,29 +226,29 @@ def validation_crash(model: Any, body: bytes) -> tuple[str, str] | None:
 def _crash_of(model: Any, data: Any) -> Exception | None:
     """The exception validating `data` raises that vLLM would not answer with a 400 naming
     the field (anything but pydantic's validation error and vLLM's client errors), or None."""
-    from pydantic import ValidationError
-    from vllm.exceptions import VLLMClientError
-
-    if not isinstance(data, dict):
-        return None
-    try:
-        model.model_validate(data)
-    except (ValidationError, VLLMClientError):
-        return None  # vLLM answers these with a 400 itself, naming the field
-    except Exception as crash:  # a bare 500, or a 400 naming nothing
-        return crash
-    return None
+    return _validate(model, data)[1]
 
 
 def _outcome(model: Any, data: dict) -> str:
     """"valid", "refused" (a 400 naming the field, from vLLM) or "crash"."""
-    if _crash_of(model, data) is not None:
-        return "crash"
+    return _validate(model, data)[0]
+
+
+def _validate(model: Any, data: Any) -> tuple[str, Exception | None]:
+    """One validation of `data` by vLLM's request model: ("valid", None), ("refused", None)
+    for what vLLM answers with a 400 naming the field, or ("crash", the exception)."""
+    from pydantic import ValidationError
+    from vllm.exceptions import VLLMClientError
+
+    if not isinstance(data, dict):
+        return "refused", None  # not an object: vLLM's own validation refuses it
     try:
         model.model_validate(data)
-    except Exception:  # _crash_of said: a client error
-        return "refused"
-    return "valid"
+    except (ValidationError, VLLMClientError):
+        return "refused", None
+    except Exception as crash:  # a bare 500, or a 400 naming nothing
+        return "crash", crash
+    return "valid", None
 
 
 def _type_name(annotation: Any) -> str:
